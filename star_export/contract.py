@@ -1,0 +1,144 @@
+"""The exported I/O contract, declared once, as frozen data.
+
+Everything that names a tensor reads it from here: the exporter (input/output names, dynamic
+shapes), the manifest, the parity checks, TensorRT optimization profiles and Triton configs.
+Dims are ints (static) or strings: a symbol (``batch``, ``text_len``) or an expression of
+them (``text_len + 127``) for derived lengths such as L1 = T - 1 + keep1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from star_export.load import Geometry
+from star_export.star import StarConfig
+
+Dim = int | str
+
+# numpy-style dtype names; ONNX / TensorRT / Triton names are mapped where they are needed.
+FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    doc: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "doc": self.doc}
+
+    def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        """Shape with every symbol/expression evaluated for the given symbol sizes."""
+        return tuple(d if isinstance(d, int) else int(eval(d, {"__builtins__": {}}, dict(sizes))) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class DynamicDim:
+    """A dynamic input dim with its optimization-profile range."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {"name": self.name, "min": self.min, "opt": self.opt, "max": self.max}
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    graph: str  # "prefill"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: tuple[DynamicDim, ...]
+    tolerances: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dim(self, name: str) -> DynamicDim:
+        return next(d for d in self.dims if d.name == name)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """{input name: {axis: symbol}} for the inputs' symbolic dims."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            for t in self.inputs
+            if any(isinstance(d, str) for d in t.shape)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "dynamic_dims": [d.to_dict() for d in self.dims],
+            "tolerances": dict(self.tolerances),
+        }
+
+
+# Parity tolerances (fp32): logits max|diff| relative to max|logit|.
+TOLERANCES = {
+    "onnx_vs_torch_logits_rel": 1e-4,
+    "rewrite_vs_reference_logits_rel": 1e-5,
+    "rewrite_vs_hf_logits_rel": 1e-5,
+    "padded_vs_alone_logits_rel": 1e-5,
+}
+
+
+def prefill_contract(
+    geo: Geometry,
+    cfg: StarConfig,
+    batch: tuple[int, int, int],
+    text_len: tuple[int, int, int],
+    dtype: str = "float32",
+) -> GraphContract:
+    """The prefill graph's I/O, exactly the table of STAR_SPEC.md."""
+    l1 = f"text_len + {cfg.keep1 - 1}"
+    l2 = f"text_len + {cfg.keep2 - 1}"
+    inputs = (
+        TensorSpec(
+            "pixel_values",
+            dtype,
+            ("batch", 3, geo.image_size, geo.image_size),
+            "image, resized/cropped to the model's size and normalised with the manifest's mean/std",
+        ),
+        TensorSpec(
+            "input_ids",
+            "int64",
+            ("batch", "text_len"),
+            f"prompt ids with exactly ONE image placeholder ({geo.image_token_id}) per row, left padded",
+        ),
+        TensorSpec("attention_mask", "int64", ("batch", "text_len"), "1 for real tokens, 0 for left padding"),
+    )
+    outputs = [
+        TensorSpec("logits", "float32", ("batch", geo.vocab_size), "next-token logits at the last position"),
+        TensorSpec(
+            "stage1_keep_idx", "int64", ("batch", cfg.keep1), "patch indices kept by stage 1, ascending"
+        ),
+        TensorSpec(
+            "stage2_keep_idx", "int64", ("batch", cfg.keep2), "patch indices kept by stage 2, ascending"
+        ),
+    ]
+    for i in range(geo.num_layers):
+        length = l1 if i < cfg.layer else l2
+        for kind in ("key", "value"):
+            outputs.append(
+                TensorSpec(
+                    f"present.{i}.{kind}",
+                    dtype,
+                    ("batch", geo.num_kv_heads, length, geo.head_dim),
+                    f"layer {i} {kind}s{' after RoPE' if kind == 'key' else ''}, "
+                    f"{'L1' if i < cfg.layer else 'L2'} = {length} slots",
+                )
+            )
+    dims = (DynamicDim("batch", *batch), DynamicDim("text_len", *text_len))
+    return GraphContract("prefill", inputs, tuple(outputs), dims, dict(TOLERANCES))

@@ -1,0 +1,17 @@
+"""Errors a user can cause (exit 2) or an environment can lack (exit 3).
+
+The CLI turns these into one line on stderr and the exit code; anything else is a bug and
+keeps its traceback.
+"""
+
+
+class UsageError(Exception):
+    """Bad input from the user: flags, paths, prompts. Exit code 2."""
+
+    exit_code = 2
+
+
+class MissingComponent(Exception):
+    """A dependency or device this step needs is absent (TensorRT, a CUDA GPU). Exit code 3."""
+
+    exit_code = 3

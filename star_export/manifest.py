@@ -1,0 +1,97 @@
+"""``manifest.json``: what a C++/Triton user needs to drive the exported graphs without Python.
+
+Built from the contract (never restated by hand), the STAR config, the geometry, the image
+pre-processing, the model's source and the versions of every library that produced the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from star_export import __version__
+from star_export.contract import GraphContract
+from star_export.load import Geometry
+from star_export.star import StarConfig
+
+MANIFEST_VERSION = 1
+LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"star_export": __version__, "python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def image_preprocessing(model_dir: Path, geo: Geometry) -> dict[str, Any]:
+    """Resize/crop/normalise as the checkpoint's ``preprocessor_config.json`` says (CLIP defaults)."""
+    pre: dict[str, Any] = {}
+    path = model_dir / "preprocessor_config.json"
+    if path.is_file():
+        pre = json.loads(path.read_text())
+    return {
+        "size": geo.image_size,
+        "resize_shortest_edge": (pre.get("size") or {}).get("shortest_edge", geo.image_size),
+        "center_crop": pre.get("do_center_crop", True),
+        "rescale_factor": pre.get("rescale_factor", 1 / 255),
+        "mean": pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+        "std": pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
+        "layout": "NCHW, RGB",
+    }
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def build_manifest(
+    *,
+    contract: GraphContract,
+    cfg: StarConfig,
+    geo: Geometry,
+    model_dir: Path,
+    source: str,
+    files: list[Path],
+    opset: int,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "model": {"source": source, "directory": str(model_dir), "geometry": geo.to_dict()},
+        "star": {
+            "N": geo.n_visual,
+            "keep1": cfg.keep1,
+            "keep2": cfg.keep2,
+            "layer_K": cfg.layer,
+            "L1": f"text_len - 1 + {cfg.keep1}",
+            "L2": f"text_len - 1 + {cfg.keep2}",
+            "present_length_per_layer": ["L1" if i < cfg.layer else "L2" for i in range(geo.num_layers)],
+        },
+        "image_token_id": geo.image_token_id,
+        "image": image_preprocessing(model_dir, geo),
+        "prompt_rules": [
+            "exactly one image placeholder token per row (not expanded to N copies)",
+            "padding on the left only; attention_mask 0 at padding",
+            "at least one token after the placeholder",
+        ],
+        "decoding": {
+            "first_new_position": "s + N + (T - p - 1) = (number of real tokens) - 1 + N",
+            "note": "decode steps do not prune further; each layer keeps its own past length",
+        },
+        "graphs": {contract.graph: {**contract.to_dict(), "opset": opset, "dtype": dtype}},
+        "files": [file_entry(f) for f in files],
+        "versions": library_versions(),
+    }

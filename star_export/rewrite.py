@@ -1,0 +1,129 @@
+"""Stage 2: the static-shape STAR rewrite of a LLaVA prefill, the module that gets exported.
+
+``StarPrefill`` wraps a loaded ``LlavaForConditionalGeneration`` and reuses its modules and
+weights (vision tower, projector, embeddings, norms, MLPs, rotary embedding, lm_head). Only
+decoder attention is written out here, so that it can (a) return the post-softmax
+probabilities of layer K-1 that stage 2 scores, (b) return each layer's present key/value
+after RoPE, and (c) take an explicit causal + padding mask (never a mask inferred from
+position ids). Works for Llama-family decoders (Llama, Vicuna, Mistral without sliding
+window, Qwen2 biases), MHA and GQA.
+
+Pruning ops: TopK with a literal K (see ``star.topk_sorted``) plus Gather/GatherElements.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from star_export import star
+from star_export.load import Geometry
+from star_export.star import StarConfig
+
+
+def decoder_attention(
+    attn: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention of one Llama-family layer with the weights of ``attn``.
+
+    x: (B, L, D), cos/sin: (B, L, hd), mask: (B, 1, L, L) additive
+    -> output (B, L, D), key (B, Hkv, L, hd) after RoPE, value (B, Hkv, L, hd),
+       probs (B, H, L, L) post-softmax (softmax in float32, as transformers' eager path).
+    """
+    b, length, _ = x.shape
+    q = attn.q_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, H, L, hd)
+    k = attn.k_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+    v = attn.v_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    groups = q.shape[1] // k.shape[1]
+    scores = (q @ repeat_kv(k, groups).transpose(2, 3)) * attn.scaling + mask  # (B, H, L, L)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = (probs @ repeat_kv(v, groups)).transpose(1, 2).reshape(b, length, -1)  # (B, L, H*hd)
+    return attn.o_proj(out), k, v, probs
+
+
+def decoder_layer(
+    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pre-norm residual block: h + attn(norm(h)), then + mlp(norm(.)). Returns (h, k, v, probs)."""
+    a, k, v, probs = decoder_attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, head_dim)
+    h = h + a
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, k, v, probs
+
+
+class StarPrefill(nn.Module):
+    """STAR-pruned prefill: (pixel_values, input_ids, attention_mask) -> logits, indices, presents.
+
+    Outputs, in order (names in ``contract.prefill_contract``):
+      logits (B, V) float32 at the last position, stage1_keep_idx (B, keep1),
+      stage2_keep_idx (B, keep2), then present.{i}.key / present.{i}.value for every layer.
+    """
+
+    def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
+        super().__init__()
+        text = model.model.language_model
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.embed_tokens = text.embed_tokens
+        self.layers = text.layers
+        self.norm = text.norm
+        self.rotary_emb = text.rotary_emb
+        self.lm_head = model.lm_head
+        self.geo = geometry
+        self.cfg = cfg
+        for layer in self.layers:
+            extra = {"q_norm", "k_norm"} & {n for n, _ in layer.self_attn.named_children()}
+            if extra:
+                raise NotImplementedError(f"attention with {sorted(extra)} is not Llama-family")
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """F: (B, 3, H, W) -> (B, N, dv), the selected vision layer without CLS."""
+        out = self.vision_tower(pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.geo.vision_feature_layer]  # (B, 1 + N, dv)
+        return feats[:, 1:] if self.geo.select_strategy == "default" else feats
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        geo, cfg = self.geo, self.cfg
+        hd = geo.head_dim
+
+        # ---- stage 1: score visual tokens by the self-attention they receive
+        feats = self.vision_features(pixel_values)  # (B, N, dv)
+        keep1_idx = star.topk_sorted(star.stage1_scores(feats), cfg.keep1)  # (B, keep1)
+        image_embeds = self.projector(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
+
+        # ---- the L1 sequence: text before, kept visual tokens, text after
+        p = star.image_position(input_ids, geo.image_token_id)  # (B,)
+        text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
+        pos, valid = star.original_positions(attention_mask, p, keep1_idx, geo.n_visual)  # (B, L1)
+        mask = star.additive_mask(valid, h.dtype)  # (B, 1, L1, L1)
+        cos, sin = self.rotary_emb(h, pos)
+
+        presents: list[torch.Tensor] = []
+        keep2_idx = keep1_idx
+        for i, layer in enumerate(self.layers):
+            if i == cfg.layer:
+                # ---- stage 2: prune by the attention text after the image paid at layer K-1
+                src = star.stage2_layout(p, selected, cfg.keep1, h.shape[1])  # (B, L2)
+                h = star.gather_rows(h, src)  # (B, L2, D)
+                pos = torch.gather(pos, 1, src)
+                valid = torch.gather(valid, 1, src)
+                mask = star.additive_mask(valid, h.dtype)
+                cos, sin = self.rotary_emb(h, pos)
+            h, k, v, probs = decoder_layer(layer, h, cos, sin, mask, hd)
+            presents += [k, v]
+            if i == cfg.layer - 1:
+                selected = star.topk_sorted(star.stage2_scores(probs, p, cfg.keep1), cfg.keep2)  # (B, keep2)
+                keep2_idx = torch.gather(keep1_idx, 1, selected)
+
+        logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
+        return (logits, keep1_idx, keep2_idx, *presents)

@@ -1,0 +1,188 @@
+"""The STAR math (arXiv 2505.12359) exactly as ``STAR_SPEC.md`` defines it, as static-shape ops.
+
+Every function here is written with ops that export to ONNX with static shapes: the keep
+counts are Python ints (constants in the graph), selection is ``TopK`` with a literal K and
+everything else is arithmetic, comparisons and ``Gather``/``GatherElements``. No ``nonzero``,
+no boolean indexing, no Python loops over the batch.
+
+Shapes in comments: B batch, T text length (one image placeholder), N visual tokens before
+pruning, dv vision width, D text width, H heads, L1 = T - 1 + keep1, L2 = T - 1 + keep2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from star_export.errors import UsageError
+
+
+@dataclass(frozen=True)
+class StarConfig:
+    """STAR's three knobs. ``keep1`` defaults to ``min(N, 2 * keep2)``."""
+
+    keep2: int
+    keep1: int
+    layer: int  # K: the first decoder layer that sees the stage-2 sequence
+
+    @classmethod
+    def resolve(cls, *, keep: int, keep1: int | None, layer: int, n_visual: int, num_layers: int) -> StarConfig:
+        """Apply the defaults and the spec's validity rules; a violation is a `UsageError`."""
+        if not 1 <= keep <= n_visual:
+            raise UsageError(f"--keep must be in 1..{n_visual} (N visual tokens), got {keep}")
+        k1 = min(n_visual, 2 * keep) if keep1 is None else keep1
+        if not 1 <= k1 <= n_visual:
+            raise UsageError(f"--keep1 must be in 1..{n_visual} (N visual tokens), got {k1}")
+        if k1 < keep:
+            raise UsageError(f"--keep1 ({k1}) must be >= --keep ({keep})")
+        if not 1 <= layer <= num_layers - 1:
+            raise UsageError(f"--layer must be in 1..{num_layers - 1} (decoder has {num_layers} layers), got {layer}")
+        return cls(keep2=keep, keep1=k1, layer=layer)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores per row, ties to the lower index, sorted ascending.
+
+    scores: (B, n) float  ->  (B, k) int64
+
+    The tie rule is made explicit instead of trusting a backend's TopK: the rank of j is the
+    number of entries that beat it (greater, or equal with a lower index). Ranks are a
+    permutation of 0..n-1, so exactly k entries have rank < k. A second TopK with a literal K
+    over unique keys (j for kept, n + j for dropped) lists the kept ones in ascending order.
+    """
+    n = scores.shape[-1]
+    ar = torch.arange(n, device=scores.device)  # (n,)
+    s_i = scores.unsqueeze(-1)  # (B, n, 1)  the challenger i
+    s_j = scores.unsqueeze(-2)  # (B, 1, n)  the entry j being ranked
+    lower = (ar.unsqueeze(-1) < ar.unsqueeze(0)).unsqueeze(0)  # (1, n, n)  i < j
+    beats = (s_i > s_j) | ((s_i == s_j) & lower)  # (B, n, n)
+    rank = beats.to(torch.int32).sum(dim=1)  # (B, n)
+    key = torch.where(rank < k, ar, ar + n).to(torch.float32)  # (B, n) unique keys
+    return torch.topk(key, k, dim=-1, largest=False, sorted=True).indices  # (B, k)
+
+
+# ---------------------------------------------------------------------------- stage 1
+
+
+def stage1_scores(features: torch.Tensor) -> torch.Tensor:
+    """r1_j = mean_i softmax(F F^T / sqrt(dv))[i, j], in float32.  (B, N, dv) -> (B, N)"""
+    f = features.to(torch.float32)
+    attn = torch.softmax(f @ f.transpose(1, 2) / math.sqrt(f.shape[-1]), dim=-1)  # (B, N, N)
+    return attn.mean(dim=1)  # (B, N): attention each token RECEIVES
+
+
+# ---------------------------------------------------------------------------- sequence layout
+
+
+def image_position(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Index p of the single image placeholder per row.  (B, T) -> (B,)"""
+    return torch.argmax((input_ids == image_token_id).to(torch.int32), dim=1)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, s], ...] for 2-D or 3-D x.  index: (B, S)"""
+    if x.dim() == 2:
+        return torch.gather(x, 1, index)
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def splice(
+    text: torch.Tensor,
+    visual: torch.Tensor,
+    p: torch.Tensor,
+) -> torch.Tensor:
+    """Replace the placeholder at p by the visual span: [text[:p], visual, text[p+1:]].
+
+    text: (B, T[, D]), visual: (B, n[, D]), p: (B,)  ->  (B, T - 1 + n[, D])
+    """
+    n = visual.shape[1]
+    length = text.shape[1] - 1 + n
+    s = torch.arange(length, device=p.device).unsqueeze(0)  # (1, L)
+    start = p.unsqueeze(1)  # (B, 1)
+    is_vis = (s >= start) & (s < start + n)  # (B, L)
+    text_src = torch.where(s < start, s, s - n + 1).clamp(min=0)  # (B, L)
+    vis_src = (s - start).clamp(0, n - 1)  # (B, L)
+    from_text = gather_rows(text, text_src)
+    from_vis = gather_rows(visual, vis_src)
+    if text.dim() == 3:
+        is_vis = is_vis.unsqueeze(-1)
+    return torch.where(is_vis, from_vis, from_text)
+
+
+def original_positions(
+    attention_mask: torch.Tensor, p: torch.Tensor, keep_idx: torch.Tensor, n_visual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of the spliced sequence, as if nothing were pruned and padding absent.
+
+    attention_mask: (B, T), p: (B,), keep_idx: (B, n) patch indices  ->  (B, L) int64, and the
+    key-validity of every sequence slot (B, L) bool (False only at padding).
+      text before the image: cumsum(mask) - 1;  visual patch j: s + j with s = sum(mask[:p]);
+      text at t > p: s + N + (t - p - 1).
+    """
+    mask = attention_mask.to(torch.int64)
+    c = mask.cumsum(dim=1)  # (B, T)
+    t = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)  # (1, T)
+    after = (t > p.unsqueeze(1)).to(torch.int64)  # (B, T)
+    text_pos = c - 1 + after * (n_visual - 1)  # (B, T)
+    s = torch.gather(c, 1, p.unsqueeze(1)) - 1  # (B, 1) real tokens before the image
+    vis_pos = s + keep_idx  # (B, n)
+    pos = splice(text_pos, vis_pos, p)  # (B, L)
+    valid = splice(mask, torch.ones_like(keep_idx), p).to(torch.bool)  # (B, L)
+    return pos, valid
+
+
+def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Causal over sequence order AND padding keys masked, as an additive mask.
+
+    valid: (B, L) bool  ->  (B, 1, L, L), 0 where allowed and finfo.min elsewhere (finite, so
+    fully padded query rows stay finite).
+    """
+    length = valid.shape[1]
+    ar = torch.arange(length, device=valid.device)
+    causal = (ar.unsqueeze(1) >= ar.unsqueeze(0)).unsqueeze(0)  # (1, L, L)
+    allowed = causal & valid.unsqueeze(1)  # (B, L, L)
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=valid.device)
+    return torch.where(allowed, zero, neg).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------- stage 2
+
+
+def stage2_scores(probs: torch.Tensor, p: torch.Tensor, keep1: int) -> torch.Tensor:
+    """r2_v = mean over heads and over rows q in [p + keep1, L1) of P[b, h, q, p + v].
+
+    probs: (B, H, L1, L1) post-softmax attention of layer K-1, p: (B,)  ->  (B, keep1) float32
+    """
+    length = probs.shape[-1]
+    q = torch.arange(length, device=p.device).unsqueeze(0)  # (1, L1)
+    rows = (q >= (p + keep1).unsqueeze(1)).to(torch.float32)  # (B, L1) rows after the image
+    rows = rows / rows.sum(dim=1, keepdim=True)  # >= 1 row: the runtime guarantees a query
+    head_mean = probs.to(torch.float32).mean(dim=1)  # (B, L1, L1)
+    col = (rows.unsqueeze(1) @ head_mean).squeeze(1)  # (B, L1) attention paid to each slot
+    vis_cols = p.unsqueeze(1) + torch.arange(keep1, device=p.device).unsqueeze(0)  # (B, keep1)
+    return torch.gather(col, 1, vis_cols)
+
+
+def stage2_layout(p: torch.Tensor, selected: torch.Tensor, keep1: int, length1: int) -> torch.Tensor:
+    """Source slot in the L1 sequence of every slot of the L2 sequence.
+
+    p: (B,), selected: (B, keep2) ascending positions within the visual span  ->  (B, L2) int64
+    Text slots keep their order; the visual span keeps only the selected tokens, in order.
+    """
+    keep2 = selected.shape[1]
+    length2 = length1 - keep1 + keep2
+    s = torch.arange(length2, device=p.device).unsqueeze(0)  # (1, L2)
+    start = p.unsqueeze(1)  # (B, 1)
+    in_vis = (s >= start) & (s < start + keep2)
+    vis_src = start + torch.gather(selected, 1, (s - start).clamp(0, keep2 - 1))
+    text_src = torch.where(s < start, s, s - keep2 + keep1)
+    return torch.where(in_vis, vis_src, text_src)
