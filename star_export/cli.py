@@ -64,24 +64,68 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_LLAVA,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--keep", type=_positive, default=None, metavar="K2",
-                   help="visual tokens kept by stage 2 (keep2), 1..N; default from the recipe (64)")
-    p.add_argument("--keep1", type=_positive, default=None, metavar="K1",
-                   help="visual tokens kept by stage 1, keep..N; default min(N, 2*keep)")
-    p.add_argument("--layer", type=_positive, default=None, metavar="K",
-                   help="first decoder layer that sees the stage-2 sequence, 1..layers-1; default 2")
-    p.add_argument("--model", type=Path, default=None, metavar="DIR",
-                   help="a LLaVA checkpoint directory (HF layout); default: the embedded llava-tiny")
-    p.add_argument("--recipe", default=None, metavar="NAME|FILE",
-                   help="recipe name in recipes/ or a .toml path (profile ranges, expectations)")
-    p.add_argument("--out", type=Path, default=Path("star_out"), metavar="DIR",
-                   help="output directory (default: star_out/)")
-    p.add_argument("--engine", type=Path, default=None, metavar="PATH",
-                   help="also build a TensorRT engine at PATH (needs TensorRT and a CUDA GPU)")
-    p.add_argument("--batch-size", type=_positive, default=2, metavar="B",
-                   help="batch of the validation inputs and the profile's opt batch (default 2)")
-    p.add_argument("--text-len", type=_positive, default=24, metavar="T",
-                   help="prompt length of the validation inputs (default 24)")
+    p.add_argument(
+        "--keep",
+        type=_positive,
+        default=None,
+        metavar="K2",
+        help="visual tokens kept by stage 2 (keep2), 1..N; default from the recipe (64)",
+    )
+    p.add_argument(
+        "--keep1",
+        type=_positive,
+        default=None,
+        metavar="K1",
+        help="visual tokens kept by stage 1, keep..N; default min(N, 2*keep)",
+    )
+    p.add_argument(
+        "--layer",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="first decoder layer that sees the stage-2 sequence, 1..layers-1; default 2",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a LLaVA checkpoint directory (HF layout); default: the embedded llava-tiny",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME|FILE",
+        help="recipe name in recipes/ or a .toml path (profile ranges, expectations)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("star_out"),
+        metavar="DIR",
+        help="output directory (default: star_out/)",
+    )
+    p.add_argument(
+        "--engine",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also build a TensorRT engine at PATH (needs TensorRT and a CUDA GPU)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=2,
+        metavar="B",
+        help="batch of the validation inputs and the profile's opt batch (default 2)",
+    )
+    p.add_argument(
+        "--text-len",
+        type=_positive,
+        default=24,
+        metavar="T",
+        help="prompt length of the validation inputs (default 24)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs")
     p.add_argument("--skip-validation", action="store_true", help="export only, no parity checks")
     p.set_defaults(func=cmd_llava)
@@ -100,7 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._export", "torch.export", "transformers", "onnxscript", "torch._dynamo"):
+    for name in (
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+        "torch._export",
+        "torch.export",
+        "transformers",
+        "onnxscript",
+        "torch._dynamo",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
@@ -148,17 +200,23 @@ def cmd_llava(args: argparse.Namespace) -> int:
 
     from star_export.star import StarConfig
 
-    cfg = StarConfig.resolve(keep=keep, keep1=args.keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers)
+    cfg = StarConfig.resolve(
+        keep=keep, keep1=args.keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
+    )
     profile = recipe.profile if recipe and recipe.profile else GENERIC_PROFILE
     b_lo, b_opt, b_hi = profile["batch"]
     b_opt = args.batch_size
     b_hi = max(b_hi, args.batch_size)
     t_lo, t_opt, t_hi = profile["text_len"]
     if args.text_len < 5 or args.text_len > t_hi:
-        raise UsageError(f"--text-len must be in 5..{t_hi} (the profile's max text length), got {args.text_len}")
-    print(f"      {loaded.source}: N={geo.n_visual}, {geo.num_layers} layers, heads {geo.num_heads}/"
-          f"{geo.num_kv_heads} kv; keep1={cfg.keep1} keep2={cfg.keep2} K={cfg.layer} "
-          f"({time.perf_counter() - t0:.1f}s)")
+        raise UsageError(
+            f"--text-len must be in 5..{t_hi} (the profile's max text length), got {args.text_len}"
+        )
+    print(
+        f"      {loaded.source}: N={geo.n_visual}, {geo.num_layers} layers, heads {geo.num_heads}/"
+        f"{geo.num_kv_heads} kv; keep1={cfg.keep1} keep2={cfg.keep2} K={cfg.layer} "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
 
     from star_export.contract import prefill_contract
     from star_export.export import OPSET, export_onnx
@@ -168,8 +226,11 @@ def cmd_llava(args: argparse.Namespace) -> int:
 
     contract = prefill_contract(geo, cfg, (b_lo, b_opt, b_hi), (max(2, t_lo), t_opt, t_hi))
     with staged(args.out) as stage:
-        t0 = _step(2, n_steps, "exporting prefill.onnx (torch.onnx dynamo exporter, opset "
-                   f"{OPSET}; batch and text_len dynamic)")
+        t0 = _step(
+            2,
+            n_steps,
+            f"exporting prefill.onnx (torch.onnx dynamo exporter, opset {OPSET}; batch and text_len dynamic)",
+        )
         onnx_path = stage / "prefill.onnx"
         export_onnx(StarPrefill(loaded.model, geo, cfg).eval(), contract, onnx_path, geo.image_token_id)
         print(f"      done ({time.perf_counter() - t0:.1f}s)")
@@ -178,25 +239,46 @@ def cmd_llava(args: argparse.Namespace) -> int:
         from star_export.check import check_onnx
 
         scan = check_onnx(onnx_path, dynamic_inputs=contract.dynamic_axes())
-        print(f"      {'ok' if scan.ok else 'FAIL'}: {sum(scan.op_counts.values())} nodes, "
-              f"TopK x{scan.op_counts.get('TopK', 0)} with constant K, {len(scan.errors)} errors")
+        print(
+            f"      {'ok' if scan.ok else 'FAIL'}: {sum(scan.op_counts.values())} nodes, "
+            f"TopK x{scan.op_counts.get('TopK', 0)} with constant K, {len(scan.errors)} errors"
+        )
 
         report = None
         if not args.skip_validation:
             from star_export.validate import validate
 
-            t0 = _step(4, n_steps, f"validating (B={args.batch_size}, T={args.text_len}, left padding): "
-                       "onnxruntime vs torch rewrite vs reference vs unmodified model")
-            report = validate(loaded.model, geo, cfg, contract, str(onnx_path), seed=args.seed,
-                              batch=max(2, args.batch_size), text_len=args.text_len)
+            t0 = _step(
+                4,
+                n_steps,
+                f"validating (B={args.batch_size}, T={args.text_len}, left padding): "
+                "onnxruntime vs torch rewrite vs reference vs unmodified model",
+            )
+            report = validate(
+                loaded.model,
+                geo,
+                cfg,
+                contract,
+                str(onnx_path),
+                seed=args.seed,
+                batch=max(2, args.batch_size),
+                text_len=args.text_len,
+            )
             report.graph_check = scan.to_dict()
             print(report.format())
             print(f"      done ({time.perf_counter() - t0:.1f}s)")
             write_json(stage / "report.json", report.to_dict())
 
         files = sorted(f for f in stage.iterdir() if f.name.startswith("prefill.onnx"))
-        manifest = build_manifest(contract=contract, cfg=cfg, geo=geo, model_dir=loaded.model_dir,
-                                  source=loaded.source, files=files, opset=OPSET)
+        manifest = build_manifest(
+            contract=contract,
+            cfg=cfg,
+            geo=geo,
+            model_dir=loaded.model_dir,
+            source=loaded.source,
+            files=files,
+            opset=OPSET,
+        )
         write_json(stage / "manifest.json", manifest)
 
     written = ", ".join(sorted(f.name for f in args.out.iterdir() if not f.name.startswith(".")))
@@ -231,7 +313,9 @@ def _check_expectations(model_dir: Path, recipe) -> None:
     }
     for key, want in recipe.expect.items():
         if key in actual and actual[key] is not None and actual[key] != want:
-            raise UsageError(f"--model {model_dir}: {key} is {actual[key]}, recipe {recipe.name!r} expects {want}")
+            raise UsageError(
+                f"--model {model_dir}: {key} is {actual[key]}, recipe {recipe.name!r} expects {want}"
+            )
 
 
 def cmd_check(args: argparse.Namespace) -> int:

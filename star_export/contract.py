@@ -32,7 +32,9 @@ class TensorSpec:
 
     def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
         """Shape with every symbol/expression evaluated for the given symbol sizes."""
-        return tuple(d if isinstance(d, int) else int(eval(d, {"__builtins__": {}}, dict(sizes))) for d in self.shape)
+        return tuple(
+            d if isinstance(d, int) else int(eval(d, {"__builtins__": {}}, dict(sizes))) for d in self.shape
+        )
 
 
 @dataclass(frozen=True)

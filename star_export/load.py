@@ -79,7 +79,9 @@ def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: P
     if not recipe.embedded:
         raise UsageError(f"recipe {recipe.name!r} describes a checkpoint directory; pass it with --model DIR")
     cfg_dict = _merge(recipe.config, overrides or {})
-    key = json.dumps([cfg_dict, recipe.seed, transformers.__version__], sort_keys=True)
+    from star_export.preprocess import TINY_TOKENIZER_DIGEST
+
+    key = json.dumps([cfg_dict, recipe.seed, transformers.__version__, TINY_TOKENIZER_DIGEST], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = root or cache_root()
     target = root / f"{recipe.name}-{digest}"
@@ -121,6 +123,9 @@ def _write_extras(directory: Path, recipe: Recipe) -> None:
             "do_convert_rgb": True,
         }
         (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        from star_export.preprocess import write_tiny_tokenizer
+
+        write_tiny_tokenizer(directory, image_token_id=int(recipe.config["image_token_id"]))
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -189,11 +194,17 @@ def load(model_dir: str | Path, source: str | None = None, dtype: torch.dtype = 
     model_dir = Path(model_dir)
     read_config(model_dir)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+        model = LlavaForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="eager"
+        )
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model {model_dir}: cannot load the checkpoint: {str(e).splitlines()[0]}") from None
+        raise UsageError(
+            f"--model {model_dir}: cannot load the checkpoint: {str(e).splitlines()[0]}"
+        ) from None
     model.eval()
-    return Loaded(model=model, model_dir=model_dir, source=source or str(model_dir), geometry=geometry_of(model.config))
+    return Loaded(
+        model=model, model_dir=model_dir, source=source or str(model_dir), geometry=geometry_of(model.config)
+    )
 
 
 def load_recipe_model(recipe: Recipe, overrides: dict[str, Any] | None = None) -> Loaded:

@@ -73,7 +73,14 @@ def reference_row(
         cos_sin = lm.rotary_emb(h, pos_t)
         if i == layer_k - 1:
             handle = layer.self_attn.register_forward_hook(grab)
-        h = layer(h, attention_mask=causal, position_ids=pos_t, cache=cache, use_cache=True, position_embeddings=cos_sin)
+        h = layer(
+            h,
+            attention_mask=causal,
+            position_ids=pos_t,
+            cache=cache,
+            use_cache=True,
+            position_embeddings=cos_sin,
+        )
         if isinstance(h, tuple):
             h = h[0]
         if i == layer_k - 1:

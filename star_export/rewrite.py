@@ -110,6 +110,7 @@ class StarPrefill(nn.Module):
 
         presents: list[torch.Tensor] = []
         keep2_idx = keep1_idx
+        selected = keep1_idx  # replaced at layer K-1 by the stage-2 choice, used from layer K on
         for i, layer in enumerate(self.layers):
             if i == cfg.layer:
                 # ---- stage 2: prune by the attention text after the image paid at layer K-1

@@ -28,7 +28,9 @@ def input_metadata(contract: GraphContract) -> TensorMetadata:
 class TorchRunner(BaseRunner):
     """Runs a module returning a tuple of tensors in contract output order."""
 
-    def __init__(self, module: torch.nn.Module, contract: GraphContract, device: str = "cpu", name: str | None = None):
+    def __init__(
+        self, module: torch.nn.Module, contract: GraphContract, device: str = "cpu", name: str | None = None
+    ):
         super().__init__(name=name, prefix="torch-runner")
         self._module = module
         self.contract = contract
@@ -41,7 +43,10 @@ class TorchRunner(BaseRunner):
         return input_metadata(self.contract)
 
     def infer_impl(self, feed_dict):
-        args = [torch.from_numpy(np.ascontiguousarray(feed_dict[name])).to(self.device) for name in self.contract.input_names]
+        args = [
+            torch.from_numpy(np.ascontiguousarray(feed_dict[name])).to(self.device)
+            for name in self.contract.input_names
+        ]
         with torch.no_grad():
             start = time.perf_counter()
             outputs = self._module(*args)
@@ -49,7 +54,12 @@ class TorchRunner(BaseRunner):
                 torch.cuda.synchronize()
             self.inference_time = time.perf_counter() - start
         return OrderedDict(
-            (name, np.ascontiguousarray((out.float() if out.is_floating_point() else out).detach().cpu().numpy()))
+            (
+                name,
+                np.ascontiguousarray(
+                    (out.float() if out.is_floating_point() else out).detach().cpu().numpy()
+                ),
+            )
             for name, out in zip(self.contract.output_names, outputs, strict=True)
         )
 

@@ -28,7 +28,9 @@ class StarConfig:
     layer: int  # K: the first decoder layer that sees the stage-2 sequence
 
     @classmethod
-    def resolve(cls, *, keep: int, keep1: int | None, layer: int, n_visual: int, num_layers: int) -> StarConfig:
+    def resolve(
+        cls, *, keep: int, keep1: int | None, layer: int, n_visual: int, num_layers: int
+    ) -> StarConfig:
         """Apply the defaults and the spec's validity rules; a violation is a `UsageError`."""
         if not 1 <= keep <= n_visual:
             raise UsageError(f"--keep must be in 1..{n_visual} (N visual tokens), got {keep}")
@@ -38,7 +40,9 @@ class StarConfig:
         if k1 < keep:
             raise UsageError(f"--keep1 ({k1}) must be >= --keep ({keep})")
         if not 1 <= layer <= num_layers - 1:
-            raise UsageError(f"--layer must be in 1..{num_layers - 1} (decoder has {num_layers} layers), got {layer}")
+            raise UsageError(
+                f"--layer must be in 1..{num_layers - 1} (decoder has {num_layers} layers), got {layer}"
+            )
         return cls(keep2=keep, keep1=k1, layer=layer)
 
     def to_dict(self) -> dict[str, int]:
@@ -94,6 +98,14 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def clip_index(x: torch.Tensor, low: int, high: int | None = None) -> torch.Tensor:
+    """Clamp an integer index tensor with Where (TensorRT's Clip takes floating types only)."""
+    x = torch.where(x < low, torch.full_like(x, low), x)
+    if high is not None:
+        x = torch.where(x > high, torch.full_like(x, high), x)
+    return x
+
+
 def splice(
     text: torch.Tensor,
     visual: torch.Tensor,
@@ -108,8 +120,8 @@ def splice(
     s = torch.arange(length, device=p.device).unsqueeze(0)  # (1, L)
     start = p.unsqueeze(1)  # (B, 1)
     is_vis = (s >= start) & (s < start + n)  # (B, L)
-    text_src = torch.where(s < start, s, s - n + 1).clamp(min=0)  # (B, L)
-    vis_src = (s - start).clamp(0, n - 1)  # (B, L)
+    text_src = clip_index(torch.where(s < start, s, s - n + 1), 0)  # (B, L)
+    vis_src = clip_index(s - start, 0, n - 1)  # (B, L)
     from_text = gather_rows(text, text_src)
     from_vis = gather_rows(visual, vis_src)
     if text.dim() == 3:
@@ -128,7 +140,8 @@ def original_positions(
       text at t > p: s + N + (t - p - 1).
     """
     mask = attention_mask.to(torch.int64)
-    c = mask.cumsum(dim=1)  # (B, T)
+    # CumSum in float32 (exact below 2**24 tokens): TensorRT's CumSum takes floating types only
+    c = attention_mask.to(torch.float32).cumsum(dim=1).to(torch.int64)  # (B, T)
     t = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)  # (1, T)
     after = (t > p.unsqueeze(1)).to(torch.int64)  # (B, T)
     text_pos = c - 1 + after * (n_visual - 1)  # (B, T)
@@ -183,6 +196,38 @@ def stage2_layout(p: torch.Tensor, selected: torch.Tensor, keep1: int, length1: 
     s = torch.arange(length2, device=p.device).unsqueeze(0)  # (1, L2)
     start = p.unsqueeze(1)  # (B, 1)
     in_vis = (s >= start) & (s < start + keep2)
-    vis_src = start + torch.gather(selected, 1, (s - start).clamp(0, keep2 - 1))
+    vis_src = start + torch.gather(selected, 1, clip_index(s - start, 0, keep2 - 1))
     text_src = torch.where(s < start, s, s - keep2 + keep1)
     return torch.where(in_vis, vis_src, text_src)
+
+
+# ---------------------------------------------------------------------------- input rules
+
+
+def check_prompts(input_ids, attention_mask, image_token_id: int) -> None:
+    """The spec's prompt rules, checked before any graph runs (UsageError on a violation).
+
+    Exactly one placeholder per row, padding on the left only, the placeholder not on padding,
+    at least one token after it. Accepts numpy arrays or tensors of shape (B, T).
+    """
+    ids = torch.as_tensor(input_ids)
+    mask = torch.as_tensor(attention_mask)
+    if ids.dim() != 2 or ids.shape != mask.shape:
+        raise UsageError(
+            f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be [B, T]"
+        )
+    for b in range(ids.shape[0]):
+        row, m = ids[b], mask[b]
+        count = int((row == image_token_id).sum())
+        if count != 1:
+            raise UsageError(
+                f"prompt row {b}: expected exactly one image placeholder ({image_token_id}), found {count}"
+            )
+        real = torch.nonzero(m).flatten()
+        if real.numel() == 0 or bool((m[int(real[0]) :] == 0).any()):
+            raise UsageError(f"prompt row {b}: padding must be on the left only (attention_mask 0...0 1...1)")
+        p = int(torch.nonzero(row == image_token_id)[0])
+        if m[p] == 0:
+            raise UsageError(f"prompt row {b}: the image placeholder sits on a padding position")
+        if p == ids.shape[1] - 1:
+            raise UsageError(f"prompt row {b}: at least one token must follow the image placeholder")

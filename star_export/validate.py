@@ -89,12 +89,16 @@ class ParityReport:
                 f"{'ok' if r.passed else 'FAIL'}"
             )
         if self.comparator is not None:
-            lines.append(f"{'polygraphy compare_accuracy':<34} {'all outputs':<22} {'':>10} {'':>10} {'':>8}  "
-                         f"{'ok' if self.comparator.get('passed') else 'FAIL'}")
+            lines.append(
+                f"{'polygraphy compare_accuracy':<34} {'all outputs':<22} {'':>10} {'':>10} {'':>8}  "
+                f"{'ok' if self.comparator.get('passed') else 'FAIL'}"
+            )
         if self.graph_check is not None:
             g = self.graph_check
-            lines.append(f"{'graph scan (TensorRT readiness)':<34} {'prefill.onnx':<22} {'':>10} {'':>10} {'':>8}  "
-                         f"{'ok' if g.get('ok') else 'FAIL'}")
+            lines.append(
+                f"{'graph scan (TensorRT readiness)':<34} {'prefill.onnx':<22} {'':>10} {'':>10} {'':>8}  "
+                f"{'ok' if g.get('ok') else 'FAIL'}"
+            )
         lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
 
@@ -118,9 +122,7 @@ def make_inputs(
         ids[b, :n_pad] = 0
         p = int(torch.randint(n_pad + 2, text_len - 2, (1,), generator=g))
         ids[b, p] = geo.image_token_id
-    return OrderedDict(
-        pixel_values=pixel_values.numpy(), input_ids=ids.numpy(), attention_mask=mask.numpy()
-    )
+    return OrderedDict(pixel_values=pixel_values.numpy(), input_ids=ids.numpy(), attention_mask=mask.numpy())
 
 
 def row_alone(feeds: OrderedDict[str, np.ndarray], b: int) -> OrderedDict[str, np.ndarray]:
@@ -144,7 +146,7 @@ def validate(
     text_len: int = 24,
 ) -> ParityReport:
     """All parity checks in one run. ``onnx_path=None`` skips the onnxruntime side."""
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     report = ParityReport()
@@ -171,21 +173,30 @@ def validate(
         # polygraphy's verdict, elementwise |diff| <= tol * max|torch| (indices: exact)
         tol = contract.tolerances["onnx_vs_torch_logits_rel"]
         atol = {
-            name: 0.0 if name in INDEX_OUTPUTS else tol * min(float(np.abs(it[name]).max()) for it in torch_out)
+            name: 0.0
+            if name in INDEX_OUTPUTS
+            else tol * min(float(np.abs(it[name]).max()) for it in torch_out)
             for name in contract.output_names
         }
-        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        with G_LOGGER.verbosity(G_LOGGER.ERROR), np.errstate(invalid="ignore", divide="ignore"):
             accuracy = Comparator.compare_accuracy(
-                results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="elemwise")
+                results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="elemwise")
             )
-        report.comparator = {"passed": bool(accuracy), "atol": atol, "rtol": 0.0, "check_error_stat": "elemwise"}
+        report.comparator = {
+            "passed": bool(accuracy),
+            "atol": atol,
+            "rtol": 0.0,
+            "check_error_stat": "elemwise",
+        }
         ort_out = [dict(it) for it in results[1][1]]
         for it, tag in ((0, "batch"), (1, "row alone")):
             t, o = torch_out[it], ort_out[it]
             check = f"onnxruntime vs torch ({tag})"
             for name in INDEX_OUTPUTS:
                 report.add(check, name, o[name], t[name], 0)
-            report.add(check, "logits", o["logits"], t["logits"], contract.tolerances["onnx_vs_torch_logits_rel"])
+            report.add(
+                check, "logits", o["logits"], t["logits"], contract.tolerances["onnx_vs_torch_logits_rel"]
+            )
             worst = _worst_present(contract, o, t)
             report.add(check, "present.* (worst)", *worst, contract.tolerances["onnx_vs_torch_logits_rel"])
 
@@ -196,16 +207,29 @@ def validate(
     t = torch_out[0]
     report.add(check, "stage1_keep_idx", t["stage1_keep_idx"], np.array([r.stage1_keep_idx for r in rows]), 0)
     report.add(check, "stage2_keep_idx", t["stage2_keep_idx"], np.array([r.stage2_keep_idx for r in rows]), 0)
-    report.add(check, "logits", t["logits"], torch.stack([r.logits for r in rows]).numpy(),
-               contract.tolerances["rewrite_vs_reference_logits_rel"])
+    report.add(
+        check,
+        "logits",
+        t["logits"],
+        torch.stack([r.logits for r in rows]).numpy(),
+        contract.tolerances["rewrite_vs_reference_logits_rel"],
+    )
     got_kv, ref_kv = [], []
     for b, r in enumerate(rows):
         n_pad = int((feeds["attention_mask"][b] == 0).sum())
         for i, (k, v) in enumerate(r.presents):
-            got_kv += [t[f"present.{i}.key"][b][:, n_pad:].ravel(), t[f"present.{i}.value"][b][:, n_pad:].ravel()]
+            got_kv += [
+                t[f"present.{i}.key"][b][:, n_pad:].ravel(),
+                t[f"present.{i}.value"][b][:, n_pad:].ravel(),
+            ]
             ref_kv += [k.float().numpy().ravel(), v.float().numpy().ravel()]
-    report.add(check, "present.* (real slots)", np.concatenate(got_kv), np.concatenate(ref_kv),
-               contract.tolerances["rewrite_vs_reference_logits_rel"])
+    report.add(
+        check,
+        "present.* (real slots)",
+        np.concatenate(got_kv),
+        np.concatenate(ref_kv),
+        contract.tolerances["rewrite_vs_reference_logits_rel"],
+    )
 
     # 3. keep1 = keep2 = N: the rewrite equals the unmodified model on the expanded prompt
     full_cfg = StarConfig(keep2=geo.n_visual, keep1=geo.n_visual, layer=cfg.layer)
@@ -215,8 +239,13 @@ def validate(
     for b in range(batch):
         real = [int(x) for x, m in zip(ids[b], mask[b], strict=True) if m]
         hf.append(reference.hf_unpruned_logits(model, pv[b], real))
-    report.add("torch rewrite (keep=N) vs HF", "logits", full_logits.numpy(), torch.stack(hf).numpy(),
-               contract.tolerances["rewrite_vs_hf_logits_rel"])
+    report.add(
+        "torch rewrite (keep=N) vs HF",
+        "logits",
+        full_logits.numpy(),
+        torch.stack(hf).numpy(),
+        contract.tolerances["rewrite_vs_hf_logits_rel"],
+    )
 
     # 4. a left-padded row equals the same prompt alone (torch; onnxruntime below)
     check = "padded row vs alone (torch)"

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny LLaVA checkpoints saved to disk (MHA and GQA) and loaded back."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from star_export.load import load, materialise
+from star_export.recipes import load_recipe
+
+MHA = {"text_config": {"num_key_value_heads": 4}}
+GQA = {"text_config": {"num_key_value_heads": 2}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests materialise checkpoints in a temporary cache, never in the user's."""
+    old = os.environ.get("STAR_EXPORT_CACHE")
+    os.environ["STAR_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("STAR_EXPORT_CACHE", None)
+    else:
+        os.environ["STAR_EXPORT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def recipe():
+    return load_recipe("llava-tiny")
+
+
+@pytest.fixture(scope="session")
+def mha_dir(recipe, _isolated_cache):
+    return materialise(recipe, MHA)
+
+
+@pytest.fixture(scope="session")
+def gqa_dir(recipe, _isolated_cache):
+    return materialise(recipe, GQA)
+
+
+@pytest.fixture(scope="session")
+def mha(mha_dir):
+    return load(mha_dir)
+
+
+@pytest.fixture(scope="session")
+def gqa(gqa_dir):
+    return load(gqa_dir)

@@ -1,0 +1,153 @@
+"""The command line end to end: outputs, exit codes and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from star_export.cli import main
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "star_export", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
+
+
+def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        ["llava", "--model", str(gqa_dir), "--keep", "32", "--keep1", "32", "--layer", "3", "--out", str(out)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "overall: PASS" in printed and "onnxruntime vs torch (batch)" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "prefill.onnx", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["graph_check"]["ok"] and report["comparator"]["passed"]
+    assert {r["check"] for r in report["rows"]} >= {
+        "onnxruntime vs torch (batch)",
+        "torch rewrite vs reference",
+        "torch rewrite (keep=N) vs HF",
+        "padded row vs alone (onnxruntime)",
+    }
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["star"] == {
+        "N": 576,
+        "keep1": 32,
+        "keep2": 32,
+        "layer_K": 3,
+        "L1": "text_len - 1 + 32",
+        "L2": "text_len - 1 + 32",
+        "present_length_per_layer": ["L1", "L1", "L1", "L2"],
+    }
+    prefill = manifest["graphs"]["prefill"]
+    names = [t["name"] for t in prefill["outputs"]]
+    assert names[:3] == ["logits", "stage1_keep_idx", "stage2_keep_idx"] and names[-1] == "present.3.value"
+    assert prefill["inputs"][1] == {
+        "name": "input_ids",
+        "dtype": "int64",
+        "shape": ["batch", "text_len"],
+        "doc": prefill["inputs"][1]["doc"],
+    }
+    assert manifest["image_token_id"] == 1000 and manifest["image"]["size"] == 336
+    assert manifest["model"]["source"] == str(gqa_dir)
+    assert {"star_export", "torch", "transformers", "onnx", "onnxruntime", "polygraphy"} <= set(
+        manifest["versions"]
+    )
+    assert manifest["files"][0]["file"] == "prefill.onnx" and len(manifest["files"][0]["sha256"]) == 64
+
+
+def test_engine_flag_writes_the_onnx_then_exits_3_with_one_line(mha_dir, tmp_path):
+    out = tmp_path / "eng"
+    r = run_cli(
+        "llava",
+        "--model",
+        str(mha_dir),
+        "--keep",
+        "16",
+        "--out",
+        str(out),
+        "--engine",
+        str(tmp_path / "out.plan"),
+        "--skip-validation",
+    )
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--engine" in r.stderr
+    assert (out / "prefill.onnx").is_file() and (out / "manifest.json").is_file()
+    assert not (tmp_path / "out.plan").exists()
+
+
+def _not_llava(tmp_path: Path) -> Path:
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--keep", "0"], "--keep must be in 1..576"),
+        (["--keep", "577"], "--keep must be in 1..576"),
+        (["--keep", "64", "--keep1", "32"], "--keep1 (32) must be >= --keep (64)"),
+        (["--keep", "8", "--keep1", "600"], "--keep1 must be in 1..576"),
+        (["--keep", "8", "--layer", "0"], "--layer must be in 1..3"),
+        (["--keep", "8", "--layer", "4"], "--layer must be in 1..3"),
+        (["--keep", "x"], "expected an integer"),
+        (["--keep", "8", "--model", "{tmp}/missing"], "no such directory"),
+        (["--keep", "8", "--model", "{bert}"], "architecture BertModel"),
+        (["--keep", "8", "--model", "{tmp}"], "no config.json"),
+        (["--keep", "8", "--out", "{file}"], "exists and is not a directory"),
+        (["--keep", "8", "--out", "{file}/sub"], "not writable"),
+        (["--keep", "8", "--recipe", "nope"], "unknown recipe"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, args, message):
+    file = tmp_path / "afile"
+    file.write_text("x")
+    bert = _not_llava(tmp_path)
+    args = [a.format(tmp=tmp_path, file=file, bert=bert) for a in args]
+    out = tmp_path / "out"
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    r = run_cli("llava", *args, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".star_export-*"))
+
+
+def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
+    import star_export.export as export_mod
+
+    def boom(*_a, **_k):
+        raise RuntimeError("simulated exporter crash")
+
+    monkeypatch.setattr(export_mod, "export_onnx", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["llava", "--keep", "8", "--out", str(out)])
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(tmp_path.glob(".star_export-*"))
+
+
+@pytest.mark.parametrize("command", [[], ["llava"], ["check"]])
+def test_help_runs(command):
+    r = run_cli(*command, "--help", timeout=60)
+    assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_check_command_exit_codes(tmp_path):
+    r = run_cli("check", str(tmp_path / "nope.onnx"), timeout=60)
+    assert r.returncode == 2 and "no such file" in r.stderr
