@@ -31,7 +31,17 @@ exit codes: 0 ok, 1 parity failed (report written), 2 usage error, 3 missing Ten
 """
 
 
-def _positive(text: str) -> int:
+EPILOG_GENERATE = """\
+examples:
+  python -m star_export generate --image cat.png --prompt "What is in the image?"
+      embedded llava-tiny through the PyTorch rewrite (random weights: the answer is noise)
+  python -m star_export llava --keep 64 --out star_out && \\
+  python -m star_export generate --from star_out --image cat.png --prompt "What is in the image?"
+      the exported prefill.onnx + decode.onnx in onnxruntime
+"""
+
+
+def _int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -66,21 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--keep",
-        type=_positive,
+        type=_int,
         default=None,
         metavar="K2",
         help="visual tokens kept by stage 2 (keep2), 1..N; default from the recipe (64)",
     )
     p.add_argument(
         "--keep1",
-        type=_positive,
+        type=_int,
         default=None,
         metavar="K1",
         help="visual tokens kept by stage 1, keep..N; default min(N, 2*keep)",
     )
     p.add_argument(
         "--layer",
-        type=_positive,
+        type=_int,
         default=None,
         metavar="K",
         help="first decoder layer that sees the stage-2 sequence, 1..layers-1; default 2",
@@ -114,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size",
-        type=_positive,
+        type=_int,
         default=2,
         metavar="B",
         help="batch of the validation inputs and the profile's opt batch (default 2)",
     )
     p.add_argument(
         "--text-len",
-        type=_positive,
+        type=_int,
         default=24,
         metavar="T",
         help="prompt length of the validation inputs (default 24)",
@@ -129,6 +139,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs")
     p.add_argument("--skip-validation", action="store_true", help="export only, no parity checks")
     p.set_defaults(func=cmd_llava)
+
+    g = sub.add_parser(
+        "generate",
+        help="answer a prompt about an image with the pruned model (onnxruntime or PyTorch)",
+        description="Pre-process an image and a prompt with the checkpoint's own processor and chat template, "
+        "run the STAR-pruned prefill, then greedy or sampled decode steps with per-layer KV caches "
+        "(L1 slots before layer K, L2 from K on). With --from DIR it runs the exported graphs in "
+        "onnxruntime; with --model DIR (or nothing: the embedded llava-tiny) the PyTorch rewrite.",
+        epilog=EPILOG_GENERATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="PNG/JPEG image; repeat with --prompt for a batch (one image may serve all prompts)",
+    )
+    g.add_argument(
+        "--prompt", action="append", required=True, metavar="TEXT", help="the question; repeatable"
+    )
+    src = g.add_mutually_exclusive_group()
+    src.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="an output directory of `llava` (manifest.json, prefill.onnx, decode.onnx, processor/)",
+    )
+    src.add_argument("--model", type=Path, default=None, metavar="DIR", help="a LLaVA checkpoint directory")
+    g.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "torch"),
+        default=None,
+        help="default: onnxruntime with --from, torch otherwise",
+    )
+    g.add_argument("--max-new-tokens", type=_int, default=32, metavar="N", help="default 32")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument(
+        "--stop",
+        type=int,
+        action="append",
+        default=None,
+        metavar="ID",
+        help="extra stop token id (EOS always stops); repeatable",
+    )
+    g.add_argument("--keep", type=_int, default=None, help="torch runtime: keep2 (default 64)")
+    g.add_argument("--keep1", type=_int, default=None, help="torch runtime: keep1")
+    g.add_argument("--layer", type=_int, default=None, help="torch runtime: K")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser(
         "check",
@@ -218,42 +283,57 @@ def cmd_llava(args: argparse.Namespace) -> int:
         f"({time.perf_counter() - t0:.1f}s)"
     )
 
-    from star_export.contract import prefill_contract
-    from star_export.export import OPSET, export_onnx
+    from star_export.contract import decode_contract, prefill_contract
+    from star_export.export import OPSET, example_decode_inputs, export_onnx
     from star_export.manifest import build_manifest
     from star_export.outputs import staged, write_json
-    from star_export.rewrite import StarPrefill
+    from star_export.rewrite import StarDecode, StarPrefill
 
-    contract = prefill_contract(geo, cfg, (b_lo, b_opt, b_hi), (max(2, t_lo), t_opt, t_hi))
+    max_new = int(profile.get("max_new_tokens", 256))
+    text_range = (max(2, t_lo), t_opt, t_hi)
+    contract = prefill_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range)
+    dcontract = decode_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range, max_new)
     with staged(args.out) as stage:
         t0 = _step(
-            2,
-            n_steps,
-            f"exporting prefill.onnx (torch.onnx dynamo exporter, opset {OPSET}; batch and text_len dynamic)",
+            2, n_steps, f"exporting prefill.onnx and decode.onnx (torch.onnx dynamo exporter, opset {OPSET})"
         )
         onnx_path = stage / "prefill.onnx"
+        decode_path = stage / "decode.onnx"
         export_onnx(StarPrefill(loaded.model, geo, cfg).eval(), contract, onnx_path, geo.image_token_id)
-        print(f"      done ({time.perf_counter() - t0:.1f}s)")
+        print(f"      prefill.onnx: batch, text_len dynamic ({time.perf_counter() - t0:.1f}s)")
+        t0 = time.perf_counter()
+        export_onnx(
+            StarDecode(loaded.model, geo, cfg).eval(),
+            dcontract,
+            decode_path,
+            example_args=example_decode_inputs(dcontract),
+        )
+        print(f"      decode.onnx: batch, past_len dynamic ({time.perf_counter() - t0:.1f}s)")
+        tokenizer = copy_processor_files(loaded.model_dir, stage / "processor")
 
-        t0 = _step(3, n_steps, "scanning the graph (static shapes, TensorRT readiness)")
+        t0 = _step(3, n_steps, "scanning the graphs (static shapes, TensorRT readiness)")
         from star_export.check import check_onnx
 
-        scan = check_onnx(onnx_path, dynamic_inputs=contract.dynamic_axes())
-        print(
-            f"      {'ok' if scan.ok else 'FAIL'}: {sum(scan.op_counts.values())} nodes, "
-            f"TopK x{scan.op_counts.get('TopK', 0)} with constant K, {len(scan.errors)} errors"
-        )
+        scans = {}
+        for path, c in ((onnx_path, contract), (decode_path, dcontract)):
+            scans[c.graph] = scan = check_onnx(path, dynamic_inputs=c.dynamic_axes())
+            print(
+                f"      {path.name}: {'ok' if scan.ok else 'FAIL'}, {sum(scan.op_counts.values())} nodes, "
+                f"TopK x{scan.op_counts.get('TopK', 0)} (constant K), {len(scan.errors)} errors"
+            )
+        scan_ok = all(s.ok for s in scans.values())
 
         report = None
         if not args.skip_validation:
-            from star_export.validate import validate
+            from star_export.validate import validate, validate_generation
 
             t0 = _step(
                 4,
                 n_steps,
-                f"validating (B={args.batch_size}, T={args.text_len}, left padding): "
+                f"validating (B={max(2, args.batch_size)}, T={args.text_len}, left padding): "
                 "onnxruntime vs torch rewrite vs reference vs unmodified model",
             )
+            batch = max(2, args.batch_size)
             report = validate(
                 loaded.model,
                 geo,
@@ -261,30 +341,47 @@ def cmd_llava(args: argparse.Namespace) -> int:
                 contract,
                 str(onnx_path),
                 seed=args.seed,
-                batch=max(2, args.batch_size),
+                batch=batch,
                 text_len=args.text_len,
             )
-            report.graph_check = scan.to_dict()
+            validate_generation(
+                report,
+                loaded.model,
+                geo,
+                cfg,
+                contract,
+                dcontract,
+                str(onnx_path),
+                str(decode_path),
+                seed=args.seed,
+                batch=batch,
+                text_len=args.text_len,
+            )
+            report.graph_check = {"ok": scan_ok, **{name: sc.to_dict() for name, sc in scans.items()}}
             print(report.format())
             print(f"      done ({time.perf_counter() - t0:.1f}s)")
             write_json(stage / "report.json", report.to_dict())
 
-        files = sorted(f for f in stage.iterdir() if f.name.startswith("prefill.onnx"))
+        files = sorted(f for f in stage.iterdir() if f.name.startswith(("prefill.onnx", "decode.onnx")))
         manifest = build_manifest(
-            contract=contract,
+            contracts=[contract, dcontract],
             cfg=cfg,
             geo=geo,
             model_dir=loaded.model_dir,
             source=loaded.source,
             files=files,
             opset=OPSET,
+            max_new_tokens=max_new,
+            tokenizer=tokenizer,
         )
         write_json(stage / "manifest.json", manifest)
 
     written = ", ".join(sorted(f.name for f in args.out.iterdir() if not f.name.startswith(".")))
     print(f"wrote {args.out}/: {written}")
-    if not scan.ok:
-        print(scan.format(), file=sys.stderr)
+    if not scan_ok:
+        for sc in scans.values():
+            if not sc.ok:
+                print(sc.format(), file=sys.stderr)
         print("star_export: graph scan failed (see above)", file=sys.stderr)
         return 1
     if report is not None and not report.passed:
@@ -293,9 +390,35 @@ def cmd_llava(args: argparse.Namespace) -> int:
     if args.engine is not None:
         raise MissingComponent(
             f"--engine {args.engine}: TensorRT engine building is not available in this version yet; "
-            f"the ONNX graph, manifest and report are in {args.out}/"
+            f"the ONNX graphs, manifest and report are in {args.out}/"
         )
     return 0
+
+
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def copy_processor_files(model_dir: Path, target: Path) -> dict:
+    """Copy the checkpoint's tokenizer / processor files so the output directory is self-contained."""
+    import shutil
+
+    copied = [name for name in PROCESSOR_FILES if (model_dir / name).is_file()]
+    if copied:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in copied:
+            shutil.copy2(model_dir / name, target / name)
+    return {"directory": "processor" if copied else None, "files": copied}
 
 
 def _check_expectations(model_dir: Path, recipe) -> None:
@@ -329,6 +452,186 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.onnx}: {e}") from None
     print(report.format())
     return 0 if report.ok else 1
+
+
+def read_manifest(directory: Path) -> dict:
+    """manifest.json of an output directory, checked for a compatible version."""
+    import json
+
+    from star_export.manifest import MANIFEST_VERSION
+
+    if not directory.is_dir():
+        raise UsageError(f"--from {directory}: no such directory")
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise UsageError(
+            f"--from {directory}: no manifest.json (run `python -m star_export llava --out {directory}`)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--from {directory}: manifest.json is not valid JSON ({e})") from None
+    version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
+    if version != MANIFEST_VERSION:
+        raise UsageError(
+            f"--from {directory}: manifest version {version!r} is incompatible with this star_export "
+            f"(expects {MANIFEST_VERSION}); re-export with `python -m star_export llava --out {directory}`"
+        )
+    for graph in ("prefill", "decode"):
+        if graph not in manifest.get("graphs", {}) or not (directory / f"{graph}.onnx").is_file():
+            raise UsageError(f"--from {directory}: {graph}.onnx missing; re-export the directory")
+    return manifest
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    images, prompts = args.image, args.prompt
+    if len(images) == 1 and len(prompts) > 1:
+        images = images * len(prompts)
+    if len(images) != len(prompts):
+        raise UsageError(
+            f"{len(images)} --image but {len(prompts)} --prompt: give one image, or one per prompt"
+        )
+    for image in images:
+        if not image.is_file():
+            raise UsageError(f"--image {image}: no such file")
+    runtime = args.runtime or ("onnxruntime" if args.from_dir else "torch")
+    _quiet_libraries()
+
+    from star_export.contract import GraphContract, decode_contract, prefill_contract
+    from star_export.load import Geometry
+    from star_export.preprocess import Preprocessor
+    from star_export.runtime import GenerationConfig, OnnxruntimeBackend, TorchBackend, generate
+    from star_export.star import StarConfig
+
+    if args.from_dir is not None:
+        manifest = read_manifest(args.from_dir)
+        if args.keep or args.keep1 or args.layer:
+            raise UsageError("--keep/--keep1/--layer are fixed by the exported graphs of --from")
+        geo = Geometry(**manifest["model"]["geometry"])
+        st = manifest["star"]
+        cfg = StarConfig(keep2=st["keep2"], keep1=st["keep1"], layer=st["layer_K"])
+        dims = {d["name"]: d for g in manifest["graphs"].values() for d in g["dynamic_dims"]}
+        text_max, past_max = dims["text_len"]["max"], dims["past_len"]["max"]
+        pre = Preprocessor.from_dir(args.from_dir / "processor")
+        if runtime == "onnxruntime":
+            backend = OnnxruntimeBackend(args.from_dir / "prefill.onnx", args.from_dir / "decode.onnx")
+            where = f"{args.from_dir}/ (prefill.onnx + decode.onnx)"
+        else:
+            from star_export.load import load as load_model
+
+            loaded = load_model(manifest["model"]["directory"])
+            backend = _torch_backend(loaded, geo, cfg, manifest, GraphContract)
+            where = f"PyTorch rewrite of {loaded.source}"
+    else:
+        if runtime == "onnxruntime":
+            raise UsageError(
+                "--runtime onnxruntime needs exported graphs: run `llava --out DIR`, then --from DIR"
+            )
+        from star_export import load as load_mod
+        from star_export.recipes import load_recipe
+
+        if args.model is None:
+            loaded = load_mod.load_recipe_model(load_recipe(DEFAULT_RECIPE))
+        else:
+            loaded = load_mod.load(args.model)
+        geo = loaded.geometry
+        cfg = StarConfig.resolve(
+            keep=args.keep or 64,
+            keep1=args.keep1,
+            layer=args.layer or 2,
+            n_visual=geo.n_visual,
+            num_layers=geo.num_layers,
+        )
+        text_max, past_max = 1 << 30, 1 << 30
+        pc = prefill_contract(geo, cfg, (1, 1, 1 << 30), (2, 2, 1 << 30))
+        dc = decode_contract(geo, cfg, (1, 1, 1 << 30), (2, 2, 1 << 30), 1 << 20)
+        pre = Preprocessor.from_dir(loaded.model_dir)
+        backend = TorchBackend(loaded.model, geo, cfg, pc, dc)
+        where = f"PyTorch rewrite of {loaded.source}"
+
+    feeds = pre.encode(images, prompts)
+    text_len = feeds["input_ids"].shape[1]
+    if text_len > text_max:
+        raise UsageError(f"prompt is {text_len} tokens; the exported profile allows at most {text_max}")
+    if text_len - 1 + cfg.keep2 + args.max_new_tokens - 1 > past_max:
+        allowed = past_max - (text_len - 1 + cfg.keep2) + 1
+        raise UsageError(
+            f"--max-new-tokens {args.max_new_tokens} exceeds the exported decode profile "
+            f"(at most {allowed} for this prompt)"
+        )
+    stops = tuple(t for t in (pre.eos_token_id, *(args.stop or [])) if t is not None)
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=stops,
+        pad_token_id=pre.pad_token_id or 0,
+    )
+    result = generate(backend, feeds, geo, cfg, gen)
+    answers = [pre.decode(t) for t in result.tokens]
+    per_token = result.decode_s / max(result.decode_steps, 1)
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {
+                    "runtime": runtime,
+                    "answers": answers,
+                    "tokens": result.tokens,
+                    "visual_tokens": {
+                        "N": geo.n_visual,
+                        "keep1": cfg.keep1,
+                        "keep2": cfg.keep2,
+                        "layer_K": cfg.layer,
+                    },
+                    "stage2_keep_idx": result.stage2_keep_idx.tolist(),
+                    "prefill_ms": result.prefill_s * 1e3,
+                    "decode_ms_per_step": per_token * 1e3,
+                    "decode_tokens_per_s": result.decode_tokens_per_s,
+                    "cache_lengths": {
+                        "after_prefill": result.prefill_present_lengths,
+                        "final": result.final_present_lengths,
+                    },
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"runtime: {runtime}, {where}")
+    print(
+        f"visual tokens: {geo.n_visual} -> {cfg.keep1} (stage 1) -> {cfg.keep2} (stage 2, from layer {cfg.layer}); "
+        f"KV cache per layer after prefill: {result.prefill_present_lengths}"
+    )
+    for prompt, image, answer in zip(prompts, images, answers, strict=True):
+        print(f"[{image.name}] {prompt}\n  -> {answer}")
+    print(
+        f"prefill {result.prefill_s * 1e3:.1f} ms; decode {result.decode_steps} steps in "
+        f"{result.decode_s * 1e3:.1f} ms ({per_token * 1e3:.2f} ms/step, {result.decode_tokens_per_s:.0f} tokens/s)"
+    )
+    return 0
+
+
+def _torch_backend(loaded, geo, cfg, manifest, graph_contract_cls):
+    from star_export.contract import DynamicDim, TensorSpec
+    from star_export.runtime import TorchBackend
+
+    def contract(g):
+        d = manifest["graphs"][g]
+        return graph_contract_cls(
+            g,
+            tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]),
+            tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["outputs"]),
+            tuple(DynamicDim(x["name"], x["min"], x["opt"], x["max"]) for x in d["dynamic_dims"]),
+            dict(d.get("tolerances", {})),
+        )
+
+    return TorchBackend(loaded.model, geo, cfg, contract("prefill"), contract("decode"))
 
 
 def main(argv: list[str] | None = None) -> int:

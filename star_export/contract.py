@@ -144,3 +144,69 @@ def prefill_contract(
             )
     dims = (DynamicDim("batch", *batch), DynamicDim("text_len", *text_len))
     return GraphContract("prefill", inputs, tuple(outputs), dims, dict(TOLERANCES))
+
+
+def decode_contract(
+    geo: Geometry,
+    cfg: StarConfig,
+    batch: tuple[int, int, int],
+    text_len: tuple[int, int, int],
+    max_new_tokens: int,
+    dtype: str = "float32",
+) -> GraphContract:
+    """One decode step. ``past_len`` is the stage-2 past length P2 (layers >= K); layers < K hold
+    P1 = past_len + (keep1 - keep2) entries. After prefill P1 = L1 and P2 = L2; each step adds one.
+    """
+    delta = cfg.keep1 - cfg.keep2
+    p1 = f"past_len + {delta}" if delta else "past_len"
+    inputs = [
+        TensorSpec("input_ids", "int64", ("batch", 1), "the token chosen at the previous step"),
+        TensorSpec(
+            "position_ids",
+            "int64",
+            ("batch", 1),
+            "its original position: (real prompt tokens) - 1 + N + (tokens generated before it)",
+        ),
+        TensorSpec(
+            "attention_mask_l1",
+            "int64",
+            ("batch", f"past_len + {delta + 1}"),
+            f"layers 0..{cfg.layer - 1}: 1 per valid past slot (0 at left padding), then 1 for the new token",
+        ),
+        TensorSpec(
+            "attention_mask_l2",
+            "int64",
+            ("batch", "past_len + 1"),
+            f"layers {cfg.layer}..{geo.num_layers - 1}: 1 per valid past slot (0 at left padding), then 1",
+        ),
+    ]
+    outputs = [TensorSpec("logits", "float32", ("batch", geo.vocab_size), "next-token logits")]
+    for i in range(geo.num_layers):
+        past = p1 if i < cfg.layer else "past_len"
+        for kind in ("key", "value"):
+            inputs.append(
+                TensorSpec(
+                    f"past.{i}.{kind}",
+                    dtype,
+                    ("batch", geo.num_kv_heads, past, geo.head_dim),
+                    f"present.{i}.{kind} of the previous step (prefill or decode)",
+                )
+            )
+            outputs.append(
+                TensorSpec(
+                    f"present.{i}.{kind}",
+                    dtype,
+                    (
+                        "batch",
+                        geo.num_kv_heads,
+                        f"past_len + {delta + 1 if i < cfg.layer else 1}",
+                        geo.head_dim,
+                    ),
+                    f"layer {i} {kind}s with the new token appended",
+                )
+            )
+    lo = max(2, text_len[0]) - 1 + cfg.keep2
+    opt = text_len[1] - 1 + cfg.keep2 + 16
+    hi = text_len[2] - 1 + cfg.keep2 + max_new_tokens - 1
+    dims = (DynamicDim("batch", *batch), DynamicDim("past_len", lo, min(max(opt, lo), hi), hi))
+    return GraphContract("decode", tuple(inputs), tuple(outputs), dims, dict(TOLERANCES))

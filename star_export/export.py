@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,7 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of parameters above which weights go 
 
 
 def example_inputs(contract: GraphContract, batch: int = 2, text_len: int = 16, image_token_id: int = 0):
-    """Example tensors for tracing: batch >= 2 and text_len > 2 so no dim is specialised to 0/1."""
+    """Prefill tracing inputs: batch >= 2 and text_len > 2 so no dim is specialised to 0/1."""
     sizes = {"batch": batch, "text_len": text_len}
     pv = torch.zeros(contract.inputs[0].concrete(sizes), dtype=getattr(torch, contract.inputs[0].dtype))
     ids = torch.full((batch, text_len), 1, dtype=torch.int64)
@@ -32,34 +33,79 @@ def example_inputs(contract: GraphContract, batch: int = 2, text_len: int = 16, 
     return pv, ids, mask
 
 
+def example_decode_inputs(contract: GraphContract, batch: int = 2, past_len: int | None = None):
+    """Decode tracing inputs of the contract's shapes (values do not matter for tracing)."""
+    sizes = {"batch": batch, "past_len": past_len or contract.dim("past_len").opt}
+    out = []
+    for spec in contract.inputs:
+        shape = spec.concrete(sizes)
+        if spec.dtype == "int64":
+            out.append(torch.ones(shape, dtype=torch.int64))
+        else:
+            out.append(torch.zeros(shape, dtype=getattr(torch, spec.dtype)))
+    return tuple(out)
+
+
 def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+_DIM_EXPR = re.compile(r"^(\w+)(?: \+ (\d+))?$")
+
+
+def dynamic_shapes_for(contract: GraphContract) -> dict[str, dict[int, object]]:
+    """torch.export dynamic shapes from the contract: a symbol is a Dim with the contract's
+    [min, max], ``sym + c`` a derived Dim (e.g. the decode masks' ``past_len + 1``)."""
+    dims = {}
+    for d in contract.dims:
+        low = max(d.min, 2) if d.name == "text_len" else d.min  # placeholder + >= 1 query token
+        dims[d.name] = torch.export.Dim(d.name, min=low, max=d.max)
+    shapes: dict[str, dict[int, object]] = {}
+    for spec in contract.inputs:
+        axes = {}
+        for axis, d in enumerate(spec.shape):
+            if isinstance(d, int):
+                continue
+            m = _DIM_EXPR.match(d)
+            if not m or m.group(1) not in dims:
+                raise ValueError(f"{spec.name}: cannot export dim {d!r}")
+            axes[axis] = dims[m.group(1)] + int(m.group(2)) if m.group(2) else dims[m.group(1)]
+        shapes[spec.name] = axes
+    return shapes
+
+
+def _by_signature(module: torch.nn.Module, shapes: dict[str, dict[int, object]]) -> dict[str, object]:
+    """Map contract input names onto forward's parameters; a ``*pasts`` parameter takes the rest, in order."""
+    import inspect
+
+    params = [p for p in inspect.signature(module.forward).parameters.values()]
+    names = list(shapes)
+    out: dict[str, object] = {}
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            out[p.name] = tuple(shapes[n] for n in names[i:])
+            break
+        out[p.name] = shapes[names[i]]
+    return out
 
 
 def export_onnx(
     module: torch.nn.Module,
     contract: GraphContract,
     path: str | os.PathLike,
-    image_token_id: int,
+    image_token_id: int = 0,
     external_data: bool | None = None,
     opset: int = OPSET,
     verbose: bool = False,
+    example_args: tuple | None = None,
 ) -> Path:
-    """Export ``module`` (the static rewrite) to ``path`` following ``contract``; returns the path."""
+    """Export ``module`` (a static rewrite) to ``path`` following ``contract``; returns the path."""
     path = Path(path)
-    text = contract.dim("text_len")
-    batch = contract.dim("batch")
-    b_dim = torch.export.Dim("batch", min=batch.min, max=batch.max)
-    # text_len >= 2: the placeholder plus at least one query token after it.
-    t_dim = torch.export.Dim("text_len", min=max(2, text.min), max=text.max)
-    dynamic_shapes = {
-        "pixel_values": {0: b_dim},
-        "input_ids": {0: b_dim, 1: t_dim},
-        "attention_mask": {0: b_dim, 1: t_dim},
-    }
-    example_b = max(2, min(batch.opt, batch.max))
-    example_t = max(4, min(text.opt, text.max))
-    args = example_inputs(contract, example_b, example_t, image_token_id)
+    if example_args is None:
+        batch, text = contract.dim("batch"), contract.dim("text_len")
+        example_args = example_inputs(
+            contract, max(2, min(batch.opt, batch.max)), max(4, min(text.opt, text.max)), image_token_id
+        )
     if external_data is None:
         external_data = param_bytes(module) > EXTERNAL_DATA_THRESHOLD
     sink = io.StringIO()
@@ -69,11 +115,11 @@ def export_onnx(
         with redirect:
             program = torch.onnx.export(
                 module,
-                args,
+                example_args,
                 dynamo=True,
                 input_names=contract.input_names,
                 output_names=contract.output_names,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=_by_signature(module, dynamic_shapes_for(contract)),
                 opset_version=opset,
                 optimize=True,
                 verbose=verbose,

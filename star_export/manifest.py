@@ -59,7 +59,7 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 def build_manifest(
     *,
-    contract: GraphContract,
+    contracts: list[GraphContract],
     cfg: StarConfig,
     geo: Geometry,
     model_dir: Path,
@@ -67,7 +67,12 @@ def build_manifest(
     files: list[Path],
     opset: int,
     dtype: str = "float32",
+    max_new_tokens: int | None = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    graphs = {
+        c.graph: {**c.to_dict(), "file": f"{c.graph}.onnx", "opset": opset, "dtype": dtype} for c in contracts
+    }
     return {
         "manifest_version": MANIFEST_VERSION,
         "model": {"source": source, "directory": str(model_dir), "geometry": geo.to_dict()},
@@ -82,16 +87,25 @@ def build_manifest(
         },
         "image_token_id": geo.image_token_id,
         "image": image_preprocessing(model_dir, geo),
+        "tokenizer": tokenizer or {},
         "prompt_rules": [
             "exactly one image placeholder token per row (not expanded to N copies)",
             "padding on the left only; attention_mask 0 at padding",
             "at least one token after the placeholder",
         ],
         "decoding": {
-            "first_new_position": "s + N + (T - p - 1) = (number of real tokens) - 1 + N",
-            "note": "decode steps do not prune further; each layer keeps its own past length",
+            "max_new_tokens": max_new_tokens,
+            "loop": [
+                "run prefill; layers < K return L1 = T-1+keep1 slots, layers >= K return L2 = T-1+keep2",
+                "pad = T - sum(attention_mask) per row; attention_mask_l1 = [0]*pad + [1]*(L1-pad), "
+                "attention_mask_l2 = [0]*pad + [1]*(L2-pad)",
+                "position of the first new token = sum(attention_mask) - 1 + N (the unpruned count); +1 per step",
+                "each step: input_ids = chosen token [B,1], position_ids [B,1], both masks with a 1 appended, "
+                "past.{i}.key/value = previous present.{i}.key/value",
+                "decode steps do not prune further; every layer's cache grows by one per step",
+            ],
         },
-        "graphs": {contract.graph: {**contract.to_dict(), "opset": opset, "dtype": dtype}},
+        "graphs": graphs,
         "files": [file_entry(f) for f in files],
         "versions": library_versions(),
     }

@@ -29,18 +29,23 @@ def decoder_attention(
     sin: torch.Tensor,
     mask: torch.Tensor,
     head_dim: int,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Self-attention of one Llama-family layer with the weights of ``attn``.
 
-    x: (B, L, D), cos/sin: (B, L, hd), mask: (B, 1, L, L) additive
-    -> output (B, L, D), key (B, Hkv, L, hd) after RoPE, value (B, Hkv, L, hd),
-       probs (B, H, L, L) post-softmax (softmax in float32, as transformers' eager path).
+    x: (B, L, D), cos/sin: (B, L, hd), mask: (B, 1, L, P + L) additive, past: keys/values
+    (B, Hkv, P, hd) or None (P = 0)
+    -> output (B, L, D), key (B, Hkv, P + L, hd) after RoPE, value (B, Hkv, P + L, hd),
+       probs (B, H, L, P + L) post-softmax (softmax in float32, as transformers' eager path).
     """
     b, length, _ = x.shape
     q = attn.q_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, H, L, hd)
     k = attn.k_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
     v = attn.v_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if past is not None:
+        k = torch.cat([past[0], k], dim=2)  # (B, Hkv, P + L, hd)
+        v = torch.cat([past[1], v], dim=2)
     groups = q.shape[1] // k.shape[1]
     scores = (q @ repeat_kv(k, groups).transpose(2, 3)) * attn.scaling + mask  # (B, H, L, L)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -49,10 +54,18 @@ def decoder_attention(
 
 
 def decoder_layer(
-    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, head_dim: int
+    layer: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    head_dim: int,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pre-norm residual block: h + attn(norm(h)), then + mlp(norm(.)). Returns (h, k, v, probs)."""
-    a, k, v, probs = decoder_attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, head_dim)
+    a, k, v, probs = decoder_attention(
+        layer.self_attn, layer.input_layernorm(h), cos, sin, mask, head_dim, past
+    )
     h = h + a
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return h, k, v, probs
@@ -128,3 +141,48 @@ class StarPrefill(nn.Module):
 
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
         return (logits, keep1_idx, keep2_idx, *presents)
+
+
+class StarDecode(nn.Module):
+    """One decode step against per-layer pasts of different lengths (no further pruning).
+
+    Inputs (names in ``contract.decode_contract``): input_ids (B, 1), position_ids (B, 1) the
+    original position of the new token, attention_mask_l1 (B, P1 + 1) and attention_mask_l2
+    (B, P2 + 1) (1 = attend: real/visual slots and the new token; 0 = padding), then
+    past.{i}.key / past.{i}.value (B, Hkv, P_i, hd) with P_i = P1 for i < K, P2 for i >= K.
+    Outputs: logits (B, V) float32, present.{i}.key / value (B, Hkv, P_i + 1, hd).
+    """
+
+    def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
+        super().__init__()
+        text = model.model.language_model
+        self.embed_tokens = text.embed_tokens
+        self.layers = text.layers
+        self.norm = text.norm
+        self.rotary_emb = text.rotary_emb
+        self.lm_head = model.lm_head
+        self.geo = geometry
+        self.cfg = cfg
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask_l1: torch.Tensor,
+        attention_mask_l2: torch.Tensor,
+        *pasts: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        h = self.embed_tokens(input_ids)  # (B, 1, D)
+        cos, sin = self.rotary_emb(h, position_ids)
+        masks = [
+            star.decode_mask(m, h.dtype) for m in (attention_mask_l1, attention_mask_l2)
+        ]  # (B, 1, 1, P+1)
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            mask = masks[0] if i < self.cfg.layer else masks[1]
+            h, k, v, _ = decoder_layer(
+                layer, h, cos, sin, mask, self.geo.head_dim, (pasts[2 * i], pasts[2 * i + 1])
+            )
+            presents += [k, v]
+        logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
+        return (logits, *presents)

@@ -167,6 +167,13 @@ def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, neg).unsqueeze(1)
 
 
+def decode_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask of one new token over its past + itself.  (B, P + 1) 0/1 -> (B, 1, 1, P + 1)"""
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(attention_mask.to(torch.bool), zero, neg)[:, None, None, :]
+
+
 # ---------------------------------------------------------------------------- stage 2
 
 

@@ -184,7 +184,8 @@ def test_errors(pre, tmp_path):
 def test_from_dir_missing_files(tmp_path):
     with pytest.raises(UsageError, match="no such directory"):
         Preprocessor.from_dir(tmp_path / "nope")
-    _write_extras(tmp_path, load_recipe("llava-tiny"))  # image processor only, no tokenizer
+    _write_extras(tmp_path, load_recipe("llava-tiny"))
+    (tmp_path / "tokenizer.json").unlink()  # image processor present, tokenizer missing
     with pytest.raises(UsageError, match=r"missing tokenizer \(tokenizer.json\)") as err:
         Preprocessor.from_dir(tmp_path)
     assert "\n" not in str(err.value)

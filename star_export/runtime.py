@@ -1,0 +1,202 @@
+"""Generation: prefill (pruning) + decode steps with per-layer pasts, over onnxruntime or PyTorch.
+
+The loop is the same for every backend and is written with numpy only, so it reads as the
+recipe a C++ or Triton user follows with the exported graphs (all names from the manifest):
+
+1. ``prefill(pixel_values, input_ids, attention_mask)`` -> logits, kept indices, presents
+   (layers < K hold L1 = T - 1 + keep1 slots, layers >= K hold L2 = T - 1 + keep2).
+2. Masks of the cached slots: padding is on the left, so in both layouts the first
+   ``T - real`` slots are padding (0) and the rest are real text or visual tokens (1).
+3. The first new token sits at original position ``real - 1 + N`` (the unpruned count).
+4. Each decode step feeds the chosen token, its position, both masks with a 1 appended, and
+   the previous presents as pasts; every layer's cache grows by one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from star_export.contract import GraphContract
+from star_export.load import Geometry
+from star_export.star import StarConfig, check_prompts
+
+
+class Backend(Protocol):
+    name: str
+
+    def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OnnxruntimeBackend:
+    """prefill.onnx + decode.onnx in onnxruntime (CPU provider unless told otherwise)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, prefill_path: Path, decode_path: Path, threads: int | None = None, providers=None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self._prefill = ort.InferenceSession(str(prefill_path), sess_options=opts, providers=providers)
+        self._decode = ort.InferenceSession(str(decode_path), sess_options=opts, providers=providers)
+        self._prefill_out = [o.name for o in self._prefill.get_outputs()]
+        self._decode_out = [o.name for o in self._decode.get_outputs()]
+
+    def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._prefill_out, self._prefill.run(self._prefill_out, feeds), strict=True))
+
+    def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._decode_out, self._decode.run(self._decode_out, feeds), strict=True))
+
+
+class TorchBackend:
+    """The PyTorch static rewrite (``StarPrefill`` / ``StarDecode``) driven by the same loop."""
+
+    name = "torch"
+
+    def __init__(
+        self, model: Any, geo: Geometry, cfg: StarConfig, prefill: GraphContract, decode: GraphContract
+    ):
+        import torch
+
+        from star_export.rewrite import StarDecode, StarPrefill
+
+        self._torch = torch
+        self._prefill = StarPrefill(model, geo, cfg).eval()
+        self._decode = StarDecode(model, geo, cfg).eval()
+        self._pc, self._dc = prefill, decode
+
+    def _run(self, module, contract: GraphContract, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in contract.input_names]
+        with torch.no_grad():
+            outs = module(*args)
+        return {n: o.numpy() for n, o in zip(contract.output_names, outs, strict=True)}
+
+    def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(self._prefill, self._pc, feeds)
+
+    def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(self._decode, self._dc, feeds)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy (argmax, ties to the lower id)
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # EOS and any other stop tokens
+    pad_token_id: int = 0  # fed (and reported) for rows that have stopped
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per row, generated ids up to and including a stop token
+    step_logits: list[np.ndarray] = field(default_factory=list)  # (B, V) per step
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    stage1_keep_idx: np.ndarray | None = None
+    stage2_keep_idx: np.ndarray | None = None
+    prefill_present_lengths: list[int] = field(default_factory=list)
+    final_present_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        rows = len(self.tokens)
+        return rows * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _choose(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row: greedy, or temperature + nucleus (top-p) sampling."""
+    if gen.temperature <= 0:
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    z = logits.astype(np.float64) / gen.temperature
+    z -= z.max(axis=-1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = np.empty(len(probs), dtype=np.int64)
+    for b, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        cut = int(np.searchsorted(cum, gen.top_p) + 1)  # smallest prefix with mass >= top_p
+        keep = order[:cut]
+        out[b] = rng.choice(keep, p=p[keep] / p[keep].sum())
+    return out
+
+
+def generate(
+    backend: Backend,
+    feeds: dict[str, np.ndarray],
+    geo: Geometry,
+    cfg: StarConfig,
+    gen: GenerationConfig,
+    keep_logits: bool = False,
+) -> GenerationResult:
+    """Prefill then decode up to ``gen.max_new_tokens`` tokens per row."""
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    check_prompts(ids, mask, geo.image_token_id)
+    batch, text_len = ids.shape
+    rng = np.random.default_rng(gen.seed)
+
+    start = time.perf_counter()
+    out = backend.prefill({k: feeds[k] for k in ("pixel_values", "input_ids", "attention_mask")})
+    prefill_s = time.perf_counter() - start
+
+    n_layers = geo.num_layers
+    real = mask.sum(axis=1).astype(np.int64)  # (B,) real prompt tokens
+    pad = text_len - real  # (B,) left padding
+    l1, l2 = text_len - 1 + cfg.keep1, text_len - 1 + cfg.keep2
+    mask_l1 = (np.arange(l1)[None] >= pad[:, None]).astype(np.int64)  # (B, L1)
+    mask_l2 = (np.arange(l2)[None] >= pad[:, None]).astype(np.int64)  # (B, L2)
+    position = real - 1 + geo.n_visual  # (B,) original position of the first new token
+    pasts = {f"past.{i}.{k}": out[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
+
+    result = GenerationResult(
+        tokens=[[] for _ in range(batch)],
+        prefill_s=prefill_s,
+        stage1_keep_idx=out["stage1_keep_idx"],
+        stage2_keep_idx=out["stage2_keep_idx"],
+        prefill_present_lengths=[out[f"present.{i}.key"].shape[2] for i in range(n_layers)],
+    )
+    logits = out["logits"]
+    finished = np.zeros(batch, dtype=bool)
+    one = np.ones((batch, 1), dtype=np.int64)
+    decode_start = time.perf_counter()
+    for step in range(gen.max_new_tokens):
+        if keep_logits:
+            result.step_logits.append(logits.copy())
+        token = np.where(finished, gen.pad_token_id, _choose(logits, gen, rng))
+        for b in np.flatnonzero(~finished):
+            result.tokens[b].append(int(token[b]))
+        finished |= np.isin(token, gen.stop_token_ids)
+        if finished.all() or step == gen.max_new_tokens - 1:
+            break
+        mask_l1 = np.concatenate([mask_l1, one], axis=1)
+        mask_l2 = np.concatenate([mask_l2, one], axis=1)
+        out = backend.decode(
+            {
+                "input_ids": token[:, None],
+                "position_ids": (position + step)[:, None],
+                "attention_mask_l1": mask_l1,
+                "attention_mask_l2": mask_l2,
+                **pasts,
+            }
+        )
+        result.decode_steps += 1
+        logits = out["logits"]
+        pasts = {f"past.{i}.{k}": out[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
+    result.decode_s = time.perf_counter() - decode_start
+    result.final_present_lengths = [pasts[f"past.{i}.key"].shape[2] for i in range(n_layers)]
+    return result

@@ -1,0 +1,479 @@
+"""Tests for star_export.build: profiles, precision decisions, manifest I/O and the missing-TensorRT
+path run everywhere; tests marked ``tensorrt`` build real engines and skip where TensorRT or a GPU
+is absent (with the reason from ``trt_status()``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from star_export import build
+from star_export.build import (
+    BuildSettings,
+    add_build_arguments,
+    build_engine,
+    contract_from_dict,
+    engine_paths,
+    finish_command,
+    graph_overrides,
+    output_shapes,
+    precision_plan,
+    profile_shapes,
+    run_build,
+    to_polygraphy_profiles,
+    trt_parity,
+    trt_status,
+)
+from star_export.contract import decode_contract, prefill_contract
+from star_export.errors import MissingComponent, UsageError
+from star_export.load import Geometry
+from star_export.star import StarConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GEO = Geometry(
+    n_visual=576,
+    image_size=336,
+    patch_size=14,
+    image_token_id=1000,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    hidden_size=64,
+    vocab_size=1024,
+    vision_feature_layer=-2,
+    select_strategy="default",
+    text_model_type="llama",
+)
+CFG = StarConfig(keep2=64, keep1=128, layer=2)  # L1 = text_len + 127; decode masks past_len + 65
+BATCH, TEXT, MAX_NEW = (1, 2, 8), (2, 64, 512), 256
+
+
+@pytest.fixture
+def prefill():
+    return prefill_contract(GEO, CFG, BATCH, TEXT)
+
+
+@pytest.fixture
+def decode():
+    return decode_contract(GEO, CFG, BATCH, TEXT, MAX_NEW)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+# ------------------------------------------------------------------------------------------ profiles
+
+
+def test_prefill_profile_shapes(prefill):
+    shapes = profile_shapes(prefill)
+    assert list(shapes) == ["pixel_values", "input_ids", "attention_mask"]
+    assert shapes["pixel_values"] == ((1, 3, 336, 336), (2, 3, 336, 336), (8, 3, 336, 336))
+    assert shapes["input_ids"] == ((1, 2), (2, 64), (8, 512))
+    assert shapes["attention_mask"] == shapes["input_ids"]
+    # derived output dims: L1 = text_len + 127 (layers < K), L2 = text_len + 63
+    assert prefill.outputs[3].shape[2] == "text_len + 127"
+    outs = output_shapes(prefill)
+    assert outs["present.0.key"] == ((1, 2, 129, 16), (2, 2, 191, 16), (8, 2, 639, 16))
+    assert outs["present.3.value"] == ((1, 2, 65, 16), (2, 2, 127, 16), (8, 2, 575, 16))
+    assert outs["stage1_keep_idx"] == ((1, 128), (2, 128), (8, 128))
+    assert outs["logits"][2] == (8, 1024)
+
+
+def test_decode_profile_shapes_evaluate_derived_dims(decode):
+    past = decode.dim("past_len")
+    shapes = profile_shapes(decode)
+    assert set(shapes) == set(decode.input_names)
+    corners = [(b, p) for b, p in zip(BATCH, (past.min, past.opt, past.max), strict=True)]
+    assert decode.inputs[2].shape == ("batch", "past_len + 65")
+    assert shapes["attention_mask_l1"] == tuple((b, p + 65) for b, p in corners)
+    assert shapes["attention_mask_l2"] == tuple((b, p + 1) for b, p in corners)
+    assert shapes["past.0.key"] == tuple((b, 2, p + 64, 16) for b, p in corners)  # layers < K: P1
+    assert shapes["past.3.value"] == tuple((b, 2, p, 16) for b, p in corners)  # layers >= K: P2
+    assert shapes["input_ids"] == ((1, 1), (2, 1), (8, 1))
+
+
+def test_overrides_replace_a_dims_range(prefill, decode):
+    shapes = profile_shapes(prefill, {"batch": (2, 4, 16), "text_len": (8, 32, 128)})
+    assert shapes["pixel_values"] == ((2, 3, 336, 336), (4, 3, 336, 336), (16, 3, 336, 336))
+    assert shapes["input_ids"] == ((2, 8), (4, 32), (16, 128))
+    shapes = profile_shapes(decode, {"past_len": (100, 200, 300)})
+    assert shapes["attention_mask_l1"] == ((1, 165), (2, 265), (8, 365))
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"batch": (3, 2, 8)}, "min <= opt <= max"),
+        ({"batch": (1, 9, 8)}, "min <= opt <= max"),
+        ({"batch": (0, 1, 8)}, "1 <= min"),
+        ({"text_len": (1, 8, 16)}, "2 <= min"),  # placeholder + at least one token after it
+        ({"past_len": (1, 2, 3)}, "no dynamic dim 'past_len'"),
+        ({"batch": (1, 2)}, r"expected \(min, opt, max\)"),
+    ],
+)
+def test_bad_ranges_are_usage_errors(prefill, overrides, match):
+    with pytest.raises(UsageError, match=match):
+        profile_shapes(prefill, overrides)
+
+
+def test_check_profile_rejects_wrong_inputs_and_static_axes(prefill):
+    good = profile_shapes(prefill)
+    build.check_profile(prefill, good)
+    with pytest.raises(UsageError, match="missing inputs"):
+        build.check_profile(prefill, {k: v for k, v in good.items() if k != "input_ids"})
+    bad = dict(good, pixel_values=((1, 3, 224, 224), (2, 3, 224, 224), (8, 3, 224, 224)))
+    with pytest.raises(UsageError, match="static"):
+        build.check_profile(prefill, bad)
+
+
+def test_polygraphy_profiles_without_tensorrt(prefill, decode):
+    from polygraphy.backend.trt import Profile
+
+    [p] = to_polygraphy_profiles([profile_shapes(prefill)])
+    assert isinstance(p, Profile)
+    assert list(p) == prefill.input_names
+    assert tuple(p["input_ids"].min) == (1, 2) and tuple(p["input_ids"].max) == (8, 512)
+    assert tuple(p["pixel_values"].opt) == (2, 3, 336, 336)
+    two = to_polygraphy_profiles([profile_shapes(decode), profile_shapes(decode, {"batch": (1, 1, 1)})])
+    assert len(two) == 2 and tuple(two[1]["input_ids"].max) == (1, 1)
+
+
+# ----------------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(
+    "dtype, version, onnx_dtype, forced, expect",
+    [
+        ("fp32", "10.8.0.43", "fp32", None, (False, False, False)),
+        ("fp16", "10.8.0.43", "fp32", None, (False, True, False)),  # weak typing + FP16 flag
+        ("bf16", "10.15.1", "fp32", None, (False, False, True)),
+        ("fp16", "10.15.1", "fp16", None, (True, False, False)),  # ONNX carries fp16: strongly typed
+        ("bf16", "10.15.1", "bf16", None, (True, False, False)),
+        ("fp16", "10.15.1", "fp16", False, (False, True, False)),  # forced weak typing on 10.x
+        ("fp32", "10.15.1", "fp32", True, (True, False, False)),
+        ("fp32", "11.5.0", "fp32", None, (True, False, False)),  # 11.x: always strongly typed
+        ("fp16", "11.5.0", "fp16", None, (True, False, False)),
+        ("bf16", "11.0", "bf16", True, (True, False, False)),
+    ],
+)
+def test_precision_plan(dtype, version, onnx_dtype, forced, expect):
+    plan = precision_plan(dtype, version, onnx_dtype, forced)
+    assert (plan.strongly_typed, plan.fp16_flag, plan.bf16_flag) == expect
+    assert plan.note
+
+
+@pytest.mark.parametrize(
+    "dtype, version, onnx_dtype, forced, match",
+    [
+        ("fp16", "11.5.0", "fp32", None, "removed the FP16/BF16 builder flags"),
+        ("bf16", "11.0.0", "fp16", None, "removed the FP16/BF16 builder flags"),
+        ("fp32", "11.5.0", "fp16", None, "removed the FP16/BF16 builder flags"),
+        ("fp32", "11.5.0", "fp32", False, "strongly typed networks only"),
+        ("fp16", "10.15.1", "fp32", True, "computes? in the ONNX's fp32"),
+        ("bf16", "10.15.1", "fp16", None, "the ONNX is fp16"),
+        ("fp8", "10.15.1", "fp32", None, "--dtype must be one of"),
+    ],
+)
+def test_precision_plan_rejects(dtype, version, onnx_dtype, forced, match):
+    with pytest.raises(UsageError, match=match):
+        precision_plan(dtype, version, onnx_dtype, forced)
+
+
+def test_precision_plan_needs_tensorrt_10():
+    with pytest.raises(MissingComponent, match=r"older than 10\.0"):
+        precision_plan("fp32", "8.6.1", "fp32")
+
+
+def test_build_settings(prefill):
+    s = BuildSettings(dtype="fp16", timing_cache="cache/tc.bin", workspace_bytes=3 << 30)
+    assert s.timing_cache == Path("cache/tc.bin")
+    assert s.plan("10.15.1", "fp32").fp16_flag
+    with pytest.raises(UsageError):
+        s.plan("11.5.0", "fp32")
+    s.profiles = [profile_shapes(prefill)]
+    summary = json.loads(json.dumps(s.settings_summary()))
+    assert summary["dtype"] == "fp16" and summary["strongly_typed"] == "auto" and summary["tf32"] is False
+    assert summary["profiles"][0]["input_ids"] == {"min": [1, 2], "opt": [2, 64], "max": [8, 512]}
+    for bad in ({"dtype": "int8"}, {"workspace_bytes": 0}, {"builder_optimization_level": 6}):
+        with pytest.raises(UsageError):
+            BuildSettings(**bad)
+
+
+def test_polygraphy_loaders_are_configured_without_tensorrt(tmp_path, prefill):
+    """The real polygraphy loader objects, constructed (not called): arguments land where they should."""
+    shapes = profile_shapes(prefill, {"batch": (1, 1, 4)})
+    s = BuildSettings(
+        dtype="fp16", timing_cache=tmp_path / "tc", workspace_bytes=1 << 30, builder_optimization_level=2
+    )
+    weak = precision_plan("fp16", "10.8.0", "fp32")
+    net, cfg = build.polygraphy_loaders(
+        tmp_path / "prefill.onnx", s, weak, [shapes], typed_flag=False, workspace_pool="WORKSPACE"
+    )
+    assert net.path == str(tmp_path / "prefill.onnx") and net.strongly_typed is False
+    assert cfg.fp16 is True and cfg.bf16 is False and cfg.tf32 is False
+    assert cfg.timing_cache_path == str(tmp_path / "tc")
+    assert cfg.memory_pool_limits == {"WORKSPACE": 1 << 30} and cfg.builder_optimization_level == 2
+    assert tuple(cfg.profiles[0]["input_ids"].max) == (4, 512)
+
+    typed = precision_plan("fp16", "11.5.0", "fp16")
+    net, cfg = build.polygraphy_loaders(
+        tmp_path / "prefill.onnx", BuildSettings(dtype="fp16"), typed, [shapes], typed_flag=True
+    )
+    assert net.strongly_typed is True and cfg.fp16 is False and cfg.bf16 is False
+    assert cfg.timing_cache_path is None and cfg.memory_pool_limits is None
+
+
+# ------------------------------------------------------------------------------------ paths, status
+
+
+def test_engine_paths():
+    assert engine_paths(Path("out.plan")) == (Path("out.plan"), Path("out.decode.plan"))
+    assert engine_paths(Path("a/b.engine")) == (Path("a/b.engine"), Path("a/b.decode.engine"))
+    assert engine_paths(Path("dir/engine")) == (Path("dir/engine"), Path("dir/engine.decode"))
+
+
+def test_contract_round_trip(prefill, decode):
+    for c in (prefill, decode):
+        d = json.loads(json.dumps({**c.to_dict(), "file": f"{c.graph}.onnx", "opset": 18}))
+        assert contract_from_dict(d) == c
+    with pytest.raises(UsageError):
+        contract_from_dict({"graph": "prefill"})
+
+
+def _no_trt() -> str:
+    ok, why = trt_status()
+    if ok:
+        pytest.skip(f"TensorRT is available here ({why})")
+    return why
+
+
+def test_trt_status_reports_why():
+    ok, why = trt_status()
+    assert isinstance(ok, bool) and why
+    if not ok:
+        assert "TensorRT" in why or "GPU" in why
+
+
+def test_build_engine_missing_tensorrt_gives_finish_command(tmp_path, prefill):
+    why = _no_trt()
+    settings = BuildSettings(dtype="fp16", timing_cache=tmp_path / "tc.bin")
+    with pytest.raises(MissingComponent) as e:
+        build_engine(tmp_path / "prefill.onnx", tmp_path / "out.plan", prefill, settings)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(why)
+    assert msg.endswith(
+        f"python -m star_export build --from {tmp_path} --engine {tmp_path / 'out.plan'} --dtype fp16 "
+        f"--timing-cache {tmp_path / 'tc.bin'}"
+    )
+    assert not (tmp_path / "out.plan").exists()
+
+
+def test_finish_command_repeats_flags(tmp_path):
+    s = BuildSettings(
+        dtype="bf16",
+        workspace_bytes=(1 << 30) + 1,
+        builder_optimization_level=4,
+        strongly_typed=True,
+        profile_flags=("--max-batch", "4"),
+    )
+    assert finish_command(Path("o u t"), Path("e.plan"), s) == (
+        "python -m star_export build --from 'o u t' --engine e.plan --dtype bf16 --workspace 1025 "
+        "--builder-optimization-level 4 --strongly-typed --max-batch 4"
+    )
+
+
+# -------------------------------------------------------------------------------------- run_build
+
+
+def _onnx_for(contract, path: Path, broken: bool = False) -> None:
+    """A stand-in graph with the contract's inputs (Identity per input); ``broken`` adds NonZero."""
+    inputs, outputs, nodes = [], [], []
+    for t in contract.inputs:
+        elem = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
+        inputs.append(helper.make_tensor_value_info(t.name, elem, list(t.shape)))
+        nodes.append(helper.make_node("Identity", [t.name], [f"{t.name}.out"]))
+        outputs.append(helper.make_tensor_value_info(f"{t.name}.out", elem, list(t.shape)))
+    if broken:
+        nodes.append(helper.make_node("NonZero", ["input_ids"], ["nz"]))
+        outputs.append(helper.make_tensor_value_info("nz", TensorProto.INT64, [2, "n"]))
+    graph = helper.make_graph(nodes, contract.graph, inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.save(model, path)
+
+
+def _out_dir(tmp_path: Path, contracts, broken: bool = False) -> Path:
+    out = tmp_path / "star_out"
+    out.mkdir()
+    graphs = {}
+    for c in contracts:
+        _onnx_for(c, out / f"{c.graph}.onnx", broken=broken and c.graph == "prefill")
+        graphs[c.graph] = {**c.to_dict(), "file": f"{c.graph}.onnx", "opset": 18, "dtype": "float32"}
+    manifest = {
+        "model": {"geometry": GEO.to_dict()},
+        "star": {"keep1": CFG.keep1, "keep2": CFG.keep2, "layer_K": CFG.layer},
+        "decoding": {"max_new_tokens": MAX_NEW},
+        "graphs": graphs,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_graph_overrides_resize_decode_past_len(tmp_path, prefill, decode):
+    out = _out_dir(tmp_path, [prefill, decode])
+    manifest = json.loads((out / "manifest.json").read_text())
+    contracts = {"prefill": prefill, "decode": decode}
+    over, flags = graph_overrides(manifest, contracts, _parse())
+    assert over == {"prefill": {}, "decode": {}} and flags == []
+
+    over, flags = graph_overrides(manifest, contracts, _parse("--max-text-len", "128", "--max-batch", "4"))
+    assert over["prefill"] == {"batch": (1, 2, 4), "text_len": (2, 64, 128)}
+    want = decode_contract(GEO, CFG, (1, 2, 4), (2, 64, 128), MAX_NEW).dim("past_len")
+    assert over["decode"] == {"batch": (1, 2, 4), "past_len": (want.min, want.opt, want.max)}
+    assert flags == ["--max-batch", "4", "--max-text-len", "128"]
+
+    over, flags = graph_overrides(manifest, contracts, _parse("--max-new-tokens", "16"))
+    want = decode_contract(GEO, CFG, BATCH, TEXT, 16).dim("past_len")
+    assert over["decode"]["past_len"] == (want.min, want.opt, want.max)
+    assert flags == ["--max-new-tokens", "16"]
+
+    # a lower max drags opt with it; an explicit opt outside the range is an error
+    over, _ = graph_overrides(manifest, contracts, _parse("--max-text-len", "32"))
+    assert over["prefill"]["text_len"] == (2, 32, 32)
+    over, _ = graph_overrides(manifest, contracts, _parse("--opt-text-len", "600"))
+    with pytest.raises(UsageError, match="min <= opt <= max"):
+        profile_shapes(prefill, over["prefill"])
+
+
+def test_run_build_checks_then_reports_missing_tensorrt(tmp_path, prefill, decode, capsys):
+    why = _no_trt()
+    out = _out_dir(tmp_path, [prefill, decode])
+    engine = tmp_path / "e" / "out.plan"
+    args = _parse("--engine", str(engine), "--max-text-len", "128", "--timing-cache", str(tmp_path / "tc"))
+    with pytest.raises(MissingComponent) as e:
+        run_build(args, out)
+    msg = str(e.value)
+    assert msg.startswith(why) and "\n" not in msg
+    assert msg.endswith(
+        f"python -m star_export build --from {out} --engine {engine} --dtype fp32 "
+        f"--timing-cache {tmp_path / 'tc'} --max-text-len 128"
+    )
+    printed = capsys.readouterr().out
+    assert "[check] prefill.onnx" in printed and "[check] decode.onnx" in printed
+    assert "engines" not in json.loads((out / "manifest.json").read_text())
+
+
+def test_run_build_fails_readiness_before_anything_else(tmp_path, prefill, capsys):
+    out = _out_dir(tmp_path, [prefill], broken=True)
+    assert run_build(_parse(), out) == 1
+    err = capsys.readouterr().err
+    assert "NonZero" in err and "readiness check failed" in err
+
+
+def test_run_build_usage_errors(tmp_path, prefill):
+    with pytest.raises(UsageError, match=r"no manifest\.json"):
+        run_build(_parse(), tmp_path)
+    out = _out_dir(tmp_path, [prefill])
+    (out / "prefill.onnx").unlink()
+    with pytest.raises(UsageError, match="missing"):
+        run_build(_parse(), out)
+    _onnx_for(prefill, out / "prefill.onnx")
+    with pytest.raises(UsageError, match="min <= opt <= max"):
+        run_build(_parse("--min-batch", "4", "--max-batch", "2"), out)
+    with pytest.raises(UsageError, match="is a directory"):
+        run_build(_parse("--engine", str(tmp_path)), out)
+
+
+def test_gpu_pipeline_help_and_dry_run(tmp_path):
+    tool = ROOT / "tools" / "gpu_pipeline.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, str(tool), "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert r.returncode == 0 and "--keep" in r.stdout and "--dtype" in r.stdout
+    r = subprocess.run(
+        [sys.executable, str(tool), "--dry-run", "--out", str(tmp_path / "o"), "--dtype", "fp16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "star_export llava" in r.stdout and "star_export build" in r.stdout and "--dtype fp16" in r.stdout
+
+
+# ------------------------------------------------------------------------------ needs TensorRT + GPU
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    ok, why = trt_status()
+    if not ok:
+        pytest.skip(why)
+    out = tmp_path_factory.mktemp("trt") / "star_out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "star_export",
+        "llava",
+        "--keep",
+        "16",
+        "--skip-validation",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@pytest.mark.tensorrt
+def test_trt_prefill_engine_matches_onnxruntime(exported, tmp_path):
+    from star_export.validate import make_inputs, row_alone
+
+    manifest = json.loads((exported / "manifest.json").read_text())
+    contract = contract_from_dict(manifest["graphs"]["prefill"])
+    geo = Geometry(**manifest["model"]["geometry"])
+    settings = BuildSettings(dtype="fp32", timing_cache=tmp_path / "tc.bin")
+    engine = tmp_path / "out.plan"
+    entry = build_engine(exported / "prefill.onnx", engine, contract, settings)
+    assert engine.is_file() and entry["bytes"] == engine.stat().st_size and len(entry["sha256"]) == 64
+    assert (tmp_path / "tc.bin").is_file()
+    assert {x["name"] for x in entry["io"]} == set(contract.input_names) | set(contract.output_names)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    feeds = make_inputs(geo, batch=2, text_len=24, seed=0)
+    rows = trt_parity(engine, exported / "prefill.onnx", contract, [feeds, row_alone(feeds, 1)], "fp32")
+    assert rows and all(r["passed"] for r in rows), rows
+    assert {r["output"] for r in rows} == set(contract.output_names)
+    assert all(r["max_abs"] == 0 for r in rows if r["output"] in build.INDEX_OUTPUTS)
+
+    # a second build reuses the timing cache
+    entry2 = build_engine(exported / "prefill.onnx", engine, contract, settings)
+    assert entry2["timing_cache"] == str(tmp_path / "tc.bin")
+
+
+@pytest.mark.tensorrt
+def test_trt_run_build_records_engines(exported):
+    engine = exported / "engines" / "star.plan"
+    args = _parse("--engine", str(engine), "--max-batch", "4")
+    assert run_build(args, exported) == 0
+    manifest = json.loads((exported / "manifest.json").read_text())
+    prefill_engine, decode_engine = engine_paths(engine)
+    assert manifest["engines"]["prefill"]["path"] == str(prefill_engine) and prefill_engine.is_file()
+    if "decode" in manifest["graphs"]:
+        assert decode_engine.is_file() and manifest["engines"]["decode"]["graph"] == "decode"
+    shapes = manifest["engines"]["prefill"]["profiles"][0]["inputs"]["input_ids"]
+    assert shapes["max"][0] == 4

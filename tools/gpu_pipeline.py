@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""The full GPU path in one command, for a host with TensorRT 10.x/11.x and a CUDA GPU.
+
+Steps (each a ``python -m star_export`` subprocess, output streamed):
+
+1. export   ``llava --keep K --out OUT --engine ENGINE``: ONNX graphs, manifest, CPU parity report
+            and the engines;
+2. build    ``build --from OUT --engine ENGINE --dtype D --timing-cache TC``: the engines at the
+            requested precision, reusing/updating the timing cache;
+3. validate ``validate --from OUT --trt`` when the CLI has it; otherwise TensorRT vs onnxruntime
+            parity of the prefill engine through ``star_export.build.trt_parity`` (written to
+            ``OUT/trt_parity.json``);
+4. bench    ``bench --from OUT`` when the CLI has it (skipped with a message otherwise).
+
+Then a summary table (step, exit code, seconds, result) and the engines recorded in the manifest.
+Exits non-zero when a step failed. ``--dry-run`` prints the commands only (works anywhere).
+
+    python tools/gpu_pipeline.py --keep 64 --dtype fp16 --out gpu_run/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str] | None  # None: run in-process or skipped
+    rc: int | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def result(self) -> str:
+        if self.rc is None:
+            return "skipped"
+        return "ok" if self.rc == 0 else f"FAIL (exit {self.rc})"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tools/gpu_pipeline.py",
+        description="Export, build TensorRT engines, validate them against onnxruntime and benchmark, "
+        "then print a summary table. Needs TensorRT 10.x/11.x and a CUDA GPU (except --dry-run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("gpu_run"), help="output directory")
+    p.add_argument(
+        "--engine", type=Path, default=None, help="prefill engine path (default: OUT/prefill.plan)"
+    )
+    p.add_argument("--keep", type=int, default=64, help="visual tokens kept by stage 2")
+    p.add_argument(
+        "--model", type=Path, default=None, help="LLaVA checkpoint directory (default: llava-tiny)"
+    )
+    p.add_argument("--recipe", default=None, help="recipe name or .toml")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="engine precision")
+    p.add_argument(
+        "--timing-cache", type=Path, default=None, help="timing cache file (default: OUT/timing.cache)"
+    )
+    p.add_argument("--max-batch", type=int, default=None, help="profile max batch")
+    p.add_argument("--max-text-len", type=int, default=None, help="profile max prompt length")
+    p.add_argument("--python", default=sys.executable, help="interpreter that has star_export installed")
+    p.add_argument("--skip-bench", action="store_true", help="do not run the benchmark step")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return p.parse_args(argv)
+
+
+def subcommands(python: str) -> set[str]:
+    """The commands ``python -m star_export --help`` lists (lines "    name   help" under COMMAND)."""
+    r = subprocess.run([python, "-m", "star_export", "--help"], capture_output=True, text=True)
+    return set(re.findall(r"^ {4}([a-z][\w-]*)(?: {2,}|$)", r.stdout, flags=re.M))
+
+
+def help_text(python: str, command: str) -> str:
+    r = subprocess.run([python, "-m", "star_export", command, "--help"], capture_output=True, text=True)
+    return r.stdout
+
+
+def plan(args: argparse.Namespace, available: set[str] | None) -> list[Step]:
+    py, out = args.python, args.out
+    engine = args.engine or out / "prefill.plan"
+    cache = args.timing_cache or out / "timing.cache"
+    base = [py, "-m", "star_export"]
+    export = [*base, "llava", "--keep", str(args.keep), "--out", str(out), "--engine", str(engine)]
+    if args.model is not None:
+        export += ["--model", str(args.model)]
+    if args.recipe is not None:
+        export += ["--recipe", args.recipe]
+    build = [*base, "build", "--from", str(out), "--engine", str(engine), "--dtype", args.dtype]
+    build += ["--timing-cache", str(cache)]
+    if args.max_batch is not None:
+        build += ["--max-batch", str(args.max_batch)]
+    if args.max_text_len is not None:
+        build += ["--max-text-len", str(args.max_text_len)]
+    steps = [Step("export", export), Step("build", build)]
+    if available is None or "validate" in available:
+        steps.append(Step("validate", [*base, "validate", "--from", str(out), "--trt"]))
+    else:
+        steps.append(
+            Step("validate", None, note="no `validate` command: TensorRT parity via build.trt_parity")
+        )
+    if args.skip_bench:
+        steps.append(Step("bench", None, note="--skip-bench"))
+    elif available is None or "bench" in available:
+        bench = [*base, "bench", "--from", str(out)]
+        if available is not None and "--engine" in help_text(py, "bench"):
+            bench += ["--engine", str(engine)]
+        steps.append(Step("bench", bench))
+    else:
+        steps.append(Step("bench", None, note="`python -m star_export bench` does not exist yet: skipped"))
+    return steps
+
+
+def parity_fallback(out: Path, engine: Path, dtype: str) -> tuple[int, str]:
+    """TensorRT prefill engine vs onnxruntime on seeded inputs; rows written to OUT/trt_parity.json."""
+    from star_export.build import contract_from_dict, trt_parity
+    from star_export.load import Geometry
+    from star_export.validate import make_inputs, row_alone
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["graphs"]["prefill"]
+    contract = contract_from_dict(entry)
+    geo = Geometry(**manifest["model"]["geometry"])
+    feeds = make_inputs(geo, batch=2, text_len=24, seed=0)
+    onnx_path = out / entry.get("file", "prefill.onnx")
+    rows = trt_parity(engine, onnx_path, contract, [feeds, row_alone(feeds, 1)], dtype)
+    (out / "trt_parity.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    worst = max((r for r in rows if r["tolerance"] > 0), key=lambda r: r["max_rel"], default=None)
+    failed = [r for r in rows if not r["passed"]]
+    note = f"{len(rows)} rows, {len(failed)} failed"
+    if worst is not None:
+        note += f"; worst {worst['output']} max rel {worst['max_rel']:.2e} (tol {worst['tolerance']:.0e})"
+    return (0 if not failed else 1), note
+
+
+def summary(steps: list[Step], out: Path) -> str:
+    lines = [f"{'step':<10} {'exit':>5} {'seconds':>9}  {'result':<16} note", "-" * 72]
+    for s in steps:
+        rc = "-" if s.rc is None else str(s.rc)
+        lines.append(f"{s.name:<10} {rc:>5} {s.seconds:>9.1f}  {s.result:<16} {s.note}")
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        engines = (json.loads(manifest.read_text()).get("engines")) or {}
+        for graph, e in engines.items():
+            lines.append(
+                f"engine {graph}: {e.get('path')} {e.get('bytes', 0) / 2**20:.1f} MiB, TensorRT "
+                f"{e.get('tensorrt')}, {e.get('dtype')}, built in {e.get('build_seconds')}s"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    engine = args.engine or args.out / "prefill.plan"
+    if args.dry_run:
+        for s in plan(args, subcommands(args.python)):
+            print(f"[{s.name}] {shlex.join(s.command) if s.command else s.note}")
+        return 0
+
+    from star_export.build import trt_status
+
+    ok, why = trt_status()
+    print(f"[env] {why}")
+    if not ok:
+        print(
+            "gpu_pipeline: this host cannot build TensorRT engines; the export step will exit 3",
+            file=sys.stderr,
+        )
+    steps = plan(args, subcommands(args.python))
+    for s in steps:
+        if s.command is None and s.name != "validate":
+            print(f"[{s.name}] {s.note}")
+            continue
+        print(f"[{s.name}] {shlex.join(s.command) if s.command else s.note}", flush=True)
+        t0 = time.perf_counter()
+        if s.command is not None:
+            s.rc = subprocess.run(s.command).returncode
+        else:
+            try:
+                s.rc, s.note = parity_fallback(args.out, engine, args.dtype)
+            except Exception as e:  # reported in the table, not hidden
+                s.rc, s.note = 1, f"{type(e).__name__}: {e}".splitlines()[0]
+        s.seconds = time.perf_counter() - t0
+        if s.rc != 0 and s.name in ("export", "build"):
+            s.note = s.note or "later steps need this one; stopping"
+            break
+    print()
+    print(summary(steps, args.out))
+    return 0 if all(s.rc in (0, None) for s in steps) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
