@@ -138,7 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs")
     p.add_argument("--skip-validation", action="store_true", help="export only, no parity checks")
+    from star_export.build import add_build_arguments
+
+    add_build_arguments(p, include_engine=False)
     p.set_defaults(func=cmd_llava)
+
+    b = sub.add_parser(
+        "build",
+        help="build TensorRT engines from an exported directory (needs TensorRT + a CUDA GPU)",
+        description="Check every graph of --from for TensorRT readiness, then build the prefill engine at "
+        "--engine and the decode engine beside it (out.plan -> out.decode.plan) through polygraphy's "
+        "TensorRT loaders, with optimization profiles from the manifest (or the --min/opt/max flags), "
+        "the precision of --dtype and a reusable --timing-cache; records both in manifest.json. "
+        "Exits 3 with the exact command to run on a GPU host when TensorRT or a GPU is missing.",
+    )
+    b.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR",
+                   help="an output directory of `llava`")
+    add_build_arguments(b)
+    b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser(
+        "validate",
+        help="re-run the parity checks of an exported directory (and of its TensorRT engines with --trt)",
+        description="Parity of --from's graphs against the PyTorch rewrite of the checkpoint recorded in the "
+        "manifest (and, with --trt, of the TensorRT engines against onnxruntime through polygraphy's "
+        "TrtRunner/OnnxrtRunner/Comparator); writes report.json.",
+    )
+    v.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR")
+    v.add_argument("--trt", action="store_true", help="also compare the TensorRT engines of the manifest")
+    v.add_argument("--batch-size", type=_int, default=2, metavar="B")
+    v.add_argument("--text-len", type=_int, default=24, metavar="T")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=cmd_validate)
 
     g = sub.add_parser(
         "generate",
@@ -255,12 +286,17 @@ def cmd_llava(args: argparse.Namespace) -> int:
     keep = args.keep if args.keep is not None else int(star_defaults.get("keep", 64))
     layer = args.layer if args.layer is not None else int(star_defaults.get("layer", 2))
 
+    import torch
+
+    export_dtype = args.dtype or "fp32"
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[export_dtype]
+    onnx_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[export_dtype]
     n_steps = 3 if args.skip_validation else 4
     t0 = _step(1, n_steps, f"loading {'recipe ' + recipe.name if args.model is None else args.model}")
     if args.model is None:
-        loaded = load_mod.load_recipe_model(recipe)
+        loaded = load_mod.load_recipe_model(recipe, dtype=torch_dtype)
     else:
-        loaded = load_mod.load(args.model)
+        loaded = load_mod.load(args.model, dtype=torch_dtype)
     geo = loaded.geometry
 
     from star_export.star import StarConfig
@@ -291,8 +327,8 @@ def cmd_llava(args: argparse.Namespace) -> int:
 
     max_new = int(profile.get("max_new_tokens", 256))
     text_range = (max(2, t_lo), t_opt, t_hi)
-    contract = prefill_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range)
-    dcontract = decode_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range, max_new)
+    contract = prefill_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range, dtype=onnx_dtype)
+    dcontract = decode_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range, max_new, dtype=onnx_dtype)
     with staged(args.out) as stage:
         t0 = _step(
             2, n_steps, f"exporting prefill.onnx and decode.onnx (torch.onnx dynamo exporter, opset {OPSET})"
@@ -324,7 +360,10 @@ def cmd_llava(args: argparse.Namespace) -> int:
         scan_ok = all(s.ok for s in scans.values())
 
         report = None
-        if not args.skip_validation:
+        if not args.skip_validation and export_dtype != "fp32":
+            print(f"      {export_dtype}: parity is proven on the fp32 export (CPU) and for {export_dtype} against "
+                  "TensorRT by `validate --trt` on a GPU host; skipping the CPU checks")
+        if not args.skip_validation and export_dtype == "fp32":
             from star_export.validate import validate, validate_generation
 
             t0 = _step(
@@ -372,6 +411,7 @@ def cmd_llava(args: argparse.Namespace) -> int:
             files=files,
             opset=OPSET,
             max_new_tokens=max_new,
+            dtype=onnx_dtype,
             tokenizer=tokenizer,
         )
         write_json(stage / "manifest.json", manifest)
@@ -388,10 +428,10 @@ def cmd_llava(args: argparse.Namespace) -> int:
         print(f"star_export: parity FAILED, see {args.out / 'report.json'}", file=sys.stderr)
         return 1
     if args.engine is not None:
-        raise MissingComponent(
-            f"--engine {args.engine}: TensorRT engine building is not available in this version yet; "
-            f"the ONNX graphs, manifest and report are in {args.out}/"
-        )
+        from star_export.build import run_build
+
+        print("[build] TensorRT engines (prefill + decode)")
+        return run_build(args, args.out)
     return 0
 
 
@@ -452,6 +492,73 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.onnx}: {e}") from None
     print(report.format())
     return 0 if report.ok else 1
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from star_export.build import run_build
+
+    if args.engine is None:
+        raise UsageError("build needs --engine PATH (the decode engine goes beside it)")
+    read_manifest(args.from_dir)
+    return run_build(args, args.from_dir)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Parity of an exported directory, from its manifest; --trt adds the engines."""
+    import json
+    _quiet_libraries()
+    from star_export.build import contract_from_dict, trt_parity, trt_status
+    from star_export.load import load as load_model
+    from star_export.outputs import write_json
+    from star_export.star import StarConfig
+    from star_export.validate import make_inputs, row_alone, validate, validate_generation
+
+    manifest = read_manifest(args.from_dir)
+    st = manifest["star"]
+    cfg = StarConfig(keep2=st["keep2"], keep1=st["keep1"], layer=st["layer_K"])
+    pc = contract_from_dict(manifest["graphs"]["prefill"])
+    dc = contract_from_dict(manifest["graphs"]["decode"])
+    engines = manifest.get("engines") or {}
+    if args.trt:
+        ok, why = trt_status()
+        if not ok:
+            raise MissingComponent(f"--trt: {why}; run this command on a GPU host with TensorRT")
+        if "prefill" not in engines:
+            raise UsageError(f"--from {args.from_dir}: no engines in the manifest; run `build` first")
+    prefill_path, decode_path = args.from_dir / "prefill.onnx", args.from_dir / "decode.onnx"
+    batch = max(2, args.batch_size)
+    dtype = manifest["graphs"]["prefill"].get("dtype", "float32")
+    if dtype != "float32":
+        # reduced precision: no CPU reference of the same dtype; TensorRT vs onnxruntime only
+        if not args.trt:
+            raise UsageError(f"--from {args.from_dir}: a {dtype} export is validated against TensorRT: add --trt")
+        from star_export.load import Geometry
+        from star_export.validate import ParityReport
+
+        geo = Geometry(**manifest["model"]["geometry"])
+        feeds = make_inputs(geo, batch=batch, text_len=args.text_len, seed=args.seed)
+        feeds["pixel_values"] = feeds["pixel_values"].astype(dtype if dtype != "bfloat16" else "float32")
+        report = ParityReport(inputs={"seed": args.seed, "batch": batch, "text_len": args.text_len})
+        report.trt = trt_parity(Path(engines["prefill"]["path"]), prefill_path, pc, [feeds],
+                                engines["prefill"].get("dtype", "fp16"))
+        write_json(args.from_dir / "report.json", report.to_dict())
+        print(json.dumps(report.trt, indent=1))
+        return 0 if report.passed else 1
+    loaded = load_model(manifest["model"]["directory"])
+    geo = loaded.geometry
+    report = validate(loaded.model, geo, cfg, pc, str(prefill_path), seed=args.seed, batch=batch,
+                      text_len=args.text_len)
+    validate_generation(report, loaded.model, geo, cfg, pc, dc, str(prefill_path), str(decode_path),
+                        seed=args.seed, batch=batch, text_len=args.text_len)
+    if args.trt:
+        feeds = make_inputs(geo, batch=batch, text_len=args.text_len, seed=args.seed)
+        rows = trt_parity(Path(engines["prefill"]["path"]), prefill_path, pc, [feeds, row_alone(feeds, batch - 1)],
+                          engines["prefill"].get("dtype", "fp32"))
+        report.trt = rows
+    print(report.format())
+    write_json(args.from_dir / "report.json", report.to_dict())
+    print(f"wrote {args.from_dir / 'report.json'}")
+    return 0 if report.passed else 1
 
 
 def read_manifest(directory: Path) -> dict:

@@ -207,6 +207,8 @@ def load(model_dir: str | Path, source: str | None = None, dtype: torch.dtype = 
     )
 
 
-def load_recipe_model(recipe: Recipe, overrides: dict[str, Any] | None = None) -> Loaded:
+def load_recipe_model(
+    recipe: Recipe, overrides: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
+) -> Loaded:
     """The embedded recipe's model, through its materialised checkpoint directory."""
-    return load(materialise(recipe, overrides), source=f"recipe:{recipe.name}")
+    return load(materialise(recipe, overrides), source=f"recipe:{recipe.name}", dtype=dtype)

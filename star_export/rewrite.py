@@ -33,10 +33,10 @@ def decoder_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Self-attention of one Llama-family layer with the weights of ``attn``.
 
-    x: (B, L, D), cos/sin: (B, L, hd), mask: (B, 1, L, P + L) additive, past: keys/values
+    x: (B, L, D), cos/sin: (B, L, hd), mask: (B, 1, L, P + L) additive float32, past: keys/values
     (B, Hkv, P, hd) or None (P = 0)
     -> output (B, L, D), key (B, Hkv, P + L, hd) after RoPE, value (B, Hkv, P + L, hd),
-       probs (B, H, L, P + L) post-softmax (softmax in float32, as transformers' eager path).
+       probs (B, H, L, P + L) post-softmax, float32.
     """
     b, length, _ = x.shape
     q = attn.q_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, H, L, hd)
@@ -47,9 +47,10 @@ def decoder_attention(
         k = torch.cat([past[0], k], dim=2)  # (B, Hkv, P + L, hd)
         v = torch.cat([past[1], v], dim=2)
     groups = q.shape[1] // k.shape[1]
-    scores = (q @ repeat_kv(k, groups).transpose(2, 3)) * attn.scaling + mask  # (B, H, L, L)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = (probs @ repeat_kv(v, groups)).transpose(1, 2).reshape(b, length, -1)  # (B, L, H*hd)
+    # scores, mask and softmax in float32 whatever the export dtype (fp16 would overflow)
+    scores = (q @ repeat_kv(k, groups).transpose(2, 3)).to(torch.float32) * attn.scaling + mask  # (B, H, L, P+L)
+    probs = torch.softmax(scores, dim=-1)  # float32
+    out = (probs.to(v.dtype) @ repeat_kv(v, groups)).transpose(1, 2).reshape(b, length, -1)  # (B, L, H*hd)
     return attn.o_proj(out), k, v, probs
 
 
@@ -118,7 +119,7 @@ class StarPrefill(nn.Module):
         text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
         pos, valid = star.original_positions(attention_mask, p, keep1_idx, geo.n_visual)  # (B, L1)
-        mask = star.additive_mask(valid, h.dtype)  # (B, 1, L1, L1)
+        mask = star.additive_mask(valid, torch.float32)  # (B, 1, L1, L1)
         cos, sin = self.rotary_emb(h, pos)
 
         presents: list[torch.Tensor] = []
@@ -131,7 +132,7 @@ class StarPrefill(nn.Module):
                 h = star.gather_rows(h, src)  # (B, L2, D)
                 pos = torch.gather(pos, 1, src)
                 valid = torch.gather(valid, 1, src)
-                mask = star.additive_mask(valid, h.dtype)
+                mask = star.additive_mask(valid, torch.float32)
                 cos, sin = self.rotary_emb(h, pos)
             h, k, v, probs = decoder_layer(layer, h, cos, sin, mask, hd)
             presents += [k, v]
@@ -175,7 +176,7 @@ class StarDecode(nn.Module):
         h = self.embed_tokens(input_ids)  # (B, 1, D)
         cos, sin = self.rotary_emb(h, position_ids)
         masks = [
-            star.decode_mask(m, h.dtype) for m in (attention_mask_l1, attention_mask_l2)
+            star.decode_mask(m, torch.float32) for m in (attention_mask_l1, attention_mask_l2)
         ]  # (B, 1, 1, P+1)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):

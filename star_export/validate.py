@@ -49,12 +49,14 @@ class ParityReport:
     inputs: dict[str, Any] = field(default_factory=dict)
     graph_check: dict[str, Any] | None = None
     comparator: dict[str, Any] | None = None  # polygraphy's compare_accuracy verdict
+    trt: list[dict[str, Any]] | None = None  # TensorRT engine vs onnxruntime rows (build.trt_parity)
 
     @property
     def passed(self) -> bool:
         graph_ok = self.graph_check is None or self.graph_check.get("ok", False)
         comparator_ok = self.comparator is None or self.comparator.get("passed", False)
-        return graph_ok and comparator_ok and all(r.passed for r in self.rows)
+        trt_ok = self.trt is None or all(r.get("passed", False) for r in self.trt)
+        return graph_ok and comparator_ok and trt_ok and all(r.passed for r in self.rows)
 
     def add(self, check: str, output: str, got: np.ndarray, ref: np.ndarray, tolerance: float) -> ParityRow:
         got = np.asarray(got)
@@ -78,6 +80,7 @@ class ParityReport:
             "rows": [r.to_dict() for r in self.rows],
             "graph_check": self.graph_check,
             "comparator": self.comparator,
+            "tensorrt": self.trt,
         }
 
     def format(self) -> str:

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
+from star_export.build import trt_status
 from star_export.cli import main
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -65,8 +67,10 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
     assert manifest["files"][0]["file"] == "prefill.onnx" and len(manifest["files"][0]["sha256"]) == 64
 
 
-def test_engine_flag_writes_the_onnx_then_exits_3_with_one_line(mha_dir, tmp_path):
+@pytest.mark.skipif(trt_status()[0], reason="TensorRT is present here: the exit-3 path does not apply")
+def test_engine_flag_writes_fp16_onnx_then_exits_3_with_the_finish_command(mha_dir, tmp_path):
     out = tmp_path / "eng"
+    plan = tmp_path / "out.plan"
     r = run_cli(
         "llava",
         "--model",
@@ -76,14 +80,26 @@ def test_engine_flag_writes_the_onnx_then_exits_3_with_one_line(mha_dir, tmp_pat
         "--out",
         str(out),
         "--engine",
-        str(tmp_path / "out.plan"),
-        "--skip-validation",
+        str(plan),
+        "--dtype",
+        "fp16",
     )
     assert r.returncode == 3, r.stderr
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "--engine" in r.stderr
-    assert (out / "prefill.onnx").is_file() and (out / "manifest.json").is_file()
-    assert not (tmp_path / "out.plan").exists()
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and "TensorRT" in line
+    assert f"python -m star_export build --from {out} --engine {plan} --dtype fp16" in line
+    assert (out / "prefill.onnx").is_file() and (out / "decode.onnx").is_file()
+    assert (out / "manifest.json").is_file()
+    assert not plan.exists() and not list(tmp_path.glob("*.plan*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["graphs"]["prefill"]["dtype"] == "float16"
+    model = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert "[check] prefill.onnx for TensorRT" in r.stdout
+    # `build --from` on the same directory ends the same way
+    r2 = run_cli("build", "--from", str(out), "--engine", str(plan))
+    assert r2.returncode == 3 and f"build --from {out} --engine {plan}" in r2.stderr
 
 
 def _not_llava(tmp_path: Path) -> Path:

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 s.rc, s.note = 1, f"{type(e).__name__}: {e}".splitlines()[0]
         s.seconds = time.perf_counter() - t0
         if s.rc != 0 and s.name in ("export", "build"):
-            s.note = s.note or "later steps need this one; stopping"
+            missing = "TensorRT or a CUDA GPU is missing (see above); " if s.rc == 3 else ""
+            s.note = s.note or f"{missing}later steps need this one; stopping"
             break
     print()
     print(summary(steps, args.out))
