@@ -72,8 +72,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from star_export.contract import DynamicDim, GraphContract, TensorSpec
+from star_export.contract import GraphContract, TensorSpec, contract_from_dict
 from star_export.errors import MissingComponent, UsageError
+from star_export.manifest import read_manifest
 
 DTYPES = ("fp32", "fp16", "bf16")
 # contract / manifest element-type names (numpy style) <-> --dtype names
@@ -170,26 +171,6 @@ def trt_status() -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------- contract
-
-
-def contract_from_dict(d: Mapping[str, Any]) -> GraphContract:
-    """Inverse of ``GraphContract.to_dict()`` (extra keys such as ``file``/``opset`` are ignored)."""
-
-    def spec(t: Mapping[str, Any]) -> TensorSpec:
-        return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t.get("doc", ""))
-
-    try:
-        return GraphContract(
-            graph=d["graph"],
-            inputs=tuple(spec(t) for t in d["inputs"]),
-            outputs=tuple(spec(t) for t in d["outputs"]),
-            dims=tuple(
-                DynamicDim(x["name"], int(x["min"]), int(x["opt"]), int(x["max"])) for x in d["dynamic_dims"]
-            ),
-            tolerances=dict(d.get("tolerances", {})),
-        )
-    except (KeyError, TypeError) as e:
-        raise UsageError(f"manifest graph entry is not a contract (missing {e})") from None
 
 
 def contract_dtype(contract: GraphContract) -> str:
@@ -867,17 +848,8 @@ def run_build(args: argparse.Namespace, out_dir: Path) -> int:
     """
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise UsageError(
-            f"--from {out_dir}: no manifest.json (export first: python -m star_export llava --out {out_dir})"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{manifest_path}: not valid JSON ({e})") from None
-    graphs = manifest.get("graphs") or {}
-    if "prefill" not in graphs:
-        raise UsageError(f"{manifest_path}: no prefill graph listed under 'graphs'")
+    manifest = read_manifest(out_dir, graphs=("prefill",))
+    graphs = manifest["graphs"]
     engine = getattr(args, "engine", None) or out_dir / "prefill.plan"
     engine = Path(engine)
     if engine.is_dir():

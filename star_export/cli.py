@@ -152,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the precision of --dtype and a reusable --timing-cache; records both in manifest.json. "
         "Exits 3 with the exact command to run on a GPU host when TensorRT or a GPU is missing.",
     )
-    b.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR",
-                   help="an output directory of `llava`")
+    b.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="an output directory of `llava`",
+    )
     add_build_arguments(b)
     b.set_defaults(func=cmd_build)
 
@@ -361,8 +367,10 @@ def cmd_llava(args: argparse.Namespace) -> int:
 
         report = None
         if not args.skip_validation and export_dtype != "fp32":
-            print(f"      {export_dtype}: parity is proven on the fp32 export (CPU) and for {export_dtype} against "
-                  "TensorRT by `validate --trt` on a GPU host; skipping the CPU checks")
+            print(
+                f"      {export_dtype}: parity is proven on the fp32 export (CPU) and for {export_dtype} against "
+                "TensorRT by `validate --trt` on a GPU host; skipping the CPU checks"
+            )
         if not args.skip_validation and export_dtype == "fp32":
             from star_export.validate import validate, validate_generation
 
@@ -494,6 +502,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+from star_export.manifest import read_manifest  # noqa: E402  (light: json + stdlib)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from star_export.build import run_build
 
@@ -506,8 +517,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Parity of an exported directory, from its manifest; --trt adds the engines."""
     import json
+
     _quiet_libraries()
-    from star_export.build import contract_from_dict, trt_parity, trt_status
+    from star_export.build import trt_parity, trt_status
+    from star_export.contract import contract_from_dict
     from star_export.load import load as load_model
     from star_export.outputs import write_json
     from star_export.star import StarConfig
@@ -531,7 +544,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if dtype != "float32":
         # reduced precision: no CPU reference of the same dtype; TensorRT vs onnxruntime only
         if not args.trt:
-            raise UsageError(f"--from {args.from_dir}: a {dtype} export is validated against TensorRT: add --trt")
+            raise UsageError(
+                f"--from {args.from_dir}: a {dtype} export is validated against TensorRT: add --trt"
+            )
         from star_export.load import Geometry
         from star_export.validate import ParityReport
 
@@ -539,55 +554,48 @@ def cmd_validate(args: argparse.Namespace) -> int:
         feeds = make_inputs(geo, batch=batch, text_len=args.text_len, seed=args.seed)
         feeds["pixel_values"] = feeds["pixel_values"].astype(dtype if dtype != "bfloat16" else "float32")
         report = ParityReport(inputs={"seed": args.seed, "batch": batch, "text_len": args.text_len})
-        report.trt = trt_parity(Path(engines["prefill"]["path"]), prefill_path, pc, [feeds],
-                                engines["prefill"].get("dtype", "fp16"))
+        report.trt = trt_parity(
+            Path(engines["prefill"]["path"]),
+            prefill_path,
+            pc,
+            [feeds],
+            engines["prefill"].get("dtype", "fp16"),
+        )
         write_json(args.from_dir / "report.json", report.to_dict())
         print(json.dumps(report.trt, indent=1))
         return 0 if report.passed else 1
     loaded = load_model(manifest["model"]["directory"])
     geo = loaded.geometry
-    report = validate(loaded.model, geo, cfg, pc, str(prefill_path), seed=args.seed, batch=batch,
-                      text_len=args.text_len)
-    validate_generation(report, loaded.model, geo, cfg, pc, dc, str(prefill_path), str(decode_path),
-                        seed=args.seed, batch=batch, text_len=args.text_len)
+    report = validate(
+        loaded.model, geo, cfg, pc, str(prefill_path), seed=args.seed, batch=batch, text_len=args.text_len
+    )
+    validate_generation(
+        report,
+        loaded.model,
+        geo,
+        cfg,
+        pc,
+        dc,
+        str(prefill_path),
+        str(decode_path),
+        seed=args.seed,
+        batch=batch,
+        text_len=args.text_len,
+    )
     if args.trt:
         feeds = make_inputs(geo, batch=batch, text_len=args.text_len, seed=args.seed)
-        rows = trt_parity(Path(engines["prefill"]["path"]), prefill_path, pc, [feeds, row_alone(feeds, batch - 1)],
-                          engines["prefill"].get("dtype", "fp32"))
+        rows = trt_parity(
+            Path(engines["prefill"]["path"]),
+            prefill_path,
+            pc,
+            [feeds, row_alone(feeds, batch - 1)],
+            engines["prefill"].get("dtype", "fp32"),
+        )
         report.trt = rows
     print(report.format())
     write_json(args.from_dir / "report.json", report.to_dict())
     print(f"wrote {args.from_dir / 'report.json'}")
     return 0 if report.passed else 1
-
-
-def read_manifest(directory: Path) -> dict:
-    """manifest.json of an output directory, checked for a compatible version."""
-    import json
-
-    from star_export.manifest import MANIFEST_VERSION
-
-    if not directory.is_dir():
-        raise UsageError(f"--from {directory}: no such directory")
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise UsageError(
-            f"--from {directory}: no manifest.json (run `python -m star_export llava --out {directory}`)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--from {directory}: manifest.json is not valid JSON ({e})") from None
-    version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
-    if version != MANIFEST_VERSION:
-        raise UsageError(
-            f"--from {directory}: manifest version {version!r} is incompatible with this star_export "
-            f"(expects {MANIFEST_VERSION}); re-export with `python -m star_export llava --out {directory}`"
-        )
-    for graph in ("prefill", "decode"):
-        if graph not in manifest.get("graphs", {}) or not (directory / f"{graph}.onnx").is_file():
-            raise UsageError(f"--from {directory}: {graph}.onnx missing; re-export the directory")
-    return manifest
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -608,7 +616,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     runtime = args.runtime or ("onnxruntime" if args.from_dir else "torch")
     _quiet_libraries()
 
-    from star_export.contract import GraphContract, decode_contract, prefill_contract
+    from star_export.contract import decode_contract, prefill_contract
     from star_export.load import Geometry
     from star_export.preprocess import Preprocessor
     from star_export.runtime import GenerationConfig, OnnxruntimeBackend, TorchBackend, generate
@@ -631,7 +639,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from star_export.load import load as load_model
 
             loaded = load_model(manifest["model"]["directory"])
-            backend = _torch_backend(loaded, geo, cfg, manifest, GraphContract)
+            backend = _torch_backend(loaded, geo, cfg, manifest)
             where = f"PyTorch rewrite of {loaded.source}"
     else:
         if runtime == "onnxruntime":
@@ -724,21 +732,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torch_backend(loaded, geo, cfg, manifest, graph_contract_cls):
-    from star_export.contract import DynamicDim, TensorSpec
+def _torch_backend(loaded, geo, cfg, manifest):
+    from star_export.contract import contract_from_dict
     from star_export.runtime import TorchBackend
 
-    def contract(g):
-        d = manifest["graphs"][g]
-        return graph_contract_cls(
-            g,
-            tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]),
-            tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["outputs"]),
-            tuple(DynamicDim(x["name"], x["min"], x["opt"], x["max"]) for x in d["dynamic_dims"]),
-            dict(d.get("tolerances", {})),
-        )
-
-    return TorchBackend(loaded.model, geo, cfg, contract("prefill"), contract("decode"))
+    graphs = manifest["graphs"]
+    return TorchBackend(
+        loaded.model, geo, cfg, contract_from_dict(graphs["prefill"]), contract_from_dict(graphs["decode"])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,11 @@ them (``text_len + 127``) for derived lengths such as L1 = T - 1 + keep1.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from star_export.errors import UsageError
 from star_export.load import Geometry
 from star_export.star import StarConfig
 
@@ -210,3 +212,23 @@ def decode_contract(
     hi = text_len[2] - 1 + cfg.keep2 + max_new_tokens - 1
     dims = (DynamicDim("batch", *batch), DynamicDim("past_len", lo, min(max(opt, lo), hi), hi))
     return GraphContract("decode", tuple(inputs), tuple(outputs), dims, dict(TOLERANCES))
+
+
+def contract_from_dict(d: Mapping[str, Any]) -> GraphContract:
+    """Inverse of ``GraphContract.to_dict()`` (extra keys such as ``file``/``opset`` are ignored)."""
+
+    def spec(t: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t.get("doc", ""))
+
+    try:
+        return GraphContract(
+            graph=d["graph"],
+            inputs=tuple(spec(t) for t in d["inputs"]),
+            outputs=tuple(spec(t) for t in d["outputs"]),
+            dims=tuple(
+                DynamicDim(x["name"], int(x["min"]), int(x["opt"]), int(x["max"])) for x in d["dynamic_dims"]
+            ),
+            tolerances=dict(d.get("tolerances", {})),
+        )
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"manifest graph entry is not a contract (missing {e})") from None

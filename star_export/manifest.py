@@ -15,6 +15,7 @@ from typing import Any
 
 from star_export import __version__
 from star_export.contract import GraphContract
+from star_export.errors import UsageError
 from star_export.load import Geometry
 from star_export.star import StarConfig
 
@@ -109,3 +110,29 @@ def build_manifest(
         "files": [file_entry(f) for f in files],
         "versions": library_versions(),
     }
+
+
+def read_manifest(directory: Path, graphs: tuple[str, ...] = ("prefill", "decode")) -> dict[str, Any]:
+    """manifest.json of an output directory, checked for a compatible version and its graphs' files."""
+    if not directory.is_dir():
+        raise UsageError(f"--from {directory}: no such directory")
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise UsageError(
+            f"--from {directory}: no manifest.json (run `python -m star_export llava --out {directory}`)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--from {directory}: manifest.json is not valid JSON ({e})") from None
+    version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
+    if version != MANIFEST_VERSION:
+        raise UsageError(
+            f"--from {directory}: manifest version {version!r} is incompatible with this star_export "
+            f"(expects {MANIFEST_VERSION}); re-export with `python -m star_export llava --out {directory}`"
+        )
+    for graph in graphs:
+        entry = manifest.get("graphs", {}).get(graph)
+        if entry is None or not (directory / entry.get("file", f"{graph}.onnx")).is_file():
+            raise UsageError(f"--from {directory}: {graph}.onnx missing; re-export the directory")
+    return manifest

@@ -48,7 +48,9 @@ def decoder_attention(
         v = torch.cat([past[1], v], dim=2)
     groups = q.shape[1] // k.shape[1]
     # scores, mask and softmax in float32 whatever the export dtype (fp16 would overflow)
-    scores = (q @ repeat_kv(k, groups).transpose(2, 3)).to(torch.float32) * attn.scaling + mask  # (B, H, L, P+L)
+    scores = (q @ repeat_kv(k, groups).transpose(2, 3)).to(
+        torch.float32
+    ) * attn.scaling + mask  # (B, H, L, P+L)
     probs = torch.softmax(scores, dim=-1)  # float32
     out = (probs.to(v.dtype) @ repeat_kv(v, groups)).transpose(1, 2).reshape(b, length, -1)  # (B, L, H*hd)
     return attn.o_proj(out), k, v, probs

@@ -35,6 +35,7 @@ from star_export.build import (
 from star_export.contract import decode_contract, prefill_contract
 from star_export.errors import MissingComponent, UsageError
 from star_export.load import Geometry
+from star_export.manifest import MANIFEST_VERSION
 from star_export.star import StarConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,6 +326,7 @@ def _out_dir(tmp_path: Path, contracts, broken: bool = False) -> Path:
         _onnx_for(c, out / f"{c.graph}.onnx", broken=broken and c.graph == "prefill")
         graphs[c.graph] = {**c.to_dict(), "file": f"{c.graph}.onnx", "opset": 18, "dtype": "float32"}
     manifest = {
+        "manifest_version": MANIFEST_VERSION,
         "model": {"geometry": GEO.to_dict()},
         "star": {"keep1": CFG.keep1, "keep2": CFG.keep2, "layer_K": CFG.layer},
         "decoding": {"max_new_tokens": MAX_NEW},
