@@ -335,7 +335,7 @@ def cmd_llava(args: argparse.Namespace) -> int:
     text_range = (max(2, t_lo), t_opt, t_hi)
     contract = prefill_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range, dtype=onnx_dtype)
     dcontract = decode_contract(geo, cfg, (b_lo, b_opt, b_hi), text_range, max_new, dtype=onnx_dtype)
-    with staged(args.out) as stage:
+    with staged(args.out, owned=LLAVA_OUTPUTS) as stage:
         t0 = _step(
             2, n_steps, f"exporting prefill.onnx and decode.onnx (torch.onnx dynamo exporter, opset {OPSET})"
         )
@@ -443,6 +443,15 @@ def cmd_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+LLAVA_OUTPUTS = (
+    "prefill.onnx",
+    "prefill.onnx.data",
+    "decode.onnx",
+    "decode.onnx.data",
+    "processor",
+    "manifest.json",
+    "report.json",
+)
 PROCESSOR_FILES = (
     "tokenizer.json",
     "tokenizer.model",

@@ -25,8 +25,13 @@ def check_out_dir(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """Yield a staging directory; on success move its files into ``out`` (each by rename)."""
+def staged(out: Path, owned: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a staging directory; on success move its entries into ``out`` (each by rename).
+
+    ``owned`` names entries this step produces; those left in ``out`` by an earlier run but not
+    produced now (say a report.json after ``--skip-validation``) are removed, so ``out`` never
+    mixes two runs.
+    """
     check_out_dir(out)
     parent = out.parent if not out.exists() else out
     parent.mkdir(parents=True, exist_ok=True)
@@ -34,13 +39,23 @@ def staged(out: Path) -> Iterator[Path]:
     try:
         yield stage
         out.mkdir(parents=True, exist_ok=True)
+        produced = {item.name for item in stage.iterdir()}
+        for name in set(owned) - produced:
+            _remove(out / name)
         for item in sorted(stage.iterdir()):
             target = out / item.name
-            if target.is_dir() and not item.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(item, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def write_json(path: Path, data: Any) -> None:
