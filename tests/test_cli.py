@@ -31,7 +31,13 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
     assert code == 0
     printed = capsys.readouterr().out
     assert "overall: PASS" in printed and "onnxruntime vs torch (batch)" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "prefill.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decode.onnx",
+        "manifest.json",
+        "prefill.onnx",
+        "processor",
+        "report.json",
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["graph_check"]["ok"] and report["comparator"]["passed"]
     assert {r["check"] for r in report["rows"]} >= {
@@ -39,6 +45,7 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
         "torch rewrite vs reference",
         "torch rewrite (keep=N) vs HF",
         "padded row vs alone (onnxruntime)",
+        "generate onnxruntime vs torch (8 greedy)",
     }
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["star"] == {
@@ -64,7 +71,15 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
     assert {"star_export", "torch", "transformers", "onnx", "onnxruntime", "polygraphy"} <= set(
         manifest["versions"]
     )
-    assert manifest["files"][0]["file"] == "prefill.onnx" and len(manifest["files"][0]["sha256"]) == 64
+    assert sorted(f["file"] for f in manifest["files"]) == ["decode.onnx", "prefill.onnx"]
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"])
+    assert [t["name"] for t in manifest["graphs"]["decode"]["inputs"]][:4] == [
+        "input_ids",
+        "position_ids",
+        "attention_mask_l1",
+        "attention_mask_l2",
+    ]
+    assert (out / "processor" / "tokenizer.json").is_file()
 
 
 @pytest.mark.skipif(trt_status()[0], reason="TensorRT is present here: the exit-3 path does not apply")
