@@ -23,7 +23,7 @@ from star_export.errors import UsageError
 from star_export.recipes import Recipe
 
 SUPPORTED_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration"}
-LLAMA_FAMILY = {"llama", "mistral", "qwen2"}
+LLAMA_FAMILY = {"llama", "mistral", "qwen2"}  # each tested (tests/test_rewrite.py)
 
 
 def cache_root() -> Path:
@@ -167,6 +167,12 @@ def geometry_of(config: Any) -> Geometry:
     vfl = config.vision_feature_layer
     if not isinstance(vfl, int):
         raise UsageError(f"vision_feature_layer {vfl!r}: only a single layer is supported")
+    window = getattr(tc, "sliding_window", None)
+    if window is not None and getattr(tc, "use_sliding_window", tc.model_type == "mistral"):
+        raise UsageError(
+            f"text model {tc.model_type} uses sliding-window attention (window {window}); not supported "
+            "(the exported attention is global)"
+        )
     grid = vc.image_size // vc.patch_size
     n_visual = grid * grid + (0 if strategy == "default" else 1)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads

@@ -11,6 +11,8 @@ from star_export.recipes import load_recipe
 
 MHA = {"text_config": {"num_key_value_heads": 4}}
 GQA = {"text_config": {"num_key_value_heads": 2}}
+MISTRAL = {"text_config": {"model_type": "mistral", "sliding_window": None}}
+QWEN2 = {"text_config": {"model_type": "qwen2"}}  # q/k/v projections with bias
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,3 +50,13 @@ def mha(mha_dir):
 @pytest.fixture(scope="session")
 def gqa(gqa_dir):
     return load(gqa_dir)
+
+
+@pytest.fixture(scope="session")
+def mistral(recipe, _isolated_cache):
+    return load(materialise(recipe, MISTRAL))
+
+
+@pytest.fixture(scope="session")
+def qwen2(recipe, _isolated_cache):
+    return load(materialise(recipe, QWEN2))

@@ -43,6 +43,28 @@ def test_rewrite_matches_reference_and_unmodified_model(request, which, keep, ke
     } <= checks
 
 
+@pytest.mark.parametrize("which", ["mistral", "qwen2"])
+def test_other_llama_family_decoders_match_reference_and_unmodified_model(request, which):
+    loaded = request.getfixturevalue(which)
+    cfg = resolve(loaded, 16, 48, 2)
+    report = validate(loaded.model, loaded.geometry, cfg, contract_for(loaded, cfg), onnx_path=None, seed=4)
+    assert report.passed, report.format()
+
+
+def test_sliding_window_attention_is_refused(recipe):
+    from star_export.errors import UsageError
+    from star_export.load import geometry_of
+
+    config = __import__("transformers").LlavaConfig(
+        **{
+            **recipe.config,
+            "text_config": {**recipe.config["text_config"], "model_type": "mistral", "sliding_window": 64},
+        }
+    )
+    with pytest.raises(UsageError, match="sliding-window attention"):
+        geometry_of(config)
+
+
 @pytest.mark.parametrize("which", ["mha", "gqa"])
 def test_present_lengths_are_l1_before_k_and_l2_from_k(request, which):
     loaded = request.getfixturevalue(which)
