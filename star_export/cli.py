@@ -232,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 
+    from star_export import deploy
+
+    t = sub.add_parser(
+        "triton",
+        help="write a Triton model repository (prefill, decode, image+prompt pipeline)",
+        description="Triton model repository from an export: prefill/decode (tensorrt_plan, onnxruntime_onnx "
+        "or a Python-backend model running onnxruntime) + a BLS pipeline model (image + prompt -> text). "
+        "Every config.pbtxt is generated from manifest.json.",
+        epilog=deploy.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    deploy.add_triton_arguments(t)
+    t.set_defaults(func=deploy.run_triton)
+
     c = sub.add_parser(
         "check",
         help="TensorRT-readiness scan of an ONNX graph (no TensorRT needed)",

@@ -173,7 +173,9 @@ def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".star_export-*"))
 
 
-@pytest.mark.parametrize("command", [[], ["llava"], ["generate"], ["build"], ["validate"], ["check"]])
+@pytest.mark.parametrize(
+    "command", [[], ["llava"], ["generate"], ["build"], ["validate"], ["triton"], ["check"]]
+)
 def test_help_runs(command):
     r = run_cli(*command, "--help", timeout=60)
     assert r.returncode == 0 and "usage:" in r.stdout

@@ -1,0 +1,397 @@
+// Greedy generation with the STAR-pruned LLaVA engines (TensorRT 10 runtime API).
+//
+//   prefill.plan: pixel_values, input_ids, attention_mask -> logits, kept indices, present.{i}.*
+//   decode.plan:  one token + position + two masks + past.{i}.* -> logits, present.{i}.*
+//
+// The loop is star_export/runtime.py's `generate` (greedy), written out for C++:
+//   1. prefill; layers < K return L1 = T - 1 + keep1 cache slots, layers >= K return L2 = T - 1 + keep2;
+//   2. masks of the cached slots: padding is on the left, so slot j of row b is valid iff j >= pad_b
+//      (pad_b = T - real_b), in both layouts, and every new token appends a 1;
+//   3. the first new token sits at the ORIGINAL position real_b - 1 + N (the unpruned count), +1 per step;
+//   4. each decode step feeds the chosen token, its position, both masks and past.{i}.* = the previous
+//      present.{i}.*: every layer's cache grows by one (ping-pong buffers, no copies).
+//
+// Input is pre-tokenised (raw little-endian files, see README.md): pixel_values float32
+// [B, 3, S, S], input_ids and attention_mask int64 [B, T] (left padded, ONE image placeholder per row).
+// Model constants come from star_model.h, generated from the export's manifest.json.
+
+#include <NvInferRuntime.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "star_model.h"
+
+namespace {
+
+enum class Graph { kPrefill, kDecode };
+enum class Mode { kInput, kOutput };
+enum class DType { kFloat32, kInt64 };
+
+struct TensorSpec {
+    Graph graph;
+    Mode mode;
+    const char* name;  // "{i}": the decoder layer index, expanded for i < star_model::kNumLayers
+    DType dtype;
+};
+
+// The exported graphs' I/O, as manifest.json ("graphs") lists it. Every tensor this program binds is
+// taken from this table, and load_engine() checks each engine's I/O against it.
+// tests/test_cpp_example.py checks the table against a fresh `python -m star_export llava` export.
+// A float16/bfloat16 export would need that dtype for pixel_values and the caches.
+// STAR_TENSORS_BEGIN
+constexpr TensorSpec kTensors[] = {
+    {Graph::kPrefill, Mode::kInput, "pixel_values", DType::kFloat32},
+    {Graph::kPrefill, Mode::kInput, "input_ids", DType::kInt64},
+    {Graph::kPrefill, Mode::kInput, "attention_mask", DType::kInt64},
+    {Graph::kPrefill, Mode::kOutput, "logits", DType::kFloat32},
+    {Graph::kPrefill, Mode::kOutput, "stage1_keep_idx", DType::kInt64},
+    {Graph::kPrefill, Mode::kOutput, "stage2_keep_idx", DType::kInt64},
+    {Graph::kPrefill, Mode::kOutput, "present.{i}.key", DType::kFloat32},
+    {Graph::kPrefill, Mode::kOutput, "present.{i}.value", DType::kFloat32},
+    {Graph::kDecode, Mode::kInput, "input_ids", DType::kInt64},
+    {Graph::kDecode, Mode::kInput, "position_ids", DType::kInt64},
+    {Graph::kDecode, Mode::kInput, "attention_mask_l1", DType::kInt64},
+    {Graph::kDecode, Mode::kInput, "attention_mask_l2", DType::kInt64},
+    {Graph::kDecode, Mode::kInput, "past.{i}.key", DType::kFloat32},
+    {Graph::kDecode, Mode::kInput, "past.{i}.value", DType::kFloat32},
+    {Graph::kDecode, Mode::kOutput, "logits", DType::kFloat32},
+    {Graph::kDecode, Mode::kOutput, "present.{i}.key", DType::kFloat32},
+    {Graph::kDecode, Mode::kOutput, "present.{i}.value", DType::kFloat32},
+};
+// STAR_TENSORS_END
+
+const char* graph_name(Graph g) { return g == Graph::kPrefill ? "prefill" : "decode"; }
+
+std::string layer_name(const std::string& pattern, int layer) {
+    std::string out = pattern;
+    const auto at = out.find("{i}");
+    if (at != std::string::npos) out.replace(at, 3, std::to_string(layer));
+    return out;
+}
+
+// {name: spec} of one graph, with the per-layer patterns expanded.
+std::map<std::string, TensorSpec> expanded(Graph graph) {
+    std::map<std::string, TensorSpec> out;
+    for (const TensorSpec& t : kTensors) {
+        if (t.graph != graph) continue;
+        const std::string pattern = t.name;
+        if (pattern.find("{i}") == std::string::npos) {
+            out.emplace(pattern, t);
+        } else {
+            for (int i = 0; i < star_model::kNumLayers; ++i) out.emplace(layer_name(pattern, i), t);
+        }
+    }
+    return out;
+}
+
+void check_cuda(cudaError_t status, const char* what) {
+    if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+class Logger : public nvinfer1::ILogger {
+   public:
+    void log(Severity severity, char const* msg) noexcept override {
+        if (severity <= Severity::kWARNING) std::cerr << "[TensorRT] " << msg << "\n";
+    }
+};
+
+// One device allocation, freed on destruction.
+class DeviceBuffer {
+   public:
+    explicit DeviceBuffer(size_t bytes) : bytes_(bytes) { check_cuda(cudaMalloc(&ptr_, bytes), "cudaMalloc"); }
+    ~DeviceBuffer() { cudaFree(ptr_); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    void* get() const { return ptr_; }
+    size_t bytes() const { return bytes_; }
+
+   private:
+    void* ptr_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+nvinfer1::Dims dims(std::initializer_list<int64_t> sizes) {
+    nvinfer1::Dims d{};
+    d.nbDims = static_cast<int32_t>(sizes.size());
+    int32_t k = 0;
+    for (int64_t s : sizes) d.d[k++] = s;
+    return d;
+}
+
+std::vector<char> read_file(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw std::runtime_error(path + ": cannot open");
+    return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+template <typename T>
+std::vector<T> read_array(const std::string& path, size_t count) {
+    const std::vector<char> bytes = read_file(path);
+    if (bytes.size() != count * sizeof(T)) {
+        throw std::runtime_error(path + ": " + std::to_string(bytes.size()) + " bytes, expected " +
+                                 std::to_string(count * sizeof(T)));
+    }
+    std::vector<T> out(count);
+    std::memcpy(out.data(), bytes.data(), bytes.size());
+    return out;
+}
+
+// One engine and its execution context, its I/O checked against kTensors.
+struct Engine {
+    Graph graph;
+    std::unique_ptr<nvinfer1::ICudaEngine> engine;
+    std::unique_ptr<nvinfer1::IExecutionContext> context;
+    std::map<std::string, TensorSpec> tensors;
+
+    void set_shape(const std::string& name, const nvinfer1::Dims& shape) {
+        require(name, Mode::kInput);
+        if (!context->setInputShape(name.c_str(), shape)) {
+            throw std::runtime_error(std::string(graph_name(graph)) + ": setInputShape(" + name +
+                                     ") rejected (outside the engine's optimization profile?)");
+        }
+    }
+    void bind(const std::string& name, void* address) {
+        require(name, tensors.count(name) ? tensors.at(name).mode : Mode::kInput);
+        if (!context->setTensorAddress(name.c_str(), address)) {
+            throw std::runtime_error(std::string(graph_name(graph)) + ": setTensorAddress(" + name + ") failed");
+        }
+    }
+    void require(const std::string& name, Mode mode) const {
+        auto it = tensors.find(name);
+        if (it == tensors.end() || it->second.mode != mode) {
+            throw std::runtime_error(std::string(graph_name(graph)) + ": " + name + " is not an " +
+                                     (mode == Mode::kInput ? "input" : "output") + " of the table");
+        }
+    }
+};
+
+Engine load_engine(nvinfer1::IRuntime& runtime, const std::string& path, Graph graph) {
+    const std::vector<char> plan = read_file(path);
+    Engine e{graph, nullptr, nullptr, expanded(graph)};
+    e.engine.reset(runtime.deserializeCudaEngine(plan.data(), plan.size()));
+    if (!e.engine) throw std::runtime_error(path + ": deserializeCudaEngine failed (TensorRT version / GPU?)");
+    const int32_t n = e.engine->getNbIOTensors();
+    std::set<std::string> seen;
+    for (int32_t k = 0; k < n; ++k) {
+        const std::string name = e.engine->getIOTensorName(k);
+        auto it = e.tensors.find(name);
+        if (it == e.tensors.end()) throw std::runtime_error(path + ": unexpected tensor " + name);
+        const bool input = e.engine->getTensorIOMode(name.c_str()) == nvinfer1::TensorIOMode::kINPUT;
+        const nvinfer1::DataType want =
+            it->second.dtype == DType::kFloat32 ? nvinfer1::DataType::kFLOAT : nvinfer1::DataType::kINT64;
+        if (input != (it->second.mode == Mode::kInput) || e.engine->getTensorDataType(name.c_str()) != want) {
+            throw std::runtime_error(path + ": " + name + " differs from the table (direction or dtype)");
+        }
+        seen.insert(name);
+    }
+    if (seen.size() != e.tensors.size()) {
+        throw std::runtime_error(path + ": " + std::to_string(e.tensors.size() - seen.size()) +
+                                 " tensors of the table are missing (another export? regenerate star_model.h)");
+    }
+    e.context.reset(e.engine->createExecutionContext());
+    if (!e.context) throw std::runtime_error(path + ": createExecutionContext failed");
+    return e;
+}
+
+struct Args {
+    std::string prefill, decode, pixels, ids, mask;
+    int64_t batch = 1, text_len = 0, max_new_tokens = 32, pad_id = 0;
+    std::vector<int64_t> stops;
+};
+
+Args parse_args(int argc, char** argv) {
+    Args a;
+    for (int k = 1; k < argc; ++k) {
+        const std::string flag = argv[k];
+        if (k + 1 >= argc) throw std::runtime_error("missing value for " + flag);
+        const std::string value = argv[++k];
+        if (flag == "--prefill") a.prefill = value;
+        else if (flag == "--decode") a.decode = value;
+        else if (flag == "--pixels") a.pixels = value;
+        else if (flag == "--ids") a.ids = value;
+        else if (flag == "--mask") a.mask = value;
+        else if (flag == "--batch") a.batch = std::stoll(value);
+        else if (flag == "--text-len") a.text_len = std::stoll(value);
+        else if (flag == "--max-new-tokens") a.max_new_tokens = std::stoll(value);
+        else if (flag == "--pad-id") a.pad_id = std::stoll(value);
+        else if (flag == "--stop") a.stops.push_back(std::stoll(value));
+        else throw std::runtime_error("unknown flag " + flag);
+    }
+    if (a.prefill.empty() || a.decode.empty() || a.pixels.empty() || a.ids.empty() || a.mask.empty() ||
+        a.text_len < 2) {
+        throw std::runtime_error(
+            "usage: star_greedy --prefill prefill.plan --decode prefill.decode.plan --pixels pixels.f32 "
+            "--ids ids.i64 --mask mask.i64 --batch B --text-len T [--max-new-tokens N] [--stop ID]... "
+            "[--pad-id ID]");
+    }
+    if (a.batch < 1 || a.batch > star_model::kMaxBatch) throw std::runtime_error("--batch outside the profile");
+    if (a.text_len > star_model::kMaxTextLen) throw std::runtime_error("--text-len outside the profile");
+    if (a.max_new_tokens < 1 || a.text_len - 1 + star_model::kKeep2 + a.max_new_tokens - 1 > star_model::kMaxPastLen) {
+        throw std::runtime_error("--max-new-tokens must be >= 1 and fit the decode profile");
+    }
+    return a;
+}
+
+int run(const Args& a) {
+    using star_model::kHeadDim;
+    using star_model::kKvHeads;
+    using star_model::kLayerK;
+    using star_model::kNumLayers;
+    using star_model::kVocab;
+    const int64_t B = a.batch, T = a.text_len, S = star_model::kImageSize;
+    const int64_t L1 = T - 1 + star_model::kKeep1, L2 = T - 1 + star_model::kKeep2;
+
+    std::vector<float> pixels = read_array<float>(a.pixels, B * 3 * S * S);
+    std::vector<int64_t> ids = read_array<int64_t>(a.ids, B * T);
+    std::vector<int64_t> mask = read_array<int64_t>(a.mask, B * T);
+
+    Logger logger;
+    std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
+    if (!runtime) throw std::runtime_error("createInferRuntime failed");
+    Engine prefill = load_engine(*runtime, a.prefill, Graph::kPrefill);
+    Engine decode = load_engine(*runtime, a.decode, Graph::kDecode);
+    cudaStream_t stream;
+    check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
+
+    // Device memory. Caches: capacity for the whole generation, two sets (ping-pong) per layer.
+    DeviceBuffer d_pixels(pixels.size() * sizeof(float)), d_ids(ids.size() * 8), d_mask(mask.size() * 8);
+    DeviceBuffer d_logits(B * kVocab * sizeof(float));
+    DeviceBuffer d_keep1(B * star_model::kKeep1 * 8), d_keep2(B * star_model::kKeep2 * 8);
+    DeviceBuffer d_token(B * 8), d_position(B * 8);
+    DeviceBuffer d_mask_l1(B * (L1 + a.max_new_tokens) * 8), d_mask_l2(B * (L2 + a.max_new_tokens) * 8);
+    std::vector<std::unique_ptr<DeviceBuffer>> cache[2];  // [set][2 * layer + (0 key, 1 value)]
+    for (auto& set : cache) {
+        for (int i = 0; i < kNumLayers; ++i) {
+            const int64_t slots = (i < kLayerK ? L1 : L2) + a.max_new_tokens;
+            for (int kv = 0; kv < 2; ++kv) {
+                set.push_back(std::make_unique<DeviceBuffer>(B * kKvHeads * slots * kHeadDim * sizeof(float)));
+            }
+        }
+    }
+    check_cuda(cudaMemcpyAsync(d_pixels.get(), pixels.data(), d_pixels.bytes(), cudaMemcpyHostToDevice, stream), "copy");
+    check_cuda(cudaMemcpyAsync(d_ids.get(), ids.data(), d_ids.bytes(), cudaMemcpyHostToDevice, stream), "copy");
+    check_cuda(cudaMemcpyAsync(d_mask.get(), mask.data(), d_mask.bytes(), cudaMemcpyHostToDevice, stream), "copy");
+
+    // ---- prefill -------------------------------------------------------------------------------------
+    const auto t0 = std::chrono::steady_clock::now();
+    prefill.set_shape("pixel_values", dims({B, 3, S, S}));
+    prefill.set_shape("input_ids", dims({B, T}));
+    prefill.set_shape("attention_mask", dims({B, T}));
+    prefill.bind("pixel_values", d_pixels.get());
+    prefill.bind("input_ids", d_ids.get());
+    prefill.bind("attention_mask", d_mask.get());
+    prefill.bind("logits", d_logits.get());
+    prefill.bind("stage1_keep_idx", d_keep1.get());
+    prefill.bind("stage2_keep_idx", d_keep2.get());
+    for (int i = 0; i < kNumLayers; ++i) {
+        prefill.bind(layer_name("present.{i}.key", i), cache[0][2 * i]->get());
+        prefill.bind(layer_name("present.{i}.value", i), cache[0][2 * i + 1]->get());
+    }
+    if (!prefill.context->allInputDimensionsSpecified()) throw std::runtime_error("prefill: input shapes missing");
+    if (!prefill.context->enqueueV3(stream)) throw std::runtime_error("prefill: enqueueV3 failed");
+    std::vector<float> logits(B * kVocab);
+    check_cuda(cudaMemcpyAsync(logits.data(), d_logits.get(), d_logits.bytes(), cudaMemcpyDeviceToHost, stream), "copy");
+    check_cuda(cudaStreamSynchronize(stream), "prefill");
+    const auto t1 = std::chrono::steady_clock::now();
+
+    // ---- greedy decode loop (star_export.runtime.generate) -------------------------------------------
+    std::vector<int64_t> real(B), pad(B);
+    for (int64_t b = 0; b < B; ++b) {
+        real[b] = 0;
+        for (int64_t t = 0; t < T; ++t) real[b] += mask[b * T + t];
+        pad[b] = T - real[b];
+    }
+    std::vector<std::vector<int64_t>> tokens(B);
+    std::vector<bool> finished(B, false);
+    std::vector<int64_t> token(B), position(B), mask_l1, mask_l2;
+    int cur = 0, steps = 0;
+    for (int64_t step = 0; step < a.max_new_tokens; ++step) {
+        bool all_done = true;
+        for (int64_t b = 0; b < B; ++b) {
+            const float* row = logits.data() + b * kVocab;
+            const int64_t best = std::max_element(row, row + kVocab) - row;  // ties: the lower id
+            token[b] = finished[b] ? a.pad_id : best;
+            if (!finished[b]) {
+                tokens[b].push_back(token[b]);
+                if (std::find(a.stops.begin(), a.stops.end(), token[b]) != a.stops.end()) finished[b] = true;
+            }
+            all_done = all_done && finished[b];
+        }
+        if (all_done || step == a.max_new_tokens - 1) break;
+
+        const int64_t p1 = L1 + step, p2 = L2 + step;  // past lengths of layers < K and >= K
+        mask_l1.assign(B * (p1 + 1), 0);
+        mask_l2.assign(B * (p2 + 1), 0);
+        for (int64_t b = 0; b < B; ++b) {
+            for (int64_t j = 0; j <= p1; ++j) mask_l1[b * (p1 + 1) + j] = j >= pad[b];
+            for (int64_t j = 0; j <= p2; ++j) mask_l2[b * (p2 + 1) + j] = j >= pad[b];
+            position[b] = real[b] - 1 + star_model::kNVisual + step;
+        }
+        check_cuda(cudaMemcpyAsync(d_token.get(), token.data(), B * 8, cudaMemcpyHostToDevice, stream), "copy");
+        check_cuda(cudaMemcpyAsync(d_position.get(), position.data(), B * 8, cudaMemcpyHostToDevice, stream), "copy");
+        check_cuda(cudaMemcpyAsync(d_mask_l1.get(), mask_l1.data(), mask_l1.size() * 8, cudaMemcpyHostToDevice, stream), "copy");
+        check_cuda(cudaMemcpyAsync(d_mask_l2.get(), mask_l2.data(), mask_l2.size() * 8, cudaMemcpyHostToDevice, stream), "copy");
+
+        decode.set_shape("input_ids", dims({B, 1}));
+        decode.set_shape("position_ids", dims({B, 1}));
+        decode.set_shape("attention_mask_l1", dims({B, p1 + 1}));
+        decode.set_shape("attention_mask_l2", dims({B, p2 + 1}));
+        decode.bind("input_ids", d_token.get());
+        decode.bind("position_ids", d_position.get());
+        decode.bind("attention_mask_l1", d_mask_l1.get());
+        decode.bind("attention_mask_l2", d_mask_l2.get());
+        decode.bind("logits", d_logits.get());
+        for (int i = 0; i < kNumLayers; ++i) {
+            const nvinfer1::Dims past = dims({B, kKvHeads, i < kLayerK ? p1 : p2, kHeadDim});
+            decode.set_shape(layer_name("past.{i}.key", i), past);
+            decode.set_shape(layer_name("past.{i}.value", i), past);
+            decode.bind(layer_name("past.{i}.key", i), cache[cur][2 * i]->get());
+            decode.bind(layer_name("past.{i}.value", i), cache[cur][2 * i + 1]->get());
+            decode.bind(layer_name("present.{i}.key", i), cache[1 - cur][2 * i]->get());
+            decode.bind(layer_name("present.{i}.value", i), cache[1 - cur][2 * i + 1]->get());
+        }
+        if (!decode.context->allInputDimensionsSpecified()) throw std::runtime_error("decode: input shapes missing");
+        if (!decode.context->enqueueV3(stream)) throw std::runtime_error("decode: enqueueV3 failed");
+        check_cuda(cudaMemcpyAsync(logits.data(), d_logits.get(), B * kVocab * sizeof(float), cudaMemcpyDeviceToHost, stream), "copy");
+        check_cuda(cudaStreamSynchronize(stream), "decode");
+        cur = 1 - cur;  // this step's presents are the next step's pasts
+        ++steps;
+    }
+    const auto t2 = std::chrono::steady_clock::now();
+    check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
+
+    for (int64_t b = 0; b < B; ++b) {
+        std::cout << "row " << b << ":";
+        for (int64_t t : tokens[b]) std::cout << " " << t;
+        std::cout << "\n";
+    }
+    const double prefill_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+    const double decode_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+    std::cerr << "prefill " << prefill_ms << " ms; " << steps << " decode steps in " << decode_ms << " ms\n";
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        return run(parse_args(argc, argv));
+    } catch (const std::exception& e) {
+        std::cerr << "star_greedy: " << e.what() << "\n";
+        return 1;
+    }
+}

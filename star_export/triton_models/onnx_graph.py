@@ -1,0 +1,93 @@
+"""Triton Python-backend model: one exported ONNX graph (prefill or decode) in onnxruntime.
+
+Copied by ``python -m star_export triton --backend python`` into ``<repo>/<model>/1/model.py``.
+Self-contained: it needs numpy and onnxruntime in the Python environment of the backend stub,
+not star_export. The tensor names come from the model's ``config.pbtxt`` (generated from the
+export's manifest); the ONNX file name from its ``onnx_file`` parameter.
+
+Config parameters (all optional): ``onnx_file`` (default ``model.onnx``),
+``intra_op_num_threads`` (default 0 = onnxruntime's choice).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _parameters(config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+
+
+def check_numpy_bridge() -> None:
+    """Fail the model load with a clear message where the stub mis-reads numpy arrays.
+
+    Stubs built with a pybind11 that predates numpy 2 (e.g. Triton 24.10 in the nvidia-pytriton
+    0.7 wheel) create every array they hand to Python with a zero stride under numpy 2: each
+    tensor reads as copies of its first byte and BYTES inputs abort the stub.
+    """
+    probe = np.arange(1, 9, dtype=np.uint8)
+    back = pb_utils.Tensor.from_dlpack("probe", pb_utils.Tensor("source", probe)).as_numpy()
+    if not np.array_equal(back, probe):
+        raise pb_utils.TritonModelException(
+            f"this Triton Python backend stub reads tensors wrongly with numpy {np.__version__} "
+            "(its pybind11 predates numpy 2): put numpy<2 first in the stub's Python environment "
+            "(the python3 first on PATH when tritonserver starts)"
+        )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        check_numpy_bridge()
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        params = _parameters(config)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = int(params.get("intra_op_num_threads") or 0)
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+        providers: list = ["CPUExecutionProvider"]
+        if (
+            args.get("model_instance_kind") == "GPU"
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+        ):
+            device = int(args.get("model_instance_device_id") or 0)
+            providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+        path = version_dir / (params.get("onnx_file") or "model.onnx")
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.input_names = [t["name"] for t in config["input"]]
+        self.output_names = [t["name"] for t in config["output"]]
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        if set(self.input_names) != graph_inputs or not set(self.output_names) <= graph_outputs:
+            raise pb_utils.TritonModelException(
+                f"{path.name}: config.pbtxt and the ONNX graph disagree: config inputs "
+                f"{sorted(self.input_names)}, graph inputs {sorted(graph_inputs)}"
+            )
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                feeds = {}
+                for name in self.input_names:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is None:
+                        raise ValueError(f"missing input {name!r}")
+                    feeds[name] = np.ascontiguousarray(tensor.as_numpy())
+                outputs = self.session.run(self.output_names, feeds)
+            except Exception as e:  # one bad request must not take the model down
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+                )
+                continue
+            tensors = [pb_utils.Tensor(n, v) for n, v in zip(self.output_names, outputs, strict=True)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses

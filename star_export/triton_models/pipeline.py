@@ -1,0 +1,292 @@
+"""Triton Python-backend model (BLS): image bytes + prompt -> generated text and token ids.
+
+Copied by ``python -m star_export triton`` into ``<repo>/pipeline/1/model.py``, next to the
+export's ``manifest.json`` and ``processor/`` (tokenizer, chat template, image processor).
+Self-contained: it needs numpy, Pillow and transformers in the backend stub's Python
+environment, not star_export. Per request (batch B rows, one image + one prompt per row):
+
+1. pre-process as ``star_export.preprocess.Preprocessor`` does: the checkpoint's chat template,
+   exactly ONE image placeholder per row, LEFT padding; the image processor's pixel values;
+2. call the ``prefill`` model (BLS): logits + per-layer presents (L1 slots before layer K,
+   L2 from K on);
+3. greedy loop over the ``decode`` model (BLS), exactly as ``star_export.runtime.generate``:
+   cached-slot masks ``[0]*pad + [1]*(L - pad)``, first new position ``real - 1 + N``, both
+   masks with a 1 appended per step, ``past.{i}.*`` = previous ``present.{i}.*``;
+4. detokenise.
+
+Inputs: ``image`` (BYTES [B, 1], a PNG/JPEG file's bytes), ``prompt`` (BYTES [B, 1], UTF-8),
+optional ``max_new_tokens`` (INT32 [B, 1]), optional ``stop_token_ids`` (INT32 [B, S]; values
+< 0 are ignored, the tokenizer's EOS always stops). Outputs: ``text`` (BYTES [B, 1]),
+``token_ids`` (INT64 [B, n], each row padded with -1 after its last token).
+Config parameters: ``prefill_model``, ``decode_model``, ``max_new_tokens`` (default limit),
+``text_len_max`` and ``past_len_max`` (the limits served; the TensorRT engines' profiles).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class RequestError(ValueError):
+    """A bad request: answered with an error, the model keeps serving."""
+
+
+def _parameters(config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+
+
+def _to_rgb(image):
+    """RGB, with transparency composited on white (as star_export.preprocess does)."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A BLS output as a host numpy array (GPU outputs, e.g. from TensorRT, are copied)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
+def _rows(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def check_numpy_bridge() -> None:
+    """Fail the model load with a clear message where the stub mis-reads numpy arrays.
+
+    Stubs built with a pybind11 that predates numpy 2 (e.g. Triton 24.10 in the nvidia-pytriton
+    0.7 wheel) create every array they hand to Python with a zero stride under numpy 2: each
+    tensor reads as copies of its first byte and BYTES inputs abort the stub.
+    """
+    probe = np.arange(1, 9, dtype=np.uint8)
+    back = pb_utils.Tensor.from_dlpack("probe", pb_utils.Tensor("source", probe)).as_numpy()
+    if not np.array_equal(back, probe):
+        raise pb_utils.TritonModelException(
+            f"this Triton Python backend stub reads tensors wrongly with numpy {np.__version__} "
+            "(its pybind11 predates numpy 2): put numpy<2 first in the stub's Python environment "
+            "(the python3 first on PATH when tritonserver starts)"
+        )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        check_numpy_bridge()
+        from transformers import AutoProcessor
+
+        config = json.loads(args["model_config"])
+        params = _parameters(config)
+        here = Path(args["model_repository"]) / args["model_version"]
+        manifest = json.loads((here / "manifest.json").read_text())
+        self.prefill_model = params.get("prefill_model") or "prefill"
+        self.decode_model = params.get("decode_model") or "decode"
+        self.default_max_new_tokens = int(params.get("max_new_tokens") or 32)
+
+        star, geo = manifest["star"], manifest["model"]["geometry"]
+        self.n_visual, self.keep1, self.keep2 = int(star["N"]), int(star["keep1"]), int(star["keep2"])
+        self.num_layers = int(geo["num_layers"])
+        graphs = manifest["graphs"]
+        dims = {d["name"]: d for g in graphs.values() for d in g["dynamic_dims"]}
+        # Served limits: config parameters (the TensorRT engines' profiles), else the export's ranges.
+        self.text_max = int(params.get("text_len_max") or dims["text_len"]["max"])
+        self.past_max = int(params.get("past_len_max") or dims["past_len"]["max"])
+        prefill_inputs = {t["name"]: t for t in graphs["prefill"]["inputs"]}
+        self.pixel_dtype = np.dtype(prefill_inputs["pixel_values"]["dtype"])
+        self.present_names = [f"present.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+
+        self.processor = AutoProcessor.from_pretrained(
+            here / "processor", local_files_only=True, backend="pil"
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.image_token = getattr(self.processor, "image_token", None) or "<image>"
+        ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
+        if len(ids) != 1 or int(ids[0]) != int(manifest["image_token_id"]):
+            raise pb_utils.TritonModelException(
+                f"image token {self.image_token!r} encodes to {ids}, the export expects "
+                f"[{manifest['image_token_id']}]"
+            )
+        self.image_token_id = int(ids[0])
+        self.template = getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+        if not self.template:
+            raise pb_utils.TritonModelException("processor/ has no chat template (chat_template.jinja)")
+        self.eos = self.tokenizer.eos_token_id
+        self.pad_id = next(
+            (int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0
+        )
+
+    # ---- pre-processing (star_export.preprocess.Preprocessor, one image + prompt per row) ----------
+    def _encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = []
+        bos = self.tokenizer.bos_token
+        for i, prompt in enumerate(prompts):
+            if self.image_token in prompt:
+                raise RequestError(
+                    f"prompt {i} contains the image placeholder {self.image_token!r}; leave it out"
+                )
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(
+                messages, chat_template=self.template, add_generation_prompt=True, tokenize=False
+            )
+            if isinstance(text, list):
+                text = text[0]
+            add_special = not (bos and text.startswith(bos))
+            ids = [int(t) for t in self.tokenizer(text, add_special_tokens=add_special)["input_ids"]]
+            if ids.count(self.image_token_id) != 1 or ids.index(self.image_token_id) == len(ids) - 1:
+                raise RequestError(f"prompt {i}: needs exactly one image placeholder followed by text")
+            rows.append(ids)
+        length = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
+        for b, ids in enumerate(rows):
+            input_ids[b, length - len(ids) :] = ids
+            attention_mask[b, length - len(ids) :] = 1
+        return input_ids, attention_mask
+
+    def _pixel_values(self, images: list[bytes]) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        pil = []
+        for i, data in enumerate(images):
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()
+                    pil.append(_to_rgb(im))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                raise RequestError(f"image {i}: not a readable image ({type(e).__name__})") from None
+        out = self.processor.image_processor(pil, return_tensors="np")["pixel_values"]
+        return np.ascontiguousarray(out, dtype=self.pixel_dtype)
+
+    # ---- BLS -------------------------------------------------------------------------------------
+    def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict:
+        request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs)
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        return {name: pb_utils.get_output_tensor_by_name(response, name) for name in outputs}
+
+    def _pasts(self, out: dict) -> list:
+        """present.{i}.* of one step -> past.{i}.* of the next (renamed, not copied: DLPack)."""
+        return [
+            pb_utils.Tensor.from_dlpack(n.replace("present.", "past.", 1), out[n]) for n in self.present_names
+        ]
+
+    def _generate(self, feeds: dict, limits: list[int], stops: list[set[int]]) -> list[list[int]]:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        batch, text_len = ids.shape
+        out = self._infer(
+            self.prefill_model,
+            [pb_utils.Tensor(n, feeds[n]) for n in ("pixel_values", "input_ids", "attention_mask")],
+            ["logits", *self.present_names],
+        )
+        real = mask.sum(axis=1).astype(np.int64)  # (B,) real prompt tokens
+        pad = text_len - real  # (B,) left padding
+        l1, l2 = text_len - 1 + self.keep1, text_len - 1 + self.keep2
+        mask_l1 = (np.arange(l1)[None] >= pad[:, None]).astype(np.int64)  # (B, L1)
+        mask_l2 = (np.arange(l2)[None] >= pad[:, None]).astype(np.int64)  # (B, L2)
+        position = real - 1 + self.n_visual  # (B,) original position of the first new token
+        logits, pasts = _numpy(out["logits"]), self._pasts(out)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        finished = np.zeros(batch, dtype=bool)
+        one = np.ones((batch, 1), dtype=np.int64)
+        longest = max(limits)
+        for step in range(longest):
+            token = np.where(finished, self.pad_id, np.argmax(logits, axis=-1)).astype(np.int64)  # greedy
+            for b in np.flatnonzero(~finished):
+                tokens[b].append(int(token[b]))
+                if int(token[b]) in stops[b] or len(tokens[b]) >= limits[b]:
+                    finished[b] = True
+            if finished.all() or step == longest - 1:
+                break
+            mask_l1 = np.concatenate([mask_l1, one], axis=1)
+            mask_l2 = np.concatenate([mask_l2, one], axis=1)
+            inputs = [
+                pb_utils.Tensor("input_ids", np.ascontiguousarray(token[:, None])),
+                pb_utils.Tensor("position_ids", np.ascontiguousarray((position + step)[:, None])),
+                pb_utils.Tensor("attention_mask_l1", mask_l1),
+                pb_utils.Tensor("attention_mask_l2", mask_l2),
+                *pasts,
+            ]
+            out = self._infer(self.decode_model, inputs, ["logits", *self.present_names])
+            logits, pasts = _numpy(out["logits"]), self._pasts(out)
+        return tokens
+
+    # ---- one request -------------------------------------------------------------------------------
+    def _answer(self, request):
+        images = _rows(request, "image")
+        prompts = _rows(request, "prompt")
+        if images is None or prompts is None:
+            raise RequestError("inputs 'image' and 'prompt' are required")
+        images = [bytes(x) for x in images.reshape(len(images), -1)[:, 0]]
+        prompts = [
+            (p.decode("utf-8") if isinstance(p, bytes) else str(p))
+            for p in prompts.reshape(len(prompts), -1)[:, 0]
+        ]
+        if len(images) != len(prompts):
+            raise RequestError(f"{len(images)} images but {len(prompts)} prompts")
+        batch = len(prompts)
+        limit_rows = _rows(request, "max_new_tokens")
+        if limit_rows is None:
+            limits = [self.default_max_new_tokens] * batch
+        else:
+            limits = [int(v) for v in limit_rows.reshape(batch, -1)[:, 0]]
+        if min(limits) < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {min(limits)}")
+        stop_rows = _rows(request, "stop_token_ids")
+        extra = [[] for _ in range(batch)] if stop_rows is None else stop_rows.reshape(batch, -1).tolist()
+        stops = [
+            {int(t) for t in row if int(t) >= 0} | ({int(self.eos)} if self.eos is not None else set())
+            for row in extra
+        ]
+
+        input_ids, attention_mask = self._encode_prompts(prompts)
+        text_len = input_ids.shape[1]
+        if text_len > self.text_max:
+            raise RequestError(
+                f"prompt is {text_len} tokens; the exported profile allows at most {self.text_max}"
+            )
+        allowed = self.past_max - (text_len - 1 + self.keep2) + 1
+        if max(limits) > allowed:
+            raise RequestError(
+                f"max_new_tokens {max(limits)} exceeds the exported decode profile (at most {allowed} here)"
+            )
+        feeds = {
+            "pixel_values": self._pixel_values(images),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+        }
+        tokens = self._generate(feeds, limits, stops)
+
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        width = max(len(t) for t in tokens)
+        token_ids = np.full((batch, width), -1, dtype=np.int64)
+        for b, t in enumerate(tokens):
+            token_ids[b, : len(t)] = t
+        text = np.array([[s.encode("utf-8")] for s in texts], dtype=np.object_)
+        return [pb_utils.Tensor("text", text), pb_utils.Tensor("token_ids", token_ids)]
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._answer(request)))
+            except Exception as e:  # one bad request must not take the model down
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+                )
+        return responses

@@ -1,0 +1,693 @@
+"""Triton model repositories (star_export.deploy): every config.pbtxt against Triton's own protobuf
+schema, the repository layout, usage errors, and a REAL tritonserver answering over HTTP and gRPC.
+
+The server is the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel (Triton 2.51,
+Python backend only), started on loopback with the ``--backend python`` repository of a small
+export. Its answers must equal ``star_export.runtime.generate`` over onnxruntime token for token.
+
+That binary's Python backend stub needs numpy < 2 in ITS Python environment (its pybind11
+predates numpy 2: under numpy 2 every tensor reads as copies of its first byte). The project's
+venv has numpy 2, so the test gives the stub a throw-away venv whose path puts a numpy 1.x
+directory first, then this venv's site-packages. Install that directory once with::
+
+    pip install --target .venv/triton-stub-site "numpy>=1.26,<2"
+
+(or point STAR_EXPORT_TRITON_STUB_SITE at another one). Missing pieces skip locally and fail
+under CI=true; a binary that cannot start at all skips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from star_export import deploy
+from star_export.errors import UsageError
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed"
+)
+from google.protobuf import text_format  # noqa: E402  (after the importorskip)
+
+KEEP = 16
+MAX_NEW = 6  # the pipeline's default limit in the served repository
+DTYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}  # the only dtypes a float32 export uses
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def export_once() -> Path:
+    """``python -m star_export llava --keep 16`` once per test session (shared with the C++ test)."""
+    out = Path(os.environ["STAR_EXPORT_CACHE"]) / "exports" / f"llava-keep{KEEP}"
+    if not (out / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "star_export", "llava", "--keep", str(KEEP), "--skip-validation"]
+        proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+def unavailable(reason: str):
+    """A missing test prerequisite: skip locally, fail in CI (where it must be installed)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
+
+
+def parse_config(path: Path):
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse(path.read_text(), config)
+    return config
+
+
+def dtype_name(value: int) -> str:
+    return model_config_pb2.DataType.Name(value)
+
+
+def expected_io(tensors: list[dict]) -> list[tuple[str, str, list[int]]]:
+    """(name, TYPE_*, dims without the batch dim, symbolic -> -1), written independently of deploy."""
+    out = []
+    for t in tensors:
+        assert t["shape"][0] == "batch"
+        out.append((t["name"], DTYPES[t["dtype"]], [-1 if isinstance(d, str) else d for d in t["shape"][1:]]))
+    return out
+
+
+def served_io(entries) -> list[tuple[str, str, list[int]]]:
+    return [(e.name, dtype_name(e.data_type), list(e.dims)) for e in entries]
+
+
+def batch_max(manifest: dict, graph: str) -> int:
+    return next(d["max"] for d in manifest["graphs"][graph]["dynamic_dims"] if d["name"] == "batch")
+
+
+def with_fake_engines(export: Path, target: Path) -> Path:
+    """A copy of the export whose manifest records 'engines' that are NOT engines: two small files
+    named as such, for the pure file-layout / config check of the tensorrt repository."""
+    shutil.copytree(export, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    engines = {}
+    for g in ("prefill", "decode"):
+        fake = target / f"FAKE-{g}-not-a-tensorrt-engine.plan"
+        fake.write_bytes(b"layout test only: this file is not a TensorRT engine\n")
+        graph = manifest["graphs"][g]
+        dims = {d["name"]: d for d in graph["dynamic_dims"]}
+        dims["batch"] = {**dims["batch"], "max": 4}  # a profile narrower than the export's range
+
+        def corner(t, which, dims=dims):
+            return [
+                d if isinstance(d, int) else _eval(d, {k: v[which] for k, v in dims.items()})
+                for d in t["shape"]
+            ]
+
+        profile = {t["name"]: {w: corner(t, w) for w in ("min", "opt", "max")} for t in graph["inputs"]}
+        engines[g] = {
+            "path": fake.name,
+            "graph": g,
+            "tensorrt": "none (fake)",
+            "sha256": "0" * 64,
+            "profiles": [{"inputs": profile}],
+        }
+    manifest["engines"] = engines
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return target
+
+
+def _eval(expr: str, sizes: dict[str, int]) -> int:
+    return int(eval(expr, {"__builtins__": {}}, dict(sizes)))
+
+
+@pytest.fixture(scope="module")
+def export() -> Path:
+    return export_once()
+
+
+@pytest.fixture(scope="module")
+def manifest(export) -> dict:
+    return json.loads((export / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def repos(export, tmp_path_factory) -> dict[str, Path]:
+    """One repository per backend (tensorrt from the fake-engine copy)."""
+    root = tmp_path_factory.mktemp("repos")
+    fake = with_fake_engines(export, root / "export-with-fake-engines")
+    out = {}
+    for backend in deploy.BACKENDS:
+        source = fake if backend == "tensorrt" else export
+        deploy.write_repository(source, root / backend, backend, 8)
+        out[backend] = root / backend
+    return out
+
+
+# ---------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("backend", deploy.BACKENDS)
+def test_graph_configs_parse_with_tritons_schema_and_follow_the_manifest(repos, manifest, backend):
+    for graph in ("prefill", "decode"):
+        config = parse_config(repos[backend] / graph / "config.pbtxt")
+        g = manifest["graphs"][graph]
+        assert config.name == graph
+        if backend == "tensorrt":
+            assert (config.platform, config.backend) == ("tensorrt_plan", "")
+            assert config.max_batch_size == 4  # the (fake) engine profile's max batch
+        elif backend == "onnxruntime":
+            assert (config.platform, config.backend) == ("onnxruntime_onnx", "")
+            assert config.max_batch_size == batch_max(manifest, graph)
+        else:
+            assert (config.platform, config.backend) == ("", "python")
+            assert config.max_batch_size == batch_max(manifest, graph)
+        assert config.max_batch_size > 0
+        assert served_io(config.input) == expected_io(g["inputs"])
+        assert served_io(config.output) == expected_io(g["outputs"])
+        assert not any(t.optional for t in config.input)
+        (group,) = config.instance_group
+        kind = model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind)
+        assert kind == ("KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
+        assert list(group.profile) == (["0"] if backend == "tensorrt" else [])
+        assert group.count == 1
+
+
+def test_tensorrt_config_documents_the_optimization_profile(repos):
+    text = (repos["tensorrt"] / "decode" / "config.pbtxt").read_text()
+    assert "Optimization profile 0" in text and "past.0.key:" in text and "max_batch_size 4" in text
+
+
+def test_pipeline_config_parses_and_declares_the_bls_interface(repos, manifest):
+    for backend, repo in repos.items():
+        config = parse_config(repo / "pipeline" / "config.pbtxt")
+        assert (config.name, config.backend, config.platform) == ("pipeline", "python", "")
+        assert config.max_batch_size > 0
+        inputs = {t.name: (dtype_name(t.data_type), list(t.dims), t.optional) for t in config.input}
+        assert inputs == {
+            "image": ("TYPE_STRING", [1], False),
+            "prompt": ("TYPE_STRING", [1], False),
+            "max_new_tokens": ("TYPE_INT32", [1], True),
+            "stop_token_ids": ("TYPE_INT32", [-1], True),
+        }
+        outputs = {t.name: (dtype_name(t.data_type), list(t.dims)) for t in config.output}
+        assert outputs == {"text": ("TYPE_STRING", [1]), "token_ids": ("TYPE_INT64", [-1])}
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert params["prefill_model"] == "prefill" and params["decode_model"] == "decode"
+        assert params["max_new_tokens"] == "8"
+        text_max = next(
+            d["max"] for d in manifest["graphs"]["prefill"]["dynamic_dims"] if d["name"] == "text_len"
+        )
+        assert int(params["text_len_max"]) == text_max
+        if backend == "tensorrt":
+            assert config.max_batch_size == 4
+
+
+# ---------------------------------------------------------------------------------------- layout
+MODEL_FILES = {
+    "python": {"model.py", "model.onnx"},
+    "onnxruntime": {"model.onnx"},
+    "tensorrt": {"model.plan"},
+}
+
+
+@pytest.mark.parametrize("backend", deploy.BACKENDS)
+def test_repository_layout(repos, export, backend):
+    """Pure file-layout check (for tensorrt the copied 'engines' are the fake files above)."""
+    repo = repos[backend]
+    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    assert models == ["decode", "pipeline", "prefill"]  # Triton treats every directory as a model
+    for graph in ("prefill", "decode"):
+        assert (repo / graph / "config.pbtxt").is_file()
+        assert {p.name for p in (repo / graph / "1").iterdir()} == MODEL_FILES[backend]
+        if backend != "tensorrt":
+            copied = (repo / graph / "1" / "model.onnx").read_bytes()
+            assert (
+                hashlib.sha256(copied).digest()
+                == hashlib.sha256((export / f"{graph}.onnx").read_bytes()).digest()
+            )
+    if backend == "tensorrt":
+        assert (repo / "prefill/1/model.plan").read_bytes().startswith(b"layout test only")
+    pipeline = repo / "pipeline" / "1"
+    assert {"model.py", "manifest.json", "processor"} <= {p.name for p in pipeline.iterdir()}
+    assert (pipeline / "processor" / "tokenizer.json").is_file()
+    readme = (repo / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme and "tritonclient" in readme
+    marker = json.loads((repo / deploy.MARKER).read_text())
+    assert marker["backend"] == backend and marker["models"]["pipeline"] == "pipeline"
+
+
+def test_external_data_is_copied_under_the_name_the_graph_uses(export, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    source = tmp_path / "export"
+    shutil.copytree(export, source)
+    model = onnx.load(str(source / "decode.onnx"))
+    onnx.save_model(
+        model,
+        str(source / "decode.onnx"),
+        save_as_external_data=True,
+        location="decode.onnx.data",
+        size_threshold=1024,
+    )
+    deploy.write_repository(source, tmp_path / "repo", "onnxruntime")
+    version = tmp_path / "repo" / "decode" / "1"
+    assert {p.name for p in version.iterdir()} == {"model.onnx", "decode.onnx.data"}
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "input_ids"
+
+
+def test_prefix_names_models_and_wires_the_pipeline(export, tmp_path):
+    deploy.write_repository(export, tmp_path / "repo", "python", prefix="llava_")
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()) == [
+        "llava_decode",
+        "llava_pipeline",
+        "llava_prefill",
+    ]
+    config = parse_config(tmp_path / "repo" / "llava_pipeline" / "config.pbtxt")
+    assert config.name == "llava_pipeline"
+    assert config.parameters["decode_model"].string_value == "llava_decode"
+
+
+# ---------------------------------------------------------------------------------------- errors
+def cli_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    deploy.add_triton_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_usage_errors_are_one_line(export, tmp_path):
+    cases = [
+        (cli_args("--from", str(tmp_path / "nothing"), "--repo", str(tmp_path / "r")), "no such directory"),
+        (cli_args("--from", str(tmp_path), "--repo", str(tmp_path / "r")), "no manifest.json"),
+    ]
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    cases.append((cli_args("--from", str(export), "--repo", str(afile)), "exists and is not a directory"))
+    cases.append(
+        (
+            cli_args("--from", str(export), "--repo", str(tmp_path / "r"), "--backend", "tensorrt"),
+            "no TensorRT engine",
+        )
+    )
+    cases.append((cli_args("--from", str(export)), "--repo"))
+    cases.append(
+        (
+            cli_args("--from", str(export), "--repo", str(tmp_path / "r"), "--max-new-tokens", "100000"),
+            "at most",
+        )
+    )
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    cases.append((cli_args("--from", str(export), "--repo", str(foreign)), "not written by star_export"))
+    for args, needle in cases:
+        with pytest.raises(UsageError) as e:
+            deploy.run_triton(args)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert (foreign / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "r").exists()
+
+
+def test_rewrite_replaces_atomically_and_failures_leave_nothing(export, tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    assert deploy.run_triton(cli_args("--from", str(export), "--repo", str(repo))) == 0
+    assert "tritonserver --model-repository" in capsys.readouterr().out
+    (repo / "prefill" / "stale.txt").write_text("old")
+    deploy.write_repository(export, repo, "onnxruntime")
+    assert not (repo / "prefill" / "stale.txt").exists()
+    assert parse_config(repo / "prefill" / "config.pbtxt").platform == "onnxruntime_onnx"
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(deploy, "_write_pipeline", boom)
+    with pytest.raises(RuntimeError):
+        deploy.write_repository(export, repo, "python")
+    assert parse_config(repo / "prefill" / "config.pbtxt").platform == "onnxruntime_onnx"  # untouched
+    with pytest.raises(RuntimeError):
+        deploy.write_repository(export, tmp_path / "new", "python")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging leftovers
+
+
+# ---------------------------------------------------------------------------------------- server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stub_bin(tmp_path_factory) -> Path:
+    """The bin/ whose python3 the Python backend stub uses: numpy < 2 first, then this venv."""
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) < 2:
+        return Path(sys.executable).parent
+    numpy1 = Path(os.environ.get("STAR_EXPORT_TRITON_STUB_SITE", Path(sys.prefix) / "triton-stub-site"))
+    if not (numpy1 / "numpy").is_dir():
+        unavailable(
+            f"the Triton Python backend stub needs numpy<2 and {numpy1} has none: "
+            f'pip install --target {numpy1} "numpy>=1.26,<2"'
+        )
+    env = tmp_path_factory.mktemp("stub-venv")
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--clear", str(env)], check=True, timeout=120
+    )
+    python = env / "bin" / "python3"
+    purelib = subprocess.check_output(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
+    lines = [str(numpy1), *site.getsitepackages()]
+    Path(purelib, "star_export_triton_stub.pth").write_text("\n".join(lines) + "\n")
+    probe = subprocess.run(
+        [str(python), "-c", "import numpy, onnxruntime, transformers, PIL; print(numpy.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0 and probe.stdout.startswith("1."), probe.stderr[-2000:]
+    return env / "bin"
+
+
+class Server:
+    """tritonserver from the nvidia-pytriton wheel, on loopback, in its own process group."""
+
+    def __init__(self, repo: Path, work: Path, stub: Path):
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            unavailable('nvidia-pytriton is not installed (pip install "nvidia-pytriton==0.7.0" --no-deps)')
+        wheel = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub_binary = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not (wheel / "bin" / "tritonserver").is_file() or not stub_binary.is_file():
+            unavailable(f"{wheel}: no tritonserver binary or Python {version} backend stub in the wheel")
+        self.root = work / "tritonserver"
+        for part in ("bin", "backends", "caches"):
+            shutil.copytree(wheel / part, self.root / part, dirs_exist_ok=True)
+        shutil.copy2(stub_binary, self.root / "backends" / "python" / stub_binary.name)
+        libs = Path(next(iter(spec.submodule_search_locations))).parent / "nvidia_pytriton.libs"
+        self.env = dict(os.environ)
+        # The running Python's libpython first (else the stub may pick the system's), then the wheel's libs.
+        self.env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), os.environ.get("LD_LIBRARY_PATH")) if p
+        )
+        self.env["PATH"] = os.pathsep.join([str(stub), os.environ.get("PATH", "")])
+        self.repo, self.log_path, self.proc = repo, work / "tritonserver.log", None
+
+    def start(self, timeout: float = 150.0) -> None:
+        for _attempt in range(2):  # a port taken between free_port() and bind: retry once
+            self.ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+            cmd = [
+                str(self.root / "bin" / "tritonserver"),
+                f"--model-repository={self.repo}",
+                f"--backend-directory={self.root / 'backends'}",
+                f"--cache-directory={self.root / 'caches'}",
+                *(f"--{k}-address=127.0.0.1" for k in ("http", "grpc", "metrics")),
+                *(f"--{k}-port={v}" for k, v in self.ports.items()),
+                "--allow-gpu-metrics=false",
+                "--exit-on-error=false",
+                "--exit-timeout-secs=10",  # bounded shutdown even with a client connection left open
+                "--log-verbose=0",
+            ]
+            log = self.log_path.open("w")
+            started = time.perf_counter()
+            try:
+                self.proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                )
+            except OSError as e:
+                pytest.skip(f"tritonserver cannot start at all here: {e}")
+            finally:
+                log.close()
+            while time.perf_counter() - started < timeout:
+                if self.proc.poll() is not None:
+                    break
+                if self.ready():
+                    self.startup_s = time.perf_counter() - started
+                    return
+                failed = self.failed_models()
+                if failed:
+                    self.stop()
+                    pytest.fail(f"tritonserver could not load {failed}:\n{self.log_tail()}")
+                time.sleep(0.25)
+            log_text = self.log_tail()
+            self.stop()
+            if "address already in use" in log_text.lower():
+                continue
+            if "Started HTTPService" not in log_text and "error while loading shared libraries" in log_text:
+                pytest.skip(f"tritonserver cannot start at all here: {log_text.strip().splitlines()[-1]}")
+            pytest.fail(f"tritonserver was not ready within {timeout:.0f}s:\n{log_text}")
+        pytest.fail("tritonserver: no free ports after 2 attempts")
+
+    def ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.ports['http']}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def failed_models(self) -> dict[str, str]:
+        """{model: reason} of models that failed to load (the server keeps running: --exit-on-error=false)."""
+        try:
+            url = f"http://127.0.0.1:{self.ports['http']}/v2/repository/index"
+            request = urllib.request.Request(url, data=b"{}", method="POST")
+            with urllib.request.urlopen(request, timeout=1) as r:
+                index = json.loads(r.read())
+        except (OSError, ValueError):
+            return {}
+        return {m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"}
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+        noise = ("CUDA", "NVML", "DCGM", "GPU metrics")
+        kept = [line for line in lines if not any(w in line for w in noise)]
+        return "\n".join(kept[-n:])[-8000:]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # our own process group (start_new_session)
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(export, tmp_path_factory):
+    stub = stub_bin(tmp_path_factory)
+    work = tmp_path_factory.mktemp("triton")
+    repo = work / "model_repository"
+    deploy.write_repository(export, repo, "python", MAX_NEW, pipeline_instances=2, intra_op_threads=1)
+    srv = Server(repo, work, stub)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def local(export, manifest):
+    """The reference: star_export's own pre-processing and generate() over onnxruntime."""
+    from star_export.load import Geometry
+    from star_export.preprocess import Preprocessor
+    from star_export.runtime import GenerationConfig, OnnxruntimeBackend, generate
+    from star_export.star import StarConfig
+
+    pre = Preprocessor.from_dir(export / "processor")
+    backend = OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx", threads=1)
+    geo = Geometry(**manifest["model"]["geometry"])
+    star = manifest["star"]
+    cfg = StarConfig(keep2=star["keep2"], keep1=star["keep1"], layer=star["layer_K"])
+
+    def run(images: list[Path], prompts: list[str], max_new: int = MAX_NEW, stops=()) -> list[list[int]]:
+        feeds = pre.encode(images, prompts)
+        gen = GenerationConfig(
+            max_new_tokens=max_new,
+            stop_token_ids=(pre.eos_token_id, *stops),
+            pad_token_id=pre.pad_token_id,
+        )
+        return generate(backend, feeds, geo, cfg, gen).tokens
+
+    run.pre, run.backend = pre, backend
+    return run
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    noise.save(root / "noise.png")
+    y, x = np.mgrid[0:336, 0:336]
+    gradient = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(gradient).save(root / "gradient.jpg", quality=90)
+    rgba = rng.integers(0, 256, (100, 200, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "alpha.png")
+    return [root / "noise.png", root / "gradient.jpg", root / "alpha.png"]
+
+
+PROMPTS = [
+    "What is in the image?",
+    "Describe the colours you can see in this picture, please.",
+    "Count the windows.",
+]
+
+
+def pipeline_inputs(module, images: list[Path], prompts: list[str], max_new=None, stops=None):
+    rows = len(prompts)
+    data = {
+        "image": (np.array([[p.read_bytes()] for p in images], dtype=np.object_), "BYTES"),
+        "prompt": (np.array([[t.encode()] for t in prompts], dtype=np.object_), "BYTES"),
+    }
+    if max_new is not None:
+        data["max_new_tokens"] = (np.full((rows, 1), max_new, dtype=np.int32), "INT32")
+    if stops is not None:
+        data["stop_token_ids"] = (np.array([stops] * rows, dtype=np.int32), "INT32")
+    inputs = []
+    for name, (array, dtype) in data.items():
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def answer(result) -> tuple[list[list[int]], list[str]]:
+    ids = result.as_numpy("token_ids")
+    tokens = [[int(t) for t in row if t >= 0] for row in ids]
+    return tokens, [t[0].decode() for t in result.as_numpy("text")]
+
+
+def http_client(server):
+    import tritonclient.http as httpclient
+
+    return httpclient, httpclient.InferenceServerClient(f"127.0.0.1:{server.ports['http']}")
+
+
+def grpc_client(server):
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports['grpc']}")
+
+
+@pytest.fixture
+def http(server):
+    module, client = http_client(server)
+    yield module, client
+    client.close()
+
+
+@pytest.fixture
+def grpc(server):
+    module, client = grpc_client(server)
+    yield module, client
+    client.close()
+
+
+def test_server_serves_the_configs_as_generated(grpc, manifest):
+    _, client = grpc
+    for graph in ("prefill", "decode"):
+        config = client.get_model_config(graph).config
+        assert config.max_batch_size == batch_max(manifest, graph)
+        assert served_io(config.input) == expected_io(manifest["graphs"][graph]["inputs"])
+        assert served_io(config.output) == expected_io(manifest["graphs"][graph]["outputs"])
+    assert client.is_model_ready("pipeline")
+
+
+def test_http_answer_equals_local_generate(http, local, images):
+    module, client = http
+    result = client.infer("pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1]))
+    tokens, texts = answer(result)
+    assert tokens == local(images[:1], PROMPTS[:1])
+    assert len(tokens[0]) == MAX_NEW  # the config's default limit (no EOS from random weights here)
+    assert texts == [local.pre.decode(tokens[0])]
+
+
+def test_grpc_batch_with_left_padding_equals_local_generate(grpc, local, images):
+    module, client = grpc
+    rows, prompts = images[1:3], PROMPTS[1:3]  # different prompt lengths: the shorter row is left-padded
+    result = client.infer("pipeline", pipeline_inputs(module, rows, prompts, max_new=4))
+    tokens, texts = answer(result)
+    assert tokens == local(rows, prompts, max_new=4)
+    assert texts == [local.pre.decode(t) for t in tokens]
+
+
+def test_concurrent_http_and_grpc_requests(server, local, images):
+    cases = [(images[i % 3], PROMPTS[(i + 1) % 3]) for i in range(6)]
+    expected = [local([img], [prompt]) for img, prompt in cases]
+
+    def ask(i: int):
+        module, client = (http_client if i % 2 else grpc_client)(server)
+        try:
+            start = time.perf_counter()
+            result = client.infer("pipeline", pipeline_inputs(module, [cases[i][0]], [cases[i][1]]))
+            return answer(result)[0], time.perf_counter() - start
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(ask, range(6)))
+    assert [r[0] for r in results] == expected
+    assert all(r[1] < 60 for r in results)  # answered, not stuck behind a dead stub
+
+
+def test_max_new_tokens_and_stop_tokens(http, local, images):
+    module, client = http
+    reference = local(images[:1], PROMPTS[:1])[0]
+    stop_at = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
+    result = client.infer(
+        "pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], stops=[reference[stop_at], -1])
+    )
+    assert answer(result)[0] == [reference[: stop_at + 1]]
+    assert [reference[: stop_at + 1]] == local(images[:1], PROMPTS[:1], stops=(reference[stop_at],))
+    result = client.infer("pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], max_new=2))
+    assert answer(result)[0] == [reference[:2]]
+
+
+def test_bad_requests_get_an_error_and_the_server_keeps_serving(grpc, local, images, tmp_path):
+    from tritonclient.utils import InferenceServerException
+
+    module, client = grpc
+    with pytest.raises(InferenceServerException, match="image placeholder"):
+        client.infer("pipeline", pipeline_inputs(module, images[:1], ["look: <image>"]))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(InferenceServerException, match="not a readable image"):
+        client.infer("pipeline", pipeline_inputs(module, [junk], PROMPTS[:1]))
+    with pytest.raises(InferenceServerException, match="exceeds the exported decode profile"):
+        client.infer("pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], max_new=100000))
+    result = client.infer("pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], max_new=2))
+    assert answer(result)[0] == [local(images[:1], PROMPTS[:1], max_new=2)[0]]
+
+
+def test_prefill_model_answers_like_onnxruntime(http, local, images):
+    module, client = http
+    feeds = local.pre.encode(images[:2], PROMPTS[:2])
+    inputs = []
+    for name in ("pixel_values", "input_ids", "attention_mask"):
+        tensor = module.InferInput(
+            name, list(feeds[name].shape), "FP32" if name == "pixel_values" else "INT64"
+        )
+        tensor.set_data_from_numpy(feeds[name])
+        inputs.append(tensor)
+    result = client.infer("prefill", inputs)
+    expected = local.backend.prefill(feeds)
+    np.testing.assert_array_equal(result.as_numpy("stage2_keep_idx"), expected["stage2_keep_idx"])
+    np.testing.assert_allclose(result.as_numpy("logits"), expected["logits"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("present.3.value"), expected["present.3.value"], rtol=1e-5, atol=1e-6
+    )
