@@ -232,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 
+    from star_export import bench
+
+    bn = sub.add_parser(
+        "bench",
+        help="measure prefill latency and decode tokens/s, pruned vs unpruned, next to the cost model",
+        description="Export the unpruned graph (keep1 = keep2 = N) and pruned ones, then time them in one process, "
+        "interleaved: HF PyTorch eager (unmodified), the PyTorch rewrite, onnxruntime unpruned and pruned "
+        "(TensorRT where present). Prints one table with each speedup next to the analytical cost model's "
+        "ceiling, writes bench.json and bench.png into --out. Default recipe: llava-bench (about 11 minutes "
+        "on 2 CPU cores).",
+    )
+    bench.add_bench_arguments(bn)
+    bn.set_defaults(func=bench.run_bench_cli)
+
     from star_export import deploy
 
     t = sub.add_parser(

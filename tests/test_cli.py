@@ -174,7 +174,7 @@ def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["llava"], ["generate"], ["build"], ["validate"], ["triton"], ["check"]]
+    "command", [[], ["llava"], ["generate"], ["build"], ["validate"], ["triton"], ["bench"], ["check"]]
 )
 def test_help_runs(command):
     r = run_cli(*command, "--help", timeout=60)
