@@ -326,20 +326,24 @@ def cmd_llava(args: argparse.Namespace) -> int:
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[export_dtype]
     onnx_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[export_dtype]
     n_steps = 3 if args.skip_validation else 4
-    t0 = _step(1, n_steps, f"loading {'recipe ' + recipe.name if args.model is None else args.model}")
-    if args.model is None:
-        loaded = load_mod.load_recipe_model(recipe, dtype=torch_dtype)
-    else:
-        loaded = load_mod.load(args.model, dtype=torch_dtype)
-    geo = loaded.geometry
+    from transformers import LlavaConfig
 
     from star_export.star import StarConfig
 
+    # geometry and STAR settings from config.json alone: bad settings fail before weights load
+    model_dir = load_mod.materialise(recipe) if args.model is None else args.model
+    try:
+        llava_config = LlavaConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"--model {model_dir}: cannot read its config: {str(e).splitlines()[0]}") from None
+    geo = load_mod.geometry_of(llava_config)
     cfg = StarConfig.resolve(
         keep=keep, keep1=args.keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
     )
     profile = recipe.profile if recipe and recipe.profile else GENERIC_PROFILE
     b_lo, b_opt, b_hi = profile["batch"]
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     b_opt = args.batch_size
     b_hi = max(b_hi, args.batch_size)
     t_lo, t_opt, t_hi = profile["text_len"]
@@ -347,6 +351,11 @@ def cmd_llava(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--text-len must be in 5..{t_hi} (the profile's max text length), got {args.text_len}"
         )
+    t0 = _step(1, n_steps, f"loading {'recipe ' + recipe.name if args.model is None else args.model}")
+    if args.model is None:
+        loaded = load_mod.load(model_dir, source=f"recipe:{recipe.name}", dtype=torch_dtype)
+    else:
+        loaded = load_mod.load(args.model, dtype=torch_dtype)
     print(
         f"      {loaded.source}: N={geo.n_visual}, {geo.num_layers} layers, heads {geo.num_heads}/"
         f"{geo.num_kv_heads} kv; keep1={cfg.keep1} keep2={cfg.keep2} K={cfg.layer} "

@@ -140,6 +140,8 @@ def _not_llava(tmp_path: Path) -> Path:
         (["--keep", "8", "--out", "{file}"], "exists and is not a directory"),
         (["--keep", "8", "--out", "{file}/sub"], "not writable"),
         (["--keep", "8", "--recipe", "nope"], "unknown recipe"),
+        (["--keep", "8", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--keep", "8", "--text-len", "3"], "--text-len must be in 5..512"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, args, message):
