@@ -329,7 +329,7 @@ def _export_job(job: ExportJob, loaded: Any = None) -> float:
     from star_export.contract import decode_contract, prefill_contract
     from star_export.export import example_decode_inputs, export_onnx
     from star_export.load import load
-    from star_export.rewrite import StarDecode, StarPrefill
+    from star_export.rewrite import decode_module, prefill_module
 
     for name in ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -345,11 +345,11 @@ def _export_job(job: ExportJob, loaded: Any = None) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     if job.graph == "prefill":
         contract = prefill_contract(geo, cfg, job.batch, job.text_len)
-        module = StarPrefill(loaded.model, geo, cfg).eval()
+        module = prefill_module(loaded.model, geo, cfg).eval()
         export_onnx(module, contract, path, geo.image_token_id, external_data=True)
     elif job.graph == "decode":
         contract = decode_contract(geo, cfg, job.batch, job.text_len, job.max_new_tokens)
-        module = StarDecode(loaded.model, geo, cfg).eval()
+        module = decode_module(loaded.model, geo, cfg).eval()
         export_onnx(module, contract, path, example_args=example_decode_inputs(contract), external_data=True)
     else:
         dims = cost_mod.ModelDims.from_config(loaded.model.config)

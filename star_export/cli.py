@@ -49,6 +49,16 @@ def _int(text: str) -> int:
     return value
 
 
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 2x2, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"expected positive rows and cols, got {text!r}")
+    return rows, cols
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (no usage dump) on a bad flag."""
 
@@ -138,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs")
     p.add_argument("--skip-validation", action="store_true", help="export only, no parity checks")
+    p.add_argument(
+        "--grid",
+        type=_grid,
+        default=None,
+        metavar="RxC",
+        help="LLaVA-NeXT: the fixed anyres tile grid, rows x cols (one of the checkpoint's "
+        "image_grid_pinpoints); default 2x2 when listed. Static shapes need one grid per export",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_int,
+        default=None,
+        metavar="PX",
+        help="Qwen2-VL: the static square image resolution (a multiple of patch*merge = 28 px); "
+        "default 336 (144 visual tokens). Images are resized to PX x PX",
+    )
     from star_export.build import add_build_arguments
 
     add_build_arguments(p, include_engine=False)
@@ -322,21 +348,28 @@ def cmd_llava(args: argparse.Namespace) -> int:
 
     import torch
 
-    export_dtype = args.dtype or "fp32"
+    # default precision: the checkpoint's own (fp16/bf16 checkpoints are never widened to an fp32 copy)
+    model_dir = load_mod.materialise(recipe) if args.model is None else args.model
+    export_dtype = args.dtype or load_mod.checkpoint_dtype(model_dir)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[export_dtype]
     onnx_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[export_dtype]
     n_steps = 3 if args.skip_validation else 4
-    from transformers import LlavaConfig
+    from transformers import AutoConfig
 
     from star_export.star import StarConfig
 
     # geometry and STAR settings from config.json alone: bad settings fail before weights load
-    model_dir = load_mod.materialise(recipe) if args.model is None else args.model
     try:
-        llava_config = LlavaConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as e:
+        model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"--model {model_dir}: cannot read its config: {str(e).splitlines()[0]}") from None
-    geo = load_mod.geometry_of(llava_config)
+    if (
+        args.image_size is None
+        and recipe is not None
+        and recipe.architecture == "Qwen2VLForConditionalGeneration"
+    ):
+        args.image_size = recipe.image.get("size")  # the recipe's static resolution
+    geo = load_mod.geometry_of(model_config, args.grid, args.image_size)
     cfg = StarConfig.resolve(
         keep=keep, keep1=args.keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
     )
@@ -353,9 +386,15 @@ def cmd_llava(args: argparse.Namespace) -> int:
         )
     t0 = _step(1, n_steps, f"loading {'recipe ' + recipe.name if args.model is None else args.model}")
     if args.model is None:
-        loaded = load_mod.load(model_dir, source=f"recipe:{recipe.name}", dtype=torch_dtype)
+        loaded = load_mod.load(
+            model_dir,
+            source=f"recipe:{recipe.name}",
+            dtype=torch_dtype,
+            grid=args.grid,
+            image_size=args.image_size,
+        )
     else:
-        loaded = load_mod.load(args.model, dtype=torch_dtype)
+        loaded = load_mod.load(args.model, dtype=torch_dtype, grid=args.grid, image_size=args.image_size)
     print(
         f"      {loaded.source}: N={geo.n_visual}, {geo.num_layers} layers, heads {geo.num_heads}/"
         f"{geo.num_kv_heads} kv; keep1={cfg.keep1} keep2={cfg.keep2} K={cfg.layer} "
@@ -366,7 +405,7 @@ def cmd_llava(args: argparse.Namespace) -> int:
     from star_export.export import OPSET, example_decode_inputs, export_onnx
     from star_export.manifest import build_manifest
     from star_export.outputs import staged, write_json
-    from star_export.rewrite import StarDecode, StarPrefill
+    from star_export.rewrite import decode_module, prefill_module
 
     max_new = int(profile.get("max_new_tokens", 256))
     text_range = (max(2, t_lo), t_opt, t_hi)
@@ -378,11 +417,11 @@ def cmd_llava(args: argparse.Namespace) -> int:
         )
         onnx_path = stage / "prefill.onnx"
         decode_path = stage / "decode.onnx"
-        export_onnx(StarPrefill(loaded.model, geo, cfg).eval(), contract, onnx_path, geo.image_token_id)
+        export_onnx(prefill_module(loaded.model, geo, cfg).eval(), contract, onnx_path, geo.image_token_id)
         print(f"      prefill.onnx: batch, text_len dynamic ({time.perf_counter() - t0:.1f}s)")
         t0 = time.perf_counter()
         export_onnx(
-            StarDecode(loaded.model, geo, cfg).eval(),
+            decode_module(loaded.model, geo, cfg).eval(),
             dcontract,
             decode_path,
             example_args=example_decode_inputs(dcontract),
@@ -677,7 +716,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg = StarConfig(keep2=st["keep2"], keep1=st["keep1"], layer=st["layer_K"])
         dims = {d["name"]: d for g in manifest["graphs"].values() for d in g["dynamic_dims"]}
         text_max, past_max = dims["text_len"]["max"], dims["past_len"]["max"]
-        pre = Preprocessor.from_dir(args.from_dir / "processor")
+        pre = Preprocessor.from_dir(args.from_dir / "processor", geometry=geo)
         if runtime == "onnxruntime":
             backend = OnnxruntimeBackend(args.from_dir / "prefill.onnx", args.from_dir / "decode.onnx")
             where = f"{args.from_dir}/ (prefill.onnx + decode.onnx)"
@@ -710,7 +749,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text_max, past_max = 1 << 30, 1 << 30
         pc = prefill_contract(geo, cfg, (1, 1, 1 << 30), (2, 2, 1 << 30))
         dc = decode_contract(geo, cfg, (1, 1, 1 << 30), (2, 2, 1 << 30), 1 << 20)
-        pre = Preprocessor.from_dir(loaded.model_dir)
+        pre = Preprocessor.from_dir(loaded.model_dir, geometry=geo)
         backend = TorchBackend(loaded.model, geo, cfg, pc, dc)
         where = f"PyTorch rewrite of {loaded.source}"
 
@@ -718,8 +757,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text_len = feeds["input_ids"].shape[1]
     if text_len > text_max:
         raise UsageError(f"prompt is {text_len} tokens; the exported profile allows at most {text_max}")
-    if text_len - 1 + cfg.keep2 + args.max_new_tokens - 1 > past_max:
-        allowed = past_max - (text_len - 1 + cfg.keep2) + 1
+    if text_len - 1 + geo.span(cfg.keep2) + args.max_new_tokens - 1 > past_max:
+        allowed = past_max - (text_len - 1 + geo.span(cfg.keep2)) + 1
         raise UsageError(
             f"--max-new-tokens {args.max_new_tokens} exceeds the exported decode profile "
             f"(at most {allowed} for this prompt)"
@@ -766,7 +805,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     print(f"runtime: {runtime}, {where}")
     print(
-        f"visual tokens: {geo.n_visual} -> {cfg.keep1} (stage 1) -> {cfg.keep2} (stage 2, from layer {cfg.layer}); "
+        f"visual tokens: {geo.n_visual} -> {cfg.keep1} (stage 1) -> {cfg.keep2} (stage 2, from layer {cfg.layer})"
+        f"{f' + {geo.n_fixed} row newlines' if geo.n_fixed else ''}; "
         f"KV cache per layer after prefill: {result.prefill_present_lengths}"
     )
     for prompt, image, answer in zip(prompts, images, answers, strict=True):

@@ -98,6 +98,13 @@ TOLERANCES = {
 }
 
 
+PIXEL_DOCS = {
+    "llava": "image, resized/cropped to the model's size and normalised with the manifest's mean/std",
+    "llava_next": "anyres tiles of one image: the base image (resized to the tile size) then the fixed "
+    "grid's tiles row by row, each normalised with the manifest's mean/std",
+}
+
+
 def prefill_contract(
     geo: Geometry,
     cfg: StarConfig,
@@ -106,14 +113,14 @@ def prefill_contract(
     dtype: str = "float32",
 ) -> GraphContract:
     """The prefill graph's I/O, exactly the table of STAR_SPEC.md."""
-    l1 = f"text_len + {cfg.keep1 - 1}"
-    l2 = f"text_len + {cfg.keep2 - 1}"
+    l1 = f"text_len + {geo.span(cfg.keep1) - 1}"
+    l2 = f"text_len + {geo.span(cfg.keep2) - 1}"
     inputs = (
         TensorSpec(
             "pixel_values",
             dtype,
-            ("batch", 3, geo.image_size, geo.image_size),
-            "image, resized/cropped to the model's size and normalised with the manifest's mean/std",
+            ("batch", *geo.pixel_shape),
+            PIXEL_DOCS.get(geo.arch, "image pixels as the checkpoint's image processor lays them out"),
         ),
         TensorSpec(
             "input_ids",
@@ -167,7 +174,7 @@ def decode_contract(
             "position_ids",
             "int64",
             ("batch", 1),
-            "its original position: (real prompt tokens) - 1 + N + (tokens generated before it)",
+            f"its original position: (real prompt tokens) - 1 + {geo.n_positions} + (tokens generated before it)",
         ),
         TensorSpec(
             "attention_mask_l1",
@@ -207,9 +214,10 @@ def decode_contract(
                     f"layer {i} {kind}s with the new token appended",
                 )
             )
-    lo = max(2, text_len[0]) - 1 + cfg.keep2
-    opt = text_len[1] - 1 + cfg.keep2 + 16
-    hi = text_len[2] - 1 + cfg.keep2 + max_new_tokens - 1
+    span2 = geo.span(cfg.keep2)
+    lo = max(2, text_len[0]) - 1 + span2
+    opt = text_len[1] - 1 + span2 + 16
+    hi = text_len[2] - 1 + span2 + max_new_tokens - 1
     dims = (DynamicDim("batch", *batch), DynamicDim("past_len", lo, min(max(opt, lo), hi), hi))
     return GraphContract("decode", tuple(inputs), tuple(outputs), dims, dict(TOLERANCES))
 

@@ -450,7 +450,7 @@ def write_repository(
                 limits[key] = min(limits[key], got) if key == "batch" else got
     star = manifest["star"]
     shortest_prompt = min(d["min"] for d in graphs["prefill"]["dynamic_dims"] if d["name"] == "text_len")
-    longest_answer = limits["past_len"] - (shortest_prompt - 1 + int(star["keep2"])) + 1
+    longest_answer = limits["past_len"] - (shortest_prompt - 1 + int(star.get("span2", star["keep2"]))) + 1
     if settings.max_new_tokens > longest_answer:
         raise UsageError(
             f"--max-new-tokens {settings.max_new_tokens}: the decode profile allows at most "
@@ -599,7 +599,7 @@ Backend: {backend_note}
 | `{m["pipeline"]}` | Python backend (BLS): image bytes + prompt -> `text`, `token_ids` (greedy) |
 
 Limits served: batch <= {repo.limits["batch"]} rows per request, prompts <= {repo.limits["text_len"]}
-tokens, past length <= {repo.limits["past_len"]} (prompt - 1 + {star["keep2"]} + new tokens - 1).
+tokens, past length <= {repo.limits["past_len"]} (prompt - 1 + {star.get("span2", star["keep2"])} + new tokens - 1).
 Default `max_new_tokens`: {settings.max_new_tokens} (config parameter of `{m["pipeline"]}`).
 
 Layout:
@@ -658,6 +658,11 @@ token; the onnxruntime and tensorrt backends run the same graphs with their own 
 def cpp_header(manifest: Mapping[str, Any]) -> str:
     """``star_model.h`` for examples/cpp: the model constants, from the manifest (never by hand)."""
     geo, star, graphs = manifest["model"]["geometry"], manifest["star"], manifest["graphs"]
+    if geo.get("arch", "llava") != "llava":
+        raise UsageError(
+            f"--cpp-header: examples/cpp drives LLaVA-1.5 exports (pixel_values [B, 3, S, S]); this export is "
+            f"{geo['arch']} (pixel_values {['B', *geo['pixel_shape']]}): use the manifest's tensor table"
+        )
     consts = [
         (
             "int32_t",

@@ -22,7 +22,14 @@ import torch
 from star_export.errors import UsageError
 from star_export.recipes import Recipe
 
-SUPPORTED_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration"}
+# model_type -> the transformers class that loads it; each tested with tiny checkpoints saved by
+# save_pretrained and loaded back (tests/conftest.py)
+SUPPORTED_MODEL_TYPES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+}
+DEFAULT_QWEN2VL_IMAGE_SIZE = 336  # Qwen2-VL's static square resolution unless --image-size says otherwise
 LLAMA_FAMILY = {"llama", "mistral", "qwen2"}  # each tested (tests/test_rewrite.py)
 
 
@@ -47,9 +54,28 @@ class Geometry:
     vision_feature_layer: int
     select_strategy: str
     text_model_type: str
+    # --- architecture layout (defaults: LLaVA-1.5, so manifests written before these existed load)
+    arch: str = "llava"  # model_type: "llava" | "llava_next" | "qwen2_vl"
+    pixel_shape: tuple[int, ...] = ()  # pixel_values dims after the batch dim
+    n_fixed: int = 0  # structural tokens of the visual span that are always kept (NeXT row newlines)
+    n_positions: int = 0  # positions the image occupies: text after it starts at s + n_positions
+    grid: tuple[int, int] = (1, 1)  # NeXT: anyres tile grid (rows, cols); Qwen2-VL: merged-token grid
+
+    def __post_init__(self) -> None:
+        # JSON round trips (manifest.json) turn tuples into lists; old manifests lack the layout
+        object.__setattr__(
+            self, "pixel_shape", tuple(self.pixel_shape) or (3, self.image_size, self.image_size)
+        )
+        object.__setattr__(self, "grid", tuple(self.grid))
+        if not self.n_positions:
+            object.__setattr__(self, "n_positions", self.n_visual + self.n_fixed)
+
+    def span(self, keep: int) -> int:
+        """Length of the visual span when ``keep`` visual tokens are kept (plus the fixed ones)."""
+        return keep + self.n_fixed
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -74,7 +100,6 @@ def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: P
     recipe never reuses a stale checkpoint. Written to a temporary directory and renamed.
     """
     import transformers
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     if not recipe.embedded:
         raise UsageError(f"recipe {recipe.name!r} describes a checkpoint directory; pass it with --model DIR")
@@ -88,9 +113,10 @@ def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: P
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    config = LlavaConfig(**copy.deepcopy(cfg_dict))
+    model_cls = getattr(transformers, recipe.architecture)
+    config = model_cls.config_class(**copy.deepcopy(cfg_dict))
     torch.manual_seed(recipe.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}-", dir=root))
     try:
         model.save_pretrained(tmp)
@@ -108,9 +134,32 @@ def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: P
 def _write_extras(directory: Path, recipe: Recipe) -> None:
     """Processor files that make the embedded checkpoint self-describing."""
     image = recipe.image
-    if image:
+    if image and recipe.architecture == "Qwen2VLForConditionalGeneration":
+        vc = recipe.config["vision_config"]
+        pixels = image["size"] * image["size"]
         pre = {
-            "image_processor_type": "CLIPImageProcessor",
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": pixels, "longest_edge": pixels},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": image["mean"],
+            "image_std": image["std"],
+            "do_convert_rgb": True,
+            "patch_size": vc["patch_size"],
+            "temporal_patch_size": vc["temporal_patch_size"],
+            "merge_size": vc["spatial_merge_size"],
+        }
+        (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        from star_export.preprocess import write_tiny_tokenizer
+
+        write_tiny_tokenizer(directory, image_token_id=int(recipe.config["image_token_id"]))
+    elif image:
+        pre = {
+            "image_processor_type": "CLIPImageProcessor"
+            if recipe.architecture == "LlavaForConditionalGeneration"
+            else "LlavaNextImageProcessor",
             "do_resize": True,
             "size": {"shortest_edge": image["size"]},
             "do_center_crop": True,
@@ -122,10 +171,20 @@ def _write_extras(directory: Path, recipe: Recipe) -> None:
             "image_std": image["std"],
             "do_convert_rgb": True,
         }
+        if "image_grid_pinpoints" in recipe.config:
+            pre["image_grid_pinpoints"] = recipe.config["image_grid_pinpoints"]
+            pre["do_pad"] = True
         (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
         from star_export.preprocess import write_tiny_tokenizer
 
         write_tiny_tokenizer(directory, image_token_id=int(recipe.config["image_token_id"]))
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The --dtype name of the checkpoint's weights (config.json ``dtype``/``torch_dtype``); fp32 if unstated."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(name, "fp32")
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -149,7 +208,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES.values())}"
         )
     text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
-    if text_type not in LLAMA_FAMILY:
+    if model_type != "qwen2_vl" and text_type not in LLAMA_FAMILY:
         raise UsageError(
             f"--model {model_dir}: text model {text_type!r} is not supported; supported: {sorted(LLAMA_FAMILY)}"
         )
@@ -158,8 +217,51 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def geometry_of(config: Any) -> Geometry:
-    """Geometry from a loaded LlavaConfig."""
+def text_geometry(tc: Any) -> dict[str, Any]:
+    """The Geometry fields read from a text config (every architecture)."""
+    return {
+        "num_layers": tc.num_hidden_layers,
+        "num_heads": tc.num_attention_heads,
+        "num_kv_heads": tc.num_key_value_heads,
+        "hidden_size": tc.hidden_size,
+        "vocab_size": tc.vocab_size,
+        "text_model_type": tc.model_type,
+    }
+
+
+def next_grid(config: Any, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """LLaVA-NeXT's static anyres tile grid (rows, cols): ``grid`` if given, else 2x2 when the
+    checkpoint lists that resolution, else its first pinpoint. It must be one of the
+    checkpoint's ``image_grid_pinpoints`` (the model only knows those)."""
+    size = config.vision_config.image_size
+    pinpoints = [tuple(int(v) for v in pp) for pp in config.image_grid_pinpoints]
+    allowed = [(h // size, w // size) for h, w in pinpoints if h % size == 0 and w % size == 0]
+    if grid is None:
+        grid = (2, 2) if (2, 2) in allowed else (allowed[0] if allowed else (0, 0))
+    if tuple(grid) not in allowed:
+        raise UsageError(
+            f"--grid {grid[0]}x{grid[1]}: the checkpoint's image_grid_pinpoints allow "
+            f"{', '.join(f'{h}x{w}' for h, w in allowed) or 'no tile grid'} ({size} px tiles)"
+        )
+    return (int(grid[0]), int(grid[1]))
+
+
+def geometry_of(config: Any, grid: tuple[int, int] | None = None, image_size: int | None = None) -> Geometry:
+    """Geometry from a loaded LlavaConfig / LlavaNextConfig / Qwen2VLConfig.
+
+    ``grid``: LLaVA-NeXT's tile grid; ``image_size``: Qwen2-VL's static square resolution.
+    """
+    if config.model_type == "qwen2_vl":
+        if grid is not None:
+            raise UsageError("--grid applies to LLaVA-NeXT checkpoints, not qwen2_vl")
+        from star_export.qwen2vl import geometry_of_qwen2vl
+
+        return geometry_of_qwen2vl(config, image_size or DEFAULT_QWEN2VL_IMAGE_SIZE)
+    if image_size is not None:
+        raise UsageError(
+            f"--image-size applies to Qwen2-VL checkpoints; {config.model_type} has a fixed image size "
+            f"({config.vision_config.image_size})"
+        )
     vc, tc = config.vision_config, config.text_config
     strategy = config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
@@ -173,43 +275,62 @@ def geometry_of(config: Any) -> Geometry:
             f"text model {tc.model_type} uses sliding-window attention (window {window}); not supported "
             "(the exported attention is global)"
         )
-    grid = vc.image_size // vc.patch_size
-    n_visual = grid * grid + (0 if strategy == "default" else 1)
+    side = vc.image_size // vc.patch_size
+    n_visual = side * side + (0 if strategy == "default" else 1)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    layout: dict[str, Any] = {}
+    if config.model_type == "llava_next":
+        if strategy != "default":
+            raise UsageError("LLaVA-NeXT: only vision_feature_select_strategy 'default' is supported")
+        gh, gw = next_grid(config, grid)
+        n_fixed = gh * side  # one newline per row of the tile grid
+        layout = {
+            "arch": "llava_next",
+            "pixel_shape": (1 + gh * gw, 3, vc.image_size, vc.image_size),
+            "n_fixed": n_fixed,
+            "grid": (gh, gw),
+        }
+        n_visual = (1 + gh * gw) * side * side
+    elif grid is not None:
+        raise UsageError(f"--grid applies to LLaVA-NeXT checkpoints, not {config.model_type}")
     return Geometry(
         n_visual=n_visual,
         image_size=vc.image_size,
         patch_size=vc.patch_size,
         image_token_id=int(config.image_token_id),
-        num_layers=tc.num_hidden_layers,
-        num_heads=tc.num_attention_heads,
-        num_kv_heads=tc.num_key_value_heads,
         head_dim=head_dim,
-        hidden_size=tc.hidden_size,
-        vocab_size=tc.vocab_size,
         vision_feature_layer=vfl,
         select_strategy=strategy,
-        text_model_type=tc.model_type,
+        **text_geometry(tc),
+        **layout,
     )
 
 
-def load(model_dir: str | Path, source: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load a LLaVA checkpoint directory for export (eval mode, eager attention)."""
-    from transformers import LlavaForConditionalGeneration
+def load(
+    model_dir: str | Path,
+    source: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    grid: tuple[int, int] | None = None,
+    image_size: int | None = None,
+) -> Loaded:
+    """Load a supported checkpoint directory for export (eval mode, eager attention)."""
+    import transformers
 
     model_dir = Path(model_dir)
-    read_config(model_dir)
+    cfg = read_config(model_dir)
+    model_cls = getattr(transformers, SUPPORTED_MODEL_TYPES[cfg["model_type"]])
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="eager"
-        )
+        model = model_cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError) as e:
         raise UsageError(
             f"--model {model_dir}: cannot load the checkpoint: {str(e).splitlines()[0]}"
         ) from None
     model.eval()
     return Loaded(
-        model=model, model_dir=model_dir, source=source or str(model_dir), geometry=geometry_of(model.config)
+        model=model,
+        model_dir=model_dir,
+        source=source or str(model_dir),
+        geometry=geometry_of(model.config, grid, image_size),
     )
 
 

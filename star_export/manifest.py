@@ -47,6 +47,19 @@ def image_preprocessing(model_dir: Path, geo: Geometry) -> dict[str, Any]:
         "mean": pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
         "std": pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
         "layout": "NCHW, RGB",
+        **(
+            {
+                "anyres": {
+                    "grid": list(geo.grid),
+                    "pixel_values": f"[B, {geo.pixel_shape[0]}, 3, {geo.image_size}, {geo.image_size}]: the base "
+                    "image resized to the tile size, then the tiles of the image resized (aspect kept) and "
+                    f"padded to {geo.grid[0] * geo.image_size}x{geo.grid[1] * geo.image_size}, row by row "
+                    "(the checkpoint's LlavaNextImageProcessor with that resolution as its only pinpoint)",
+                }
+            }
+            if geo.arch == "llava_next"
+            else {}
+        ),
     }
 
 
@@ -82,8 +95,14 @@ def build_manifest(
             "keep1": cfg.keep1,
             "keep2": cfg.keep2,
             "layer_K": cfg.layer,
-            "L1": f"text_len - 1 + {cfg.keep1}",
-            "L2": f"text_len - 1 + {cfg.keep2}",
+            # visual-span lengths: kept tokens + always-kept structural ones (LLaVA-NeXT newlines)
+            "n_fixed": geo.n_fixed,
+            "span1": geo.span(cfg.keep1),
+            "span2": geo.span(cfg.keep2),
+            # positions the image occupies: the first new token sits at real tokens - 1 + n_positions
+            "n_positions": geo.n_positions,
+            "L1": f"text_len - 1 + {geo.span(cfg.keep1)}",
+            "L2": f"text_len - 1 + {geo.span(cfg.keep2)}",
             "present_length_per_layer": ["L1" if i < cfg.layer else "L2" for i in range(geo.num_layers)],
         },
         "image_token_id": geo.image_token_id,
@@ -97,10 +116,12 @@ def build_manifest(
         "decoding": {
             "max_new_tokens": max_new_tokens,
             "loop": [
-                "run prefill; layers < K return L1 = T-1+keep1 slots, layers >= K return L2 = T-1+keep2",
+                "run prefill; layers < K return L1 = T-1+span1 slots, layers >= K return L2 = T-1+span2 "
+                "(span = kept visual tokens + n_fixed)",
                 "pad = T - sum(attention_mask) per row; attention_mask_l1 = [0]*pad + [1]*(L1-pad), "
                 "attention_mask_l2 = [0]*pad + [1]*(L2-pad)",
-                "position of the first new token = sum(attention_mask) - 1 + N (the unpruned count); +1 per step",
+                "position of the first new token = sum(attention_mask) - 1 + n_positions (the unpruned "
+                "image's extent); +1 per step",
                 "each step: input_ids = chosen token [B,1], position_ids [B,1], both masks with a 1 appended, "
                 "past.{i}.key/value = previous present.{i}.key/value",
                 "decode steps do not prune further; every layer's cache grows by one per step",

@@ -211,8 +211,9 @@ def write_tiny_tokenizer(
     chat_template.jinja, processor_config.json) and are byte-identical across runs.
     ``num_additional_image_tokens=1`` is the CLIP CLS token, as in llava-hf's LLaVA-1.5.
     """
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     directory = Path(directory)
     if image_processor is None:
@@ -220,6 +221,7 @@ def write_tiny_tokenizer(
         if not pre_path.is_file():
             raise ValueError(f"{directory}: no preprocessor_config.json and no image_processor given")
         image_processor = json.loads(pre_path.read_text())
+    qwen = image_processor.get("image_processor_type") == "Qwen2VLImageProcessor"
     ip_kwargs = {
         k: v for k, v in image_processor.items() if k not in ("image_processor_type", "processor_class")
     }
@@ -231,8 +233,18 @@ def write_tiny_tokenizer(
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="left",
     )
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(**ip_kwargs),
+    if qwen:
+        # Qwen2-VL: tokenizer + chat template + preprocessor_config.json (read by Preprocessor
+        # itself: transformers' Qwen2VLProcessor needs torchvision for its video half)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(directory)
+        return
+    anyres = "image_grid_pinpoints" in ip_kwargs  # LLaVA-NeXT
+    processor_cls = LlavaNextProcessor if anyres else LlavaProcessor
+    image_cls = LlavaNextImageProcessorPil if anyres else CLIPImageProcessorPil
+    processor = processor_cls(
+        image_processor=image_cls(**ip_kwargs),
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy=vision_feature_select_strategy,
@@ -294,11 +306,62 @@ def _missing_files(model_dir: Path) -> list[str]:
     return missing
 
 
+def _is_qwen2vl(model_dir: Path) -> bool:
+    path = model_dir / "preprocessor_config.json"
+    try:
+        kind = json.loads(path.read_text()).get("image_processor_type", "") if path.is_file() else ""
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return kind.startswith("Qwen2VLImageProcessor")
+
+
+class _Qwen2VLProcessor:
+    """The tokenizer (with its chat template) and the image settings of a Qwen2-VL checkpoint.
+
+    transformers' Qwen2VLProcessor cannot be built without torchvision (its video processor);
+    the static export needs only the image normalisation and patch sizes, read from
+    preprocessor_config.json, and the tokenizer's chat template.
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> _Qwen2VLProcessor:
+        from types import SimpleNamespace
+
+        from transformers import AutoTokenizer
+
+        pre = json.loads((model_dir / "preprocessor_config.json").read_text())
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--model {model_dir}: cannot load the tokenizer: {first}") from None
+        image = SimpleNamespace(
+            image_mean=pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+            image_std=pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
+            rescale_factor=pre.get("rescale_factor", 1 / 255),
+            patch_size=pre.get("patch_size", 14),
+            temporal_patch_size=pre.get("temporal_patch_size", 2),
+            merge_size=pre.get("merge_size", 2),
+        )
+        return cls(tokenizer, image)
+
+    def apply_chat_template(self, messages: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
+
+
 class Preprocessor:
     """A checkpoint's LlavaProcessor, used to build the exported graphs' inputs."""
 
-    def __init__(self, processor: Any, source: str = "") -> None:
+    def __init__(self, processor: Any, source: str = "", geometry: Any = None) -> None:
         self.processor = processor
+        # the export's static image layout (LLaVA-NeXT tile grid, Qwen2-VL resolution); None: LLaVA-1.5
+        self.geometry = geometry
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.source = source
@@ -312,8 +375,10 @@ class Preprocessor:
         self._image_token_id = int(ids[0])
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> Preprocessor:
-        """Load ``model_dir``'s processor offline (local files only, PIL image backend)."""
+    def from_dir(cls, model_dir: str | Path, geometry: Any = None) -> Preprocessor:
+        """Load ``model_dir``'s processor offline (local files only, PIL image backend).
+
+        ``geometry``: the export's ``load.Geometry`` (its static image layout); None for LLaVA-1.5."""
         from transformers import AutoProcessor
 
         model_dir = Path(model_dir)
@@ -322,6 +387,8 @@ class Preprocessor:
         missing = _missing_files(model_dir)
         if missing:
             raise UsageError(f"--model {model_dir}: cannot encode prompts, missing {'; '.join(missing)}")
+        if _is_qwen2vl(model_dir):
+            return cls(_Qwen2VLProcessor.from_dir(model_dir), source=str(model_dir), geometry=geometry)
         try:
             processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, backend="pil")
         except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
@@ -334,7 +401,7 @@ class Preprocessor:
             raise UsageError(
                 f"--model {model_dir}: the processor ({type(processor).__name__}) lacks a tokenizer or an image processor"
             )
-        return cls(processor, source=str(model_dir))
+        return cls(processor, source=str(model_dir), geometry=geometry)
 
     # ---- ids ----------------------------------------------------------------------------------
     @property
@@ -359,7 +426,9 @@ class Preprocessor:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) of ``pixel_values``."""
+        """(height, width) of the images (LLaVA-NeXT: of one tile) fed to the vision tower."""
+        if self.geometry is not None and self.geometry.arch == "qwen2_vl":
+            return self.geometry.image_size, self.geometry.image_size
         crop = self.image_processor.crop_size
         return int(crop["height"]), int(crop["width"])
 
@@ -415,12 +484,36 @@ class Preprocessor:
 
     # ---- images -------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[str | os.PathLike[str] | Image.Image]) -> np.ndarray:
-        """float32 [B, 3, H, W] as the checkpoint's image processor (PIL backend) computes it."""
+        """float32 [B, 3, H, W] as the checkpoint's image processor (PIL backend) computes it.
+
+        LLaVA-NeXT: [B, 1 + rows*cols, 3, S, S]: the processor's anyres path with the grid's
+        resolution as the only pinpoint, so every image is letterboxed into that same grid.
+        Qwen2-VL: [B, (S/P)^2, C*Tp*P*P]: resized to the export's S x S (bicubic, aspect not kept),
+        rescaled and normalised with the processor's mean/std, cut into patches in the processor's
+        order (``qwen2vl.patchify``).
+        """
         if isinstance(images, (str, os.PathLike, Image.Image)) or not images:
             raise UsageError("images: expected a non-empty list of image files or PIL images")
         pil = [load_image(item) for item in images]
-        out = self.image_processor(pil, return_tensors="np")["pixel_values"]
+        geo = self.geometry
+        if geo is not None and geo.arch == "qwen2_vl":
+            return np.stack([self._qwen2vl_pixels(im) for im in pil])
+        kwargs: dict[str, Any] = {}
+        if geo is not None and geo.arch == "llava_next":
+            crop = self.image_size
+            kwargs["image_grid_pinpoints"] = [[geo.grid[0] * crop[0], geo.grid[1] * crop[1]]]
+        out = self.image_processor(pil, return_tensors="np", **kwargs)["pixel_values"]
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _qwen2vl_pixels(self, image: Image.Image) -> np.ndarray:
+        from star_export.qwen2vl import patchify
+
+        ip, size = self.image_processor, self.geometry.image_size
+        array = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+        array = array * float(ip.rescale_factor)
+        array = (array - np.asarray(ip.image_mean, np.float32)) / np.asarray(ip.image_std, np.float32)
+        merge = int(getattr(ip, "merge_size", 2))
+        return patchify(array.transpose(2, 0, 1), int(ip.patch_size), merge, int(ip.temporal_patch_size))
 
     def encode(
         self, images: Sequence[str | os.PathLike[str] | Image.Image], prompts: Sequence[str]

@@ -25,6 +25,39 @@ class RowResult:
     positions: list[int]  # position ids of the L2 sequence
 
 
+def _visual_span(model, pixel_values: torch.Tensor):
+    """One image's stage-1 candidates and its unpruned visual span, in transformers' own order.
+
+    -> F (N, dv) the candidates' features, and ``span``: for each slot of the unpruned span the
+    candidate number (0..N-1, in order of appearance) or None for a LLaVA-NeXT row newline.
+    LLaVA-NeXT's order is taken from LlavaNext's own ``pack_image_features`` run on an index
+    image (the fixed grid: image_sizes = the grid's resolution, so nothing is unpadded).
+    """
+    cfg = model.config
+    tiles = pixel_values if cfg.model_type == "llava_next" else pixel_values[None]
+    vis = model.model.vision_tower(tiles, output_hidden_states=True)
+    feats = vis.hidden_states[cfg.vision_feature_layer]  # (tiles, 1 + n, dv)
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    flat = feats.reshape(-1, feats.shape[-1])  # tile-major
+    if cfg.model_type != "llava_next":
+        return flat, list(range(flat.shape[0]))
+    size = cfg.vision_config.image_size
+    grid_px = None
+    for h, w in cfg.image_grid_pinpoints:  # the pinpoint whose tile count matches pixel_values
+        if (h // size) * (w // size) == tiles.shape[0] - 1:
+            grid_px = (h, w)
+            break
+    index_image = torch.arange(flat.shape[0], dtype=torch.float32).view(tiles.shape[0], -1, 1)
+    packed, _ = model.model.pack_image_features(
+        [index_image], torch.tensor([grid_px]), "default", image_newline=torch.tensor([-1.0])
+    )
+    order = [int(v) for v in packed[0][:, 0].tolist()]  # tile-major feature id, -1 at newlines
+    cands = [i for i in order if i >= 0]
+    number = {fid: j for j, fid in enumerate(cands)}
+    return flat[cands], [number[i] if i >= 0 else None for i in order]
+
+
 def _top_sorted(scores: list[float], k: int) -> list[int]:
     """k largest, ties to the lower index, returned in ascending index order."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -42,22 +75,26 @@ def reference_row(
     assert ids.count(image_token) == 1, "exactly one image placeholder"
     p = ids.index(image_token)
 
-    # Stage 1: F from the selected vision layer, CLS dropped.
-    vis = model.model.vision_tower(pixel_values[None], output_hidden_states=True)
-    feats = vis.hidden_states[cfg.vision_feature_layer][0]
-    if cfg.vision_feature_select_strategy == "default":
-        feats = feats[1:]
+    # Stage 1: F from the selected vision layer, CLS dropped (NeXT: every tile, in span order).
+    feats, span = _visual_span(model, pixel_values)
     n, dv = feats.shape
     f32 = feats.float()
     attn = torch.softmax(f32 @ f32.T / math.sqrt(dv), dim=-1)
     r1 = [attn[:, j].mean().item() for j in range(n)]  # column mean: attention received
     keep_a = _top_sorted(r1, keep1)
-    image_embeds = model.model.multi_modal_projector(feats[keep_a][None])[0]
+    projected = dict(zip(keep_a, model.model.multi_modal_projector(feats[keep_a][None])[0], strict=True))
+
+    # The kept span: kept candidates and every newline, in span order, at their span offsets.
+    kept = set(keep_a)
+    slots = [(o, c) for o, c in enumerate(span) if c is None or c in kept]  # (offset, candidate)
+    newline = getattr(model.model, "image_newline", None)
+    image_embeds = torch.stack([newline if c is None else projected[c] for _, c in slots])
 
     # The L1 sequence and its original position ids.
     emb = lm.embed_tokens(torch.tensor(ids))
     h = torch.cat([emb[:p], image_embeds.to(emb.dtype), emb[p + 1 :]])[None]
-    pos = list(range(p)) + [p + j for j in keep_a] + [p + n + t for t in range(len(ids) - p - 1)]
+    span1 = len(slots)
+    pos = list(range(p)) + [p + o for o, _ in slots] + [p + len(span) + t for t in range(len(ids) - p - 1)]
 
     captured: dict[str, torch.Tensor] = {}
 
@@ -86,13 +123,15 @@ def reference_row(
         if i == layer_k - 1:
             handle.remove()
             probs = captured["probs"][0].float()  # (H, L1, L1)
-            after = probs[:, p + keep1 :, p : p + keep1]  # rows after the image, visual columns
+            after = probs[:, p + span1 :, p : p + span1]  # rows after the image, visual columns
             r2 = after.mean(dim=(0, 1)).tolist()
-            sel = _top_sorted(r2, keep2)
-            keep_b = [keep_a[j] for j in sel]
-            slots = list(range(p)) + [p + j for j in sel] + list(range(p + keep1, length))
-            h = h[:, slots]
-            pos = [pos[s] for s in slots]
+            visual = [j for j, (_, c) in enumerate(slots) if c is not None]  # newlines always stay
+            best = _top_sorted([r2[j] for j in visual], keep2)
+            sel = sorted({visual[j] for j in best} | {j for j, (_, c) in enumerate(slots) if c is None})
+            keep_b = [slots[j][1] for j in sel if slots[j][1] is not None]
+            seq = list(range(p)) + [p + j for j in sel] + list(range(p + span1, length))
+            h = h[:, seq]
+            pos = [pos[s] for s in seq]
 
     logits = model.lm_head(lm.norm(h[:, -1]))[0].float()
     presents = [(cache.layers[i].keys[0], cache.layers[i].values[0]) for i in range(len(lm.layers))]
@@ -107,27 +146,52 @@ def reference_batch(
     keep1: int,
     keep2: int,
     layer_k: int,
+    row=None,
 ) -> list[RowResult]:
-    """Each row alone, its left padding stripped (the spec: a padded row equals the row alone)."""
-    rows = []
-    for b in range(input_ids.shape[0]):
-        ids = [int(t) for t, m in zip(input_ids[b], attention_mask[b], strict=True) if m]
-        rows.append(reference_row(model, pixel_values[b], ids, keep1, keep2, layer_k))
-    return rows
+    """Each row alone, its left padding stripped (the spec: a padded row equals the row alone).
+
+    ``row``: the per-row reference (default ``reference_row``; Qwen2-VL passes its own)."""
+    row = row or reference_row
+    return [
+        row(
+            model,
+            pixel_values[b],
+            [int(t) for t, m in zip(input_ids[b], attention_mask[b], strict=True) if m],
+            keep1,
+            keep2,
+            layer_k,
+        )
+        for b in range(input_ids.shape[0])
+    ]
+
+
+def hf_image_inputs(model, pixel_values: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
+    """The unmodified model's visual-span length for one image and its extra inputs (NeXT: image_sizes)."""
+    _, span = _visual_span(model, pixel_values)
+    cfg = model.config
+    if cfg.model_type != "llava_next":
+        return len(span), {}
+    size = cfg.vision_config.image_size
+    grid_px = next(
+        (h, w) for h, w in cfg.image_grid_pinpoints if (h // size) * (w // size) == pixel_values.shape[0] - 1
+    )
+    return len(span), {"image_sizes": torch.tensor([grid_px])}
 
 
 @torch.no_grad()
 def hf_unpruned_logits(model, pixel_values: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """Last-position logits of the UNMODIFIED LlavaForConditionalGeneration on the expanded prompt.
+    """Last-position logits of the UNMODIFIED model (LLaVA / LLaVA-NeXT) on the expanded prompt.
 
-    The placeholder is expanded to N copies, as transformers expects; explicit mask and positions.
+    The placeholder is expanded to the span's length, as transformers expects; explicit mask and
+    positions.
     """
     cfg = model.config
     p = ids.index(cfg.image_token_id)
-    n = cfg.image_seq_length
+    n, extra = hf_image_inputs(model, pixel_values)
     expanded = ids[:p] + [cfg.image_token_id] * n + ids[p + 1 :]
     input_ids = torch.tensor([expanded])
     out = model(
+        **extra,
         pixel_values=pixel_values[None],
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),

@@ -74,6 +74,21 @@ def decoder_layer(
     return h, k, v, probs
 
 
+def next_span_offsets(geo: Geometry) -> tuple[list[int], tuple[int, ...]]:
+    """LLaVA-NeXT's unpruned visual span: the offset of every patch token (in ``vision_features``
+    order) and of every row newline.
+
+    Span (LlavaNext pack_image_features, fixed grid, nothing unpadded): the base image's n
+    tokens, then for each of the H = gh*g rows of the tile grid its W = gw*g tokens and a newline.
+    """
+    g = geo.image_size // geo.patch_size
+    n = g * g
+    rows, cols = geo.grid[0] * g, geo.grid[1] * g
+    cand = list(range(n)) + [n + r * (cols + 1) + c for r in range(rows) for c in range(cols)]
+    fixed = tuple(n + r * (cols + 1) + cols for r in range(rows))
+    return cand, fixed
+
+
 class StarPrefill(nn.Module):
     """STAR-pruned prefill: (pixel_values, input_ids, attention_mask) -> logits, indices, presents.
 
@@ -94,16 +109,37 @@ class StarPrefill(nn.Module):
         self.lm_head = model.lm_head
         self.geo = geometry
         self.cfg = cfg
+        if geometry.n_fixed:  # LLaVA-NeXT: row newlines, always kept, interleaved by offset
+            self.newline = model.model.image_newline
+            cand, fixed = next_span_offsets(geometry)
+            self.register_buffer("cand_offsets", torch.tensor(cand, dtype=torch.int64), persistent=False)
+            self.fixed_offsets = fixed
         for layer in self.layers:
             extra = {"q_norm", "k_norm"} & {n for n, _ in layer.self_attn.named_children()}
             if extra:
                 raise NotImplementedError(f"attention with {sorted(extra)} is not Llama-family")
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """F: (B, 3, H, W) -> (B, N, dv), the selected vision layer without CLS."""
+        """F: (B, *pixel_shape) -> (B, N, dv), the selected vision layer without CLS.
+
+        LLaVA-NeXT: pixel_values (B, 1 + gh*gw, 3, S, S), the base image then the tiles row by
+        row; F lists the base image's tokens, then the tile grid's tokens in raster order over
+        the whole (gh*g) x (gw*g) grid, the order LlavaNext's pack_image_features uses.
+        """
+        geo = self.geo
+        if geo.arch == "llava_next":
+            b, tiles = pixel_values.shape[0], pixel_values.shape[1]
+            pixel_values = pixel_values.flatten(0, 1)  # (B * (1 + G), 3, S, S)
         out = self.vision_tower(pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[self.geo.vision_feature_layer]  # (B, 1 + N, dv)
-        return feats[:, 1:] if self.geo.select_strategy == "default" else feats
+        feats = out.hidden_states[geo.vision_feature_layer]  # (B', 1 + n, dv)
+        feats = feats[:, 1:] if geo.select_strategy == "default" else feats
+        if geo.arch != "llava_next":
+            return feats
+        g = geo.image_size // geo.patch_size
+        (gh, gw), dv = geo.grid, feats.shape[-1]
+        feats = feats.reshape(b, tiles, g * g, dv)
+        grid = feats[:, 1:].reshape(b, gh, gw, g, g, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, dv)
+        return torch.cat([feats[:, 0], grid], dim=1)  # (B, N, dv)
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -115,12 +151,21 @@ class StarPrefill(nn.Module):
         feats = self.vision_features(pixel_values)  # (B, N, dv)
         keep1_idx = star.topk_sorted(star.stage1_scores(feats), cfg.keep1)  # (B, keep1)
         image_embeds = self.projector(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
+        offsets, is_visual, span_patch = keep1_idx, None, keep1_idx  # offsets within the visual span
+        if geo.n_fixed:  # interleave the always-kept row newlines: span of keep1 + R tokens
+            image_embeds, offsets, order = star.merge_fixed(
+                image_embeds, self.cand_offsets[keep1_idx], self.newline, self.fixed_offsets
+            )
+            is_visual = order < cfg.keep1  # (B, keep1 + R)
+            no_patch = torch.full_like(keep1_idx[:, :1], geo.n_visual).expand(-1, geo.n_fixed)
+            span_patch = torch.gather(torch.cat([keep1_idx, no_patch], dim=1), 1, order)  # N at newlines
+        span1 = geo.span(cfg.keep1)
 
-        # ---- the L1 sequence: text before, kept visual tokens, text after
+        # ---- the L1 sequence: text before, the visual span, text after
         p = star.image_position(input_ids, geo.image_token_id)  # (B,)
         text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
-        pos, valid = star.original_positions(attention_mask, p, keep1_idx, geo.n_visual)  # (B, L1)
+        pos, valid = star.original_positions(attention_mask, p, offsets, geo.n_positions)  # (B, L1)
         mask = star.additive_mask(valid, torch.float32)  # (B, 1, L1, L1)
         cos, sin = self.rotary_emb(h, pos)
 
@@ -130,7 +175,7 @@ class StarPrefill(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == cfg.layer:
                 # ---- stage 2: prune by the attention text after the image paid at layer K-1
-                src = star.stage2_layout(p, selected, cfg.keep1, h.shape[1])  # (B, L2)
+                src = star.stage2_layout(p, selected, span1, h.shape[1])  # (B, L2)
                 h = star.gather_rows(h, src)  # (B, L2, D)
                 pos = torch.gather(pos, 1, src)
                 valid = torch.gather(valid, 1, src)
@@ -139,8 +184,12 @@ class StarPrefill(nn.Module):
             h, k, v, probs = decoder_layer(layer, h, cos, sin, mask, hd)
             presents += [k, v]
             if i == cfg.layer - 1:
-                selected = star.topk_sorted(star.stage2_scores(probs, p, cfg.keep1), cfg.keep2)  # (B, keep2)
-                keep2_idx = torch.gather(keep1_idx, 1, selected)
+                scores = star.stage2_scores(probs, p, span1)  # (B, span1)
+                selected = star.stage2_select(scores, is_visual, cfg.keep2, geo.n_fixed)  # (B, keep2 + R)
+                keep2_idx = torch.gather(span_patch, 1, selected)  # patch indices (N at newlines)
+                if geo.n_fixed:  # drop the newlines' N: the keep2 smallest, ascending
+                    smallest = torch.topk(keep2_idx.to(torch.float32), cfg.keep2, dim=-1, largest=False)
+                    keep2_idx = smallest.values.to(torch.int64)  # exact: indices < 2**24
 
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
         return (logits, keep1_idx, keep2_idx, *presents)
@@ -167,6 +216,10 @@ class StarDecode(nn.Module):
         self.geo = geometry
         self.cfg = cfg
 
+    def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the new token's position (B, 1) -> (B, 1, hd) each."""
+        return self.rotary_emb(h, position_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -176,7 +229,7 @@ class StarDecode(nn.Module):
         *pasts: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         h = self.embed_tokens(input_ids)  # (B, 1, D)
-        cos, sin = self.rotary_emb(h, position_ids)
+        cos, sin = self.rotary(h, position_ids)
         masks = [
             star.decode_mask(m, torch.float32) for m in (attention_mask_l1, attention_mask_l2)
         ]  # (B, 1, 1, P+1)
@@ -189,3 +242,21 @@ class StarDecode(nn.Module):
             presents += [k, v]
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
         return (logits, *presents)
+
+
+def prefill_module(model: nn.Module, geometry: Geometry, cfg: StarConfig) -> nn.Module:
+    """The exported prefill module of the checkpoint's architecture (``geometry.arch``)."""
+    if geometry.arch == "qwen2_vl":
+        from star_export.qwen2vl import Qwen2VLPrefill
+
+        return Qwen2VLPrefill(model, geometry, cfg)
+    return StarPrefill(model, geometry, cfg)
+
+
+def decode_module(model: nn.Module, geometry: Geometry, cfg: StarConfig) -> nn.Module:
+    """The exported decode-step module of the checkpoint's architecture (``geometry.arch``)."""
+    if geometry.arch == "qwen2_vl":
+        from star_export.qwen2vl import Qwen2VLDecode
+
+        return Qwen2VLDecode(model, geometry, cfg)
+    return StarDecode(model, geometry, cfg)

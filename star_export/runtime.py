@@ -69,11 +69,11 @@ class TorchBackend:
     ):
         import torch
 
-        from star_export.rewrite import StarDecode, StarPrefill
+        from star_export.rewrite import decode_module, prefill_module
 
         self._torch = torch
-        self._prefill = StarPrefill(model, geo, cfg).eval()
-        self._decode = StarDecode(model, geo, cfg).eval()
+        self._prefill = prefill_module(model, geo, cfg).eval()
+        self._decode = decode_module(model, geo, cfg).eval()
         self._pc, self._dc = prefill, decode
 
     def _run(self, module, contract: GraphContract, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,10 +157,10 @@ def generate(
     n_layers = geo.num_layers
     real = mask.sum(axis=1).astype(np.int64)  # (B,) real prompt tokens
     pad = text_len - real  # (B,) left padding
-    l1, l2 = text_len - 1 + cfg.keep1, text_len - 1 + cfg.keep2
+    l1, l2 = text_len - 1 + geo.span(cfg.keep1), text_len - 1 + geo.span(cfg.keep2)
     mask_l1 = (np.arange(l1)[None] >= pad[:, None]).astype(np.int64)  # (B, L1)
     mask_l2 = (np.arange(l2)[None] >= pad[:, None]).astype(np.int64)  # (B, L2)
-    position = real - 1 + geo.n_visual  # (B,) original position of the first new token
+    position = real - 1 + geo.n_positions  # (B,) original position of the first new token
     pasts = {f"past.{i}.{k}": out[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
 
     result = GenerationResult(

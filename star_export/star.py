@@ -130,26 +130,50 @@ def splice(
 
 
 def original_positions(
-    attention_mask: torch.Tensor, p: torch.Tensor, keep_idx: torch.Tensor, n_visual: int
+    attention_mask: torch.Tensor, p: torch.Tensor, span_offsets: torch.Tensor, n_positions: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids of the spliced sequence, as if nothing were pruned and padding absent.
 
-    attention_mask: (B, T), p: (B,), keep_idx: (B, n) patch indices  ->  (B, L) int64, and the
+    attention_mask: (B, T), p: (B,), span_offsets: (B, n) offset of each kept visual-span token
+    within the unpruned span (LLaVA-1.5: its patch index)  ->  (B, L) int64, and the
     key-validity of every sequence slot (B, L) bool (False only at padding).
-      text before the image: cumsum(mask) - 1;  visual patch j: s + j with s = sum(mask[:p]);
-      text at t > p: s + N + (t - p - 1).
+      text before the image: cumsum(mask) - 1;  visual token at offset o: s + o with
+      s = sum(mask[:p]);  text at t > p: s + n_positions + (t - p - 1).
     """
     mask = attention_mask.to(torch.int64)
     # CumSum in float32 (exact below 2**24 tokens): TensorRT's CumSum takes floating types only
     c = attention_mask.to(torch.float32).cumsum(dim=1).to(torch.int64)  # (B, T)
     t = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)  # (1, T)
     after = (t > p.unsqueeze(1)).to(torch.int64)  # (B, T)
-    text_pos = c - 1 + after * (n_visual - 1)  # (B, T)
+    text_pos = c - 1 + after * (n_positions - 1)  # (B, T)
     s = torch.gather(c, 1, p.unsqueeze(1)) - 1  # (B, 1) real tokens before the image
-    vis_pos = s + keep_idx  # (B, n)
+    vis_pos = s + span_offsets  # (B, n)
     pos = splice(text_pos, vis_pos, p)  # (B, L)
-    valid = splice(mask, torch.ones_like(keep_idx), p).to(torch.bool)  # (B, L)
+    valid = splice(mask, torch.ones_like(span_offsets), p).to(torch.bool)  # (B, L)
     return pos, valid
+
+
+def merge_fixed(
+    embeds: torch.Tensor,
+    offsets: torch.Tensor,
+    fixed_embed: torch.Tensor,
+    fixed_offsets: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Interleave always-kept structural tokens (LLaVA-NeXT row newlines) with the kept tokens.
+
+    embeds: (B, k, D) kept visual tokens, offsets: (B, k) their offsets in the unpruned span
+    (ascending), fixed_embed: (D,), fixed_offsets: the structural tokens' offsets (constants)
+    -> span (B, k + R, D), span offsets (B, k + R) ascending, and ``order`` (B, k + R): the
+    source of every span slot (< k: kept token ``order``; >= k: a structural token). The merge
+    is a TopK with the literal K = k + R over the unique offsets.
+    """
+    b, k, d = embeds.shape
+    r = len(fixed_offsets)
+    fixed = torch.tensor(fixed_offsets, dtype=offsets.dtype, device=offsets.device).expand(b, r)
+    all_off = torch.cat([offsets, fixed], dim=1)  # (B, k + R), unique
+    order = torch.topk(all_off.to(torch.float32), k + r, dim=-1, largest=False, sorted=True).indices
+    all_emb = torch.cat([embeds, fixed_embed.to(embeds.dtype).expand(b, r, d)], dim=1)
+    return gather_rows(all_emb, order), torch.gather(all_off, 1, order), order
 
 
 def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,7 +204,8 @@ def decode_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 def stage2_scores(probs: torch.Tensor, p: torch.Tensor, keep1: int) -> torch.Tensor:
     """r2_v = mean over heads and over rows q in [p + keep1, L1) of P[b, h, q, p + v].
 
-    probs: (B, H, L1, L1) post-softmax attention of layer K-1, p: (B,)  ->  (B, keep1) float32
+    probs: (B, H, L1, L1) post-softmax attention of layer K-1, p: (B,), keep1: the length of
+    the visual span after stage 1  ->  (B, keep1) float32
     """
     length = probs.shape[-1]
     q = torch.arange(length, device=p.device).unsqueeze(0)  # (1, L1)
@@ -190,6 +215,21 @@ def stage2_scores(probs: torch.Tensor, p: torch.Tensor, keep1: int) -> torch.Ten
     col = (rows.unsqueeze(1) @ head_mean).squeeze(1)  # (B, L1) attention paid to each slot
     vis_cols = p.unsqueeze(1) + torch.arange(keep1, device=p.device).unsqueeze(0)  # (B, keep1)
     return torch.gather(col, 1, vis_cols)
+
+
+def stage2_select(
+    scores: torch.Tensor, is_visual: torch.Tensor | None, keep2: int, n_fixed: int = 0
+) -> torch.Tensor:
+    """Span slots kept by stage 2: the ``keep2`` best-scored visual tokens plus every structural
+    token (``is_visual`` False; LLaVA-NeXT row newlines), ascending.
+
+    scores, is_visual: (B, n) over the stage-1 span  ->  (B, keep2 + n_fixed) slot positions.
+    Structural slots get the score 2 (attention means are <= 1), so the TopK always takes them.
+    """
+    if not n_fixed:
+        return topk_sorted(scores, keep2)
+    scores = torch.where(is_visual, scores, torch.full_like(scores, 2.0))
+    return topk_sorted(scores, keep2 + n_fixed)
 
 
 def stage2_layout(p: torch.Tensor, selected: torch.Tensor, keep1: int, length1: int) -> torch.Tensor:

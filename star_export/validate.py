@@ -23,7 +23,7 @@ import torch
 from star_export import reference
 from star_export.contract import GraphContract
 from star_export.load import Geometry
-from star_export.rewrite import StarPrefill
+from star_export.rewrite import prefill_module
 from star_export.runners import TorchRunner, onnxrt_runner
 from star_export.star import StarConfig
 
@@ -106,6 +106,15 @@ class ParityReport:
         return "\n".join(lines)
 
 
+def _reference_of(geo: Geometry):
+    """The dynamic reference module of the architecture (each shares no code with the rewrite)."""
+    if geo.arch == "qwen2_vl":
+        from star_export import reference_qwen2vl
+
+        return reference_qwen2vl
+    return reference
+
+
 def make_inputs(
     geo: Geometry, batch: int = 2, text_len: int = 24, pad: int = 5, seed: int = 0
 ) -> OrderedDict[str, np.ndarray]:
@@ -114,7 +123,7 @@ def make_inputs(
     Each row holds one image placeholder with at least 2 real tokens before it and 2 after.
     """
     g = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(batch, 3, geo.image_size, geo.image_size, generator=g)
+    pixel_values = torch.randn(batch, *geo.pixel_shape, generator=g)
     low = 3
     ids = torch.randint(low, geo.vocab_size, (batch, text_len), generator=g)
     ids[ids == geo.image_token_id] = low
@@ -163,7 +172,7 @@ def validate(
         "left_padding_per_row": [int((m == 0).sum()) for m in feeds["attention_mask"]],
         "image_position_per_row": [int(np.argmax(r == geo.image_token_id)) for r in feeds["input_ids"]],
     }
-    rewrite = StarPrefill(model, geo, cfg).eval()
+    rewrite = prefill_module(model, geo, cfg).eval()
     runners = [TorchRunner(rewrite, contract, name="torch-rewrite")]
     if onnx_path is not None:
         runners.append(onnxrt_runner(onnx_path, name="onnxruntime"))
@@ -205,7 +214,8 @@ def validate(
 
     # 2. rewrite vs the dynamic reference, every row
     pv, ids, mask = (torch.from_numpy(feeds[k]) for k in contract.input_names)
-    rows = reference.reference_batch(model, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer)
+    ref = _reference_of(geo)
+    rows = ref.reference_batch(model, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer)
     check = "torch rewrite vs reference"
     t = torch_out[0]
     report.add(check, "stage1_keep_idx", t["stage1_keep_idx"], np.array([r.stage1_keep_idx for r in rows]), 0)
@@ -237,11 +247,11 @@ def validate(
     # 3. keep1 = keep2 = N: the rewrite equals the unmodified model on the expanded prompt
     full_cfg = StarConfig(keep2=geo.n_visual, keep1=geo.n_visual, layer=cfg.layer)
     with torch.no_grad():
-        full_logits = StarPrefill(model, geo, full_cfg).eval()(pv, ids, mask)[0]
+        full_logits = prefill_module(model, geo, full_cfg).eval()(pv, ids, mask)[0]
     hf = []
     for b in range(batch):
         real = [int(x) for x, m in zip(ids[b], mask[b], strict=True) if m]
-        hf.append(reference.hf_unpruned_logits(model, pv[b], real))
+        hf.append(ref.hf_unpruned_logits(model, pv[b], real))
     report.add(
         "torch rewrite (keep=N) vs HF",
         "logits",
@@ -308,6 +318,7 @@ def validate_generation(
         prefill.tolerances["onnx_vs_torch_logits_rel"],
     )
     expect = [
-        text_len - 1 + (cfg.keep1 if i < cfg.layer else cfg.keep2) + steps - 1 for i in range(geo.num_layers)
+        text_len - 1 + geo.span(cfg.keep1 if i < cfg.layer else cfg.keep2) + steps - 1
+        for i in range(geo.num_layers)
     ]
     report.add(check, "cache lengths L1/L2+t", np.array(got.final_present_lengths), np.array(expect), 0)

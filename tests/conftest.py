@@ -60,3 +60,27 @@ def mistral(recipe, _isolated_cache):
 @pytest.fixture(scope="session")
 def qwen2(recipe, _isolated_cache):
     return load(materialise(recipe, QWEN2))
+
+
+# LLaVA-NeXT (anyres 2x2 grid, row newlines): a Vicuna/Llama decoder and a Mistral one
+NEXT_MISTRAL = {"text_config": {"model_type": "mistral", "sliding_window": None}}
+
+
+@pytest.fixture(scope="session")
+def next_recipe():
+    return load_recipe("llava-next-tiny")
+
+
+@pytest.fixture(scope="session")
+def next_dir(next_recipe, _isolated_cache):
+    return materialise(next_recipe)
+
+
+@pytest.fixture(scope="session")
+def next_llama(next_dir):
+    return load(next_dir)
+
+
+@pytest.fixture(scope="session")
+def next_mistral(next_recipe, _isolated_cache):
+    return load(materialise(next_recipe, NEXT_MISTRAL))

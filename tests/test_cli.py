@@ -53,6 +53,10 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
         "keep1": 32,
         "keep2": 32,
         "layer_K": 3,
+        "n_fixed": 0,
+        "span1": 32,
+        "span2": 32,
+        "n_positions": 576,
         "L1": "text_len - 1 + 32",
         "L2": "text_len - 1 + 32",
         "present_length_per_layer": ["L1", "L1", "L1", "L2"],
@@ -142,13 +146,21 @@ def _not_llava(tmp_path: Path) -> Path:
         (["--keep", "8", "--recipe", "nope"], "unknown recipe"),
         (["--keep", "8", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--keep", "8", "--text-len", "3"], "--text-len must be in 5..512"),
+        (["--keep", "8", "--grid", "2x2"], "--grid applies to LLaVA-NeXT checkpoints, not llava"),
+        (["--keep", "8", "--grid", "2"], "expected ROWSxCOLS"),
+        (["--keep", "8", "--model", "{qwen25}"], "architecture Qwen2_5_VLForConditionalGeneration"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, args, message):
     file = tmp_path / "afile"
     file.write_text("x")
     bert = _not_llava(tmp_path)
-    args = [a.format(tmp=tmp_path, file=file, bert=bert) for a in args]
+    qwen25 = tmp_path / "qwen25"
+    qwen25.mkdir()
+    (qwen25 / "config.json").write_text(
+        json.dumps({"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
+    )
+    args = [a.format(tmp=tmp_path, file=file, bert=bert, qwen25=qwen25) for a in args]
     out = tmp_path / "out"
     if "--out" not in args:
         args += ["--out", str(out)]

@@ -691,3 +691,64 @@ def test_prefill_model_answers_like_onnxruntime(http, local, images):
     np.testing.assert_allclose(
         result.as_numpy("present.3.value"), expected["present.3.value"], rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("recipe", "pixel_shape"), [("llava-next-tiny", (5, 3, 112, 112)), ("qwen2-vl-tiny", (196, 384))]
+)
+def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
+    tmp_path_factory, images, recipe, pixel_shape
+):
+    """LLaVA-NeXT (anyres 2x2 grid, row newlines) and Qwen2-VL (static square resolution, patches)
+    exports served by tritonserver: the pipeline's own pre-processing lays every image out as the
+    export expects, and its answers equal the local onnxruntime generate token for token (a batch
+    of images with different aspect ratios)."""
+    from star_export.load import Geometry
+    from star_export.preprocess import Preprocessor
+    from star_export.runtime import GenerationConfig, OnnxruntimeBackend, generate
+    from star_export.star import StarConfig
+
+    work = tmp_path_factory.mktemp(recipe)
+    export = work / "export"
+    cmd = [
+        sys.executable,
+        "-m",
+        "star_export",
+        "llava",
+        "--recipe",
+        recipe,
+        "--keep",
+        "8",
+        "--skip-validation",
+    ]
+    proc = subprocess.run([*cmd, "--out", str(export)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    manifest = json.loads((export / "manifest.json").read_text())
+    geo = Geometry(**manifest["model"]["geometry"])
+    star = manifest["star"]
+    cfg = StarConfig(keep2=star["keep2"], keep1=star["keep1"], layer=star["layer_K"])
+    pre = Preprocessor.from_dir(export / "processor", geometry=geo)
+    rows, prompts = [images[0], images[2]], PROMPTS[:2]  # 400x300 and 200x100 images
+    feeds = pre.encode(rows, prompts)
+    assert feeds["pixel_values"].shape == (2, *pixel_shape)
+    gen = GenerationConfig(
+        max_new_tokens=4, stop_token_ids=(pre.eos_token_id,), pad_token_id=pre.pad_token_id
+    )
+    backend = OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx", threads=1)
+    expected = generate(backend, feeds, geo, cfg, gen)
+
+    repo = work / "model_repository"
+    deploy.write_repository(export, repo, "python", MAX_NEW, pipeline_instances=1, intra_op_threads=1)
+    srv = Server(repo, work, stub_bin(tmp_path_factory))
+    try:
+        srv.start()
+        module, client = http_client(srv)
+        try:
+            result = client.infer("pipeline", pipeline_inputs(module, rows, prompts, max_new=4))
+        finally:
+            client.close()
+    finally:
+        srv.stop()
+    tokens, texts = answer(result)
+    assert tokens == expected.tokens
+    assert texts == [pre.decode(t) for t in tokens]

@@ -10,7 +10,7 @@ environment, not star_export. Per request (batch B rows, one image + one prompt 
 2. call the ``prefill`` model (BLS): logits + per-layer presents (L1 slots before layer K,
    L2 from K on);
 3. greedy loop over the ``decode`` model (BLS), exactly as ``star_export.runtime.generate``:
-   cached-slot masks ``[0]*pad + [1]*(L - pad)``, first new position ``real - 1 + N``, both
+   cached-slot masks ``[0]*pad + [1]*(L - pad)``, first new position ``real - 1 + n_positions``, both
    masks with a 1 appended per step, ``past.{i}.*`` = previous ``present.{i}.*``;
 4. detokenise.
 
@@ -85,7 +85,7 @@ def check_numpy_bridge() -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         check_numpy_bridge()
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor, AutoTokenizer
 
         config = json.loads(args["model_config"])
         params = _parameters(config)
@@ -96,8 +96,17 @@ class TritonPythonModel:
         self.default_max_new_tokens = int(params.get("max_new_tokens") or 32)
 
         star, geo = manifest["star"], manifest["model"]["geometry"]
-        self.n_visual, self.keep1, self.keep2 = int(star["N"]), int(star["keep1"]), int(star["keep2"])
+        # manifests before LLaVA-NeXT lack span1/span2/n_positions: then they equal keep1/keep2/N
+        self.n_positions = int(star.get("n_positions", star["N"]))
+        self.span1 = int(star.get("span1", star["keep1"]))
+        self.span2 = int(star.get("span2", star["keep2"]))
         self.num_layers = int(geo["num_layers"])
+        # LLaVA-NeXT: the export's fixed tile grid is the image processor's only pinpoint
+        anyres = manifest["image"].get("anyres")
+        size = int(geo["image_size"])
+        self.image_kwargs = (
+            {"image_grid_pinpoints": [[anyres["grid"][0] * size, anyres["grid"][1] * size]]} if anyres else {}
+        )
         graphs = manifest["graphs"]
         dims = {d["name"]: d for g in graphs.values() for d in g["dynamic_dims"]}
         # Served limits: config parameters (the TensorRT engines' profiles), else the export's ranges.
@@ -107,11 +116,21 @@ class TritonPythonModel:
         self.pixel_dtype = np.dtype(prefill_inputs["pixel_values"]["dtype"])
         self.present_names = [f"present.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
 
-        self.processor = AutoProcessor.from_pretrained(
-            here / "processor", local_files_only=True, backend="pil"
-        )
-        self.tokenizer = self.processor.tokenizer
-        self.image_token = getattr(self.processor, "image_token", None) or "<image>"
+        # Qwen2-VL: static square resolution, patchified here (transformers' Qwen2VLProcessor
+        # needs torchvision); the tokenizer carries the chat template
+        self.qwen2vl = geo.get("arch") == "qwen2_vl"
+        if self.qwen2vl:
+            self.processor = AutoTokenizer.from_pretrained(here / "processor", local_files_only=True)
+            self.tokenizer = self.processor
+            self.qwen_image = json.loads((here / "processor" / "preprocessor_config.json").read_text())
+            self.qwen_size = int(geo["image_size"])
+            self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
+        else:
+            self.processor = AutoProcessor.from_pretrained(
+                here / "processor", local_files_only=True, backend="pil"
+            )
+            self.tokenizer = self.processor.tokenizer
+            self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
         if len(ids) != 1 or int(ids[0]) != int(manifest["image_token_id"]):
             raise pb_utils.TritonModelException(
@@ -168,8 +187,31 @@ class TritonPythonModel:
                     pil.append(_to_rgb(im))
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 raise RequestError(f"image {i}: not a readable image ({type(e).__name__})") from None
-        out = self.processor.image_processor(pil, return_tensors="np")["pixel_values"]
+        if self.qwen2vl:
+            return np.stack([self._qwen2vl_pixels(im) for im in pil]).astype(self.pixel_dtype)
+        out = self.processor.image_processor(pil, return_tensors="np", **self.image_kwargs)["pixel_values"]
         return np.ascontiguousarray(out, dtype=self.pixel_dtype)
+
+    def _qwen2vl_pixels(self, image) -> np.ndarray:
+        """star_export.preprocess.Preprocessor's Qwen2-VL path: resize to S x S, normalise, patchify."""
+        from PIL import Image
+
+        cfg, size = self.qwen_image, self.qwen_size
+        array = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+        array = array * float(cfg.get("rescale_factor", 1 / 255))
+        array = (array - np.asarray(cfg["image_mean"], np.float32)) / np.asarray(cfg["image_std"], np.float32)
+        p, m, tp = (
+            int(cfg.get("patch_size", 14)),
+            int(cfg.get("merge_size", 2)),
+            int(cfg.get("temporal_patch_size", 2)),
+        )
+        x = array.transpose(2, 0, 1)  # (C, S, S)
+        c, g = x.shape[0], size // p
+        x = x.reshape(c, g // m, m, p, g // m, m, p).transpose(
+            1, 4, 2, 5, 0, 3, 6
+        )  # (g/m, g/m, m, m, C, P, P)
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], tp, p, p))
+        return np.ascontiguousarray(x.reshape(g * g, c * tp * p * p))
 
     # ---- BLS -------------------------------------------------------------------------------------
     def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict:
@@ -195,10 +237,10 @@ class TritonPythonModel:
         )
         real = mask.sum(axis=1).astype(np.int64)  # (B,) real prompt tokens
         pad = text_len - real  # (B,) left padding
-        l1, l2 = text_len - 1 + self.keep1, text_len - 1 + self.keep2
+        l1, l2 = text_len - 1 + self.span1, text_len - 1 + self.span2
         mask_l1 = (np.arange(l1)[None] >= pad[:, None]).astype(np.int64)  # (B, L1)
         mask_l2 = (np.arange(l2)[None] >= pad[:, None]).astype(np.int64)  # (B, L2)
-        position = real - 1 + self.n_visual  # (B,) original position of the first new token
+        position = real - 1 + self.n_positions  # (B,) original position of the first new token
         logits, pasts = _numpy(out["logits"]), self._pasts(out)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = np.zeros(batch, dtype=bool)
@@ -259,7 +301,7 @@ class TritonPythonModel:
             raise RequestError(
                 f"prompt is {text_len} tokens; the exported profile allows at most {self.text_max}"
             )
-        allowed = self.past_max - (text_len - 1 + self.keep2) + 1
+        allowed = self.past_max - (text_len - 1 + self.span2) + 1
         if max(limits) > allowed:
             raise RequestError(
                 f"max_new_tokens {max(limits)} exceeds the exported decode profile (at most {allowed} here)"
