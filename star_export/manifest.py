@@ -39,6 +39,25 @@ def image_preprocessing(model_dir: Path, geo: Geometry) -> dict[str, Any]:
     path = model_dir / "preprocessor_config.json"
     if path.is_file():
         pre = json.loads(path.read_text())
+    if geo.arch == "qwen2_vl":
+        patch, tp, merge = (
+            pre.get("patch_size", 14),
+            pre.get("temporal_patch_size", 2),
+            pre.get("merge_size", 2),
+        )
+        return {
+            "size": geo.image_size,
+            "resize": f"bicubic to {geo.image_size}x{geo.image_size} (aspect ratio not kept: one static resolution)",
+            "rescale_factor": pre.get("rescale_factor", 1 / 255),
+            "mean": pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+            "std": pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
+            "patch_size": patch,
+            "temporal_patch_size": tp,
+            "merge_size": merge,
+            "layout": f"[B, {geo.pixel_shape[0]}, {geo.pixel_shape[1]}]: {patch}x{patch} patches in "
+            f"{merge}x{merge} merge blocks (block-major), each row [c, t, y, x] with the image repeated "
+            f"{tp} times along t (Qwen2VLImageProcessor's layout; star_export.qwen2vl.patchify)",
+        }
     return {
         "size": geo.image_size,
         "resize_shortest_edge": (pre.get("size") or {}).get("shortest_edge", geo.image_size),

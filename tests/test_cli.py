@@ -198,3 +198,21 @@ def test_help_runs(command):
 def test_check_command_exit_codes(tmp_path):
     r = run_cli("check", str(tmp_path / "nope.onnx"), timeout=60)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "expect"),
+    [
+        ({"dtype": "float16"}, "fp16"),
+        ({"torch_dtype": "bfloat16"}, "bf16"),
+        ({"torch_dtype": "torch.float16"}, "fp16"),
+        ({"dtype": "float32"}, "fp32"),
+        ({}, "fp32"),
+    ],
+)
+def test_default_export_dtype_is_the_checkpoints(tmp_path, config, expect):
+    """A half-precision checkpoint is never widened to an fp32 copy unless --dtype fp32 asks for it."""
+    from star_export.load import checkpoint_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", **config}))
+    assert checkpoint_dtype(tmp_path) == expect

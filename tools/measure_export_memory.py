@@ -77,8 +77,8 @@ STAGE_MARKERS = (  # stdout prefix -> name of the stage that starts there
 def _processor_files(directory: Path, cache: Path) -> None:
     """The processor files the embedded recipe writes (load._write_extras), with <image> at id 32000.
 
-    Generated once into ``cache``: the tiny tokenizer fills the ids below the image token with
-    reserved tokens one at a time, which takes about 15 minutes on a 2-core host for id 32000.
+    Generated once into ``cache`` (the tiny tokenizer fills the ids below the image token with
+    reserved tokens).
     """
     if not (cache / "tokenizer.json").is_file():
         from star_export.load import _write_extras
@@ -172,7 +172,9 @@ def run_export(model_dir: Path, out_dir: Path, dtype: str, timeout: float) -> di
     if dtype == "fp32":
         cmd.append("--skip-validation")  # export only: fp32 CPU validation would add a torch+ort run
     time_log = out_dir.parent / f".time-{out_dir.name}.txt"
-    full = ["/usr/bin/time", "-v", "-o", str(time_log), *cmd]
+    # GNU time's "Maximum resident set size" where it exists, else the peak of the sampled VmRSS
+    gnu_time = shutil.which("time", path="/usr/bin")
+    full = [gnu_time, "-v", "-o", str(time_log), *cmd] if gnu_time else cmd
     print("   $", " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
@@ -220,6 +222,7 @@ def run_export(model_dir: Path, out_dir: Path, dtype: str, timeout: float) -> di
     text = time_log.read_text() if time_log.exists() else ""
     time_log.unlink(missing_ok=True)
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    sampled = max((s.get("peak_rss_bytes", 0) for s in stages.values()), default=0)
     el = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", text)
     files = {}
     if out_dir.is_dir():
@@ -229,7 +232,8 @@ def run_export(model_dir: Path, out_dir: Path, dtype: str, timeout: float) -> di
         "returncode": rc,
         "wall_s": round(wall, 1),
         "time_elapsed": el.group(1) if el else None,
-        "peak_rss_bytes": int(m.group(1)) * 1024 if m else None,
+        "peak_rss_bytes": int(m.group(1)) * 1024 if m else (sampled or None),
+        "peak_rss_source": "GNU time" if m else "sampled VmRSS (0.2 s)",
         "stages": stages,
         "files": files,
         "onnx_bytes": sum(v for k, v in files.items() if k.endswith((".onnx", ".onnx.data"))),
