@@ -188,6 +188,12 @@ def test_cli_exports_a_saved_next_checkpoint_with_model_dir(next_dir, tmp_path, 
     assert json.loads((out / "report.json").read_text())["passed"] is True
     shape = next(t for t in manifest["graphs"]["prefill"]["inputs"] if t["name"] == "pixel_values")["shape"]
     assert shape == ["batch", 5, 3, 112, 112]
+    # the C++ example's header is for LLaVA-1.5 layouts: refused in one line, not mis-generated
+    from star_export.deploy import cpp_header
+    from star_export.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"examples/cpp drives LLaVA-1\.5 exports"):
+        cpp_header(manifest)
 
 
 def test_cli_refuses_a_grid_the_checkpoint_does_not_list(next_dir, tmp_path, capsys):
