@@ -24,6 +24,12 @@ examples:
       tiny embedded LLaVA (random weights): export star_out/prefill.onnx, validate, report
   python -m star_export llava --keep 64 --keep1 192 --layer 3 --out run1/
   python -m star_export llava --model ~/ckpt/llava-1.5-7b-hf --recipe llava-1.5-7b --keep 64
+      a real checkpoint, exported in its own dtype (fp16) without an fp32 copy
+  python -m star_export llava --model ~/ckpt/llava-v1.6-mistral-7b-hf --grid 2x2 --keep 64
+      LLaVA-NeXT: one fixed anyres tile grid per export (row newlines always kept)
+  python -m star_export llava --model ~/ckpt/Qwen2-VL-7B-Instruct --image-size 448 --keep 64
+      Qwen2-VL: one static square resolution per export (M-RoPE positions kept)
+  python -m star_export llava --recipe llava-next-tiny   (or qwen2-vl-tiny): tiny embedded models
 
 writes into --out: prefill.onnx (+ prefill.onnx.data for large models), manifest.json (every
 tensor name, dtype and shape; STAR settings; pre-processing; versions), report.json (parity).
@@ -77,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "llava",
-        help="export a STAR-pruned LLaVA prefill to ONNX and validate it",
-        description="Rewrite a LLaVA prefill with STAR pruning (static shapes: TopK with constant K + "
+        help="export a STAR-pruned LLaVA / LLaVA-NeXT / Qwen2-VL prefill to ONNX and validate it",
+        description="Rewrite a LLaVA (1.5 or NeXT) or Qwen2-VL prefill with STAR pruning (static shapes: TopK with constant K + "
         "Gather), export prefill.onnx, check it (graph scan, onnxruntime vs PyTorch vs reference vs "
         "the unmodified model) and write manifest.json + report.json.",
         epilog=EPILOG_LLAVA,
@@ -110,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="a LLaVA checkpoint directory (HF layout); default: the embedded llava-tiny",
+        help="a checkpoint directory (HF layout): LLaVA-1.5, LLaVA-NeXT or Qwen2-VL; "
+        "default: the embedded llava-tiny",
     )
     p.add_argument(
         "--recipe",
@@ -167,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     from star_export.build import add_build_arguments
 
     add_build_arguments(p, include_engine=False)
+    for action in p._actions:  # llava exports: --dtype is the ONNX's precision too
+        if action.dest == "dtype":
+            action.help = (
+                "precision of the export (and of the --engine build); default: the checkpoint's own "
+                "dtype (config.json), so fp16/bf16 checkpoints are never widened to fp32"
+            )
     p.set_defaults(func=cmd_llava)
 
     b = sub.add_parser(
