@@ -25,7 +25,16 @@ class RowResult:
     positions: list[int]  # position ids of the L2 sequence
 
 
-def _visual_span(model, pixel_values: torch.Tensor):
+def _grid_px(cfg, n_tiles: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The anyres resolution (H, W) of the export's tile grid; without ``grid``, the first pinpoint
+    with ``n_tiles`` tiles (ambiguous for 1xC vs Cx1 grids: validation passes the grid)."""
+    size = cfg.vision_config.image_size
+    if grid is not None:
+        return grid[0] * size, grid[1] * size
+    return next((h, w) for h, w in cfg.image_grid_pinpoints if (h // size) * (w // size) == n_tiles)
+
+
+def _visual_span(model, pixel_values: torch.Tensor, grid: tuple[int, int] | None = None):
     """One image's stage-1 candidates and its unpruned visual span, in transformers' own order.
 
     -> F (N, dv) the candidates' features, and ``span``: for each slot of the unpruned span the
@@ -42,12 +51,7 @@ def _visual_span(model, pixel_values: torch.Tensor):
     flat = feats.reshape(-1, feats.shape[-1])  # tile-major
     if cfg.model_type != "llava_next":
         return flat, list(range(flat.shape[0]))
-    size = cfg.vision_config.image_size
-    grid_px = None
-    for h, w in cfg.image_grid_pinpoints:  # the pinpoint whose tile count matches pixel_values
-        if (h // size) * (w // size) == tiles.shape[0] - 1:
-            grid_px = (h, w)
-            break
+    grid_px = _grid_px(cfg, tiles.shape[0] - 1, grid)
     index_image = torch.arange(flat.shape[0], dtype=torch.float32).view(tiles.shape[0], -1, 1)
     packed, _ = model.model.pack_image_features(
         [index_image], torch.tensor([grid_px]), "default", image_newline=torch.tensor([-1.0])
@@ -66,9 +70,16 @@ def _top_sorted(scores: list[float], k: int) -> list[int]:
 
 @torch.no_grad()
 def reference_row(
-    model, pixel_values: torch.Tensor, ids: list[int], keep1: int, keep2: int, layer_k: int
+    model,
+    pixel_values: torch.Tensor,
+    ids: list[int],
+    keep1: int,
+    keep2: int,
+    layer_k: int,
+    grid: tuple[int, int] | None = None,
 ) -> RowResult:
-    """STAR prefill of ONE unpadded prompt. pixel_values: (3, H, W); ids: token ids, one placeholder."""
+    """STAR prefill of ONE unpadded prompt. pixel_values: (3, H, W) (LLaVA-NeXT: (1 + R*C, 3, S, S)
+    with ``grid`` = (R, C)); ids: token ids, one placeholder."""
     cfg = model.config
     lm = model.model.language_model
     image_token = cfg.image_token_id
@@ -76,7 +87,7 @@ def reference_row(
     p = ids.index(image_token)
 
     # Stage 1: F from the selected vision layer, CLS dropped (NeXT: every tile, in span order).
-    feats, span = _visual_span(model, pixel_values)
+    feats, span = _visual_span(model, pixel_values, grid)
     n, dv = feats.shape
     f32 = feats.float()
     attn = torch.softmax(f32 @ f32.T / math.sqrt(dv), dim=-1)
@@ -147,10 +158,12 @@ def reference_batch(
     keep2: int,
     layer_k: int,
     row=None,
+    **row_kwargs,
 ) -> list[RowResult]:
     """Each row alone, its left padding stripped (the spec: a padded row equals the row alone).
 
-    ``row``: the per-row reference (default ``reference_row``; Qwen2-VL passes its own)."""
+    ``row``: the per-row reference (default ``reference_row``; Qwen2-VL passes its own), called
+    with ``row_kwargs`` (LLaVA-NeXT: ``grid``)."""
     row = row or reference_row
     return [
         row(
@@ -160,26 +173,27 @@ def reference_batch(
             keep1,
             keep2,
             layer_k,
+            **row_kwargs,
         )
         for b in range(input_ids.shape[0])
     ]
 
 
-def hf_image_inputs(model, pixel_values: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
+def hf_image_inputs(
+    model, pixel_values: torch.Tensor, grid: tuple[int, int] | None = None
+) -> tuple[int, dict[str, torch.Tensor]]:
     """The unmodified model's visual-span length for one image and its extra inputs (NeXT: image_sizes)."""
-    _, span = _visual_span(model, pixel_values)
+    _, span = _visual_span(model, pixel_values, grid)
     cfg = model.config
     if cfg.model_type != "llava_next":
         return len(span), {}
-    size = cfg.vision_config.image_size
-    grid_px = next(
-        (h, w) for h, w in cfg.image_grid_pinpoints if (h // size) * (w // size) == pixel_values.shape[0] - 1
-    )
-    return len(span), {"image_sizes": torch.tensor([grid_px])}
+    return len(span), {"image_sizes": torch.tensor([_grid_px(cfg, pixel_values.shape[0] - 1, grid)])}
 
 
 @torch.no_grad()
-def hf_unpruned_logits(model, pixel_values: torch.Tensor, ids: list[int]) -> torch.Tensor:
+def hf_unpruned_logits(
+    model, pixel_values: torch.Tensor, ids: list[int], grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Last-position logits of the UNMODIFIED model (LLaVA / LLaVA-NeXT) on the expanded prompt.
 
     The placeholder is expanded to the span's length, as transformers expects; explicit mask and
@@ -187,7 +201,7 @@ def hf_unpruned_logits(model, pixel_values: torch.Tensor, ids: list[int]) -> tor
     """
     cfg = model.config
     p = ids.index(cfg.image_token_id)
-    n, extra = hf_image_inputs(model, pixel_values)
+    n, extra = hf_image_inputs(model, pixel_values, grid)
     expanded = ids[:p] + [cfg.image_token_id] * n + ids[p + 1 :]
     input_ids = torch.tensor([expanded])
     out = model(

@@ -215,7 +215,8 @@ def validate(
     # 2. rewrite vs the dynamic reference, every row
     pv, ids, mask = (torch.from_numpy(feeds[k]) for k in contract.input_names)
     ref = _reference_of(geo)
-    rows = ref.reference_batch(model, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer)
+    layout = {"grid": geo.grid} if geo.arch == "llava_next" else {}  # 1xC vs Cx1 tile grids
+    rows = ref.reference_batch(model, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer, **layout)
     check = "torch rewrite vs reference"
     t = torch_out[0]
     report.add(check, "stage1_keep_idx", t["stage1_keep_idx"], np.array([r.stage1_keep_idx for r in rows]), 0)
@@ -251,7 +252,7 @@ def validate(
     hf = []
     for b in range(batch):
         real = [int(x) for x, m in zip(ids[b], mask[b], strict=True) if m]
-        hf.append(ref.hf_unpruned_logits(model, pv[b], real))
+        hf.append(ref.hf_unpruned_logits(model, pv[b], real, **layout))
     report.add(
         "torch rewrite (keep=N) vs HF",
         "logits",

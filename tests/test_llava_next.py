@@ -73,6 +73,21 @@ def test_rewrite_matches_reference_and_unmodified_model(request, which, keep, ke
     } <= checks
 
 
+@pytest.mark.parametrize("grid", [(1, 2), (2, 1)])
+def test_non_square_grids_pass_the_parity_checks(next_dir, grid):
+    """1x2 and 2x1 (224x112, 112x224 pinpoints) have the same tile count but other spans."""
+    from star_export.load import load
+
+    loaded = load(next_dir, grid=grid)
+    g = loaded.geometry
+    side = g.image_size // g.patch_size
+    assert g.grid == grid and g.pixel_shape == (3, 3, 112, 112)
+    assert (g.n_visual, g.n_fixed) == (3 * side * side, grid[0] * side)
+    cfg = resolve(loaded, 12, 40, 2)
+    report = validate(loaded.model, g, cfg, contracts(loaded, cfg)[0], onnx_path=None, seed=2)
+    assert report.passed, report.format()
+
+
 def test_newlines_are_always_kept_at_their_original_positions(next_llama):
     g = next_llama.geometry
     cfg = resolve(next_llama, 8, 24, 2)
