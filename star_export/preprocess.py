@@ -325,10 +325,10 @@ class _Qwen2VLProcessor:
     preprocessor_config.json, and the tokenizer's chat template.
     """
 
-    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.chat_template = getattr(tokenizer, "chat_template", None) or chat_template
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
 
     @classmethod
@@ -351,7 +351,13 @@ class _Qwen2VLProcessor:
             temporal_patch_size=pre.get("temporal_patch_size", 2),
             merge_size=pre.get("merge_size", 2),
         )
-        return cls(tokenizer, image)
+        # the processor's own template where the tokenizer has none (chat_template.jinja / .json)
+        template = None
+        if (model_dir / "chat_template.jinja").is_file():
+            template = (model_dir / "chat_template.jinja").read_text()
+        elif (model_dir / "chat_template.json").is_file():
+            template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+        return cls(tokenizer, image, template)
 
     def apply_chat_template(self, messages: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
         return self.tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)

@@ -374,3 +374,25 @@ def test_cli_refuses_an_image_size_off_the_patch_grid(qwen_dir, tmp_path, capsys
     code = main(["llava", "--model", str(qwen_dir), "--image-size", "100", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "multiple of" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_preprocessor_takes_the_processors_chat_template_json(qwen_dir, qwen, tmp_path):
+    """Qwen checkpoints may keep the template in chat_template.json (the processor's) only."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from star_export.preprocess import Preprocessor
+
+    _, geo = qwen
+    moved = tmp_path / "ckpt"
+    shutil.copytree(qwen_dir, moved)
+    template = (moved / "chat_template.jinja").read_text()
+    (moved / "chat_template.jinja").unlink()
+    (moved / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    pre = Preprocessor.from_dir(moved, geometry=geo)
+    ref = Preprocessor.from_dir(qwen_dir, geometry=geo)
+    image = Image.new("RGB", (40, 30), "red")
+    got, want = pre.encode([image], ["what is it?"]), ref.encode([image], ["what is it?"])
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"])

@@ -141,6 +141,12 @@ class TritonPythonModel:
         self.template = getattr(self.processor, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
+        if not self.template and (here / "processor" / "chat_template.jinja").is_file():
+            self.template = (here / "processor" / "chat_template.jinja").read_text()
+        elif not self.template and (here / "processor" / "chat_template.json").is_file():
+            self.template = json.loads((here / "processor" / "chat_template.json").read_text()).get(
+                "chat_template"
+            )
         if not self.template:
             raise pb_utils.TritonModelException("processor/ has no chat template (chat_template.jinja)")
         self.eos = self.tokenizer.eos_token_id
