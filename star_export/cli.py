@@ -7,8 +7,10 @@ GPU) exits 3 with one line, a failed parity check exits 1 after writing its repo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -334,6 +336,25 @@ def _step(i: int, n: int, text: str) -> float:
     return time.perf_counter()
 
 
+@contextlib.contextmanager
+def _heartbeat(label: str, every: float = 30.0):
+    """Print a line every ``every`` seconds while a long step runs (a 7B export is silent for minutes)."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every):
+            print(f"      ... {label} ({time.perf_counter() - start:.0f}s)", flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def cmd_llava(args: argparse.Namespace) -> int:
     from star_export.outputs import check_out_dir
 
@@ -430,15 +451,19 @@ def cmd_llava(args: argparse.Namespace) -> int:
         )
         onnx_path = stage / "prefill.onnx"
         decode_path = stage / "decode.onnx"
-        export_onnx(prefill_module(loaded.model, geo, cfg).eval(), contract, onnx_path, geo.image_token_id)
+        with _heartbeat("exporting prefill.onnx"):
+            export_onnx(
+                prefill_module(loaded.model, geo, cfg).eval(), contract, onnx_path, geo.image_token_id
+            )
         print(f"      prefill.onnx: batch, text_len dynamic ({time.perf_counter() - t0:.1f}s)")
         t0 = time.perf_counter()
-        export_onnx(
-            decode_module(loaded.model, geo, cfg).eval(),
-            dcontract,
-            decode_path,
-            example_args=example_decode_inputs(dcontract),
-        )
+        with _heartbeat("exporting decode.onnx"):
+            export_onnx(
+                decode_module(loaded.model, geo, cfg).eval(),
+                dcontract,
+                decode_path,
+                example_args=example_decode_inputs(dcontract),
+            )
         print(f"      decode.onnx: batch, past_len dynamic ({time.perf_counter() - t0:.1f}s)")
         tokenizer = copy_processor_files(loaded.model_dir, stage / "processor")
 

@@ -216,3 +216,16 @@ def test_default_export_dtype_is_the_checkpoints(tmp_path, config, expect):
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", **config}))
     assert checkpoint_dtype(tmp_path) == expect
+
+
+def test_long_steps_print_a_heartbeat_until_they_end(capsys):
+    import time as _time
+
+    from star_export.cli import _heartbeat
+
+    with _heartbeat("exporting x", every=0.05):
+        _time.sleep(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 3 and all(line.startswith("      ... exporting x (") for line in lines)
+    _time.sleep(0.15)
+    assert capsys.readouterr().out == ""  # nothing after the step ended
