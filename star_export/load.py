@@ -134,50 +134,46 @@ def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: P
 def _write_extras(directory: Path, recipe: Recipe) -> None:
     """Processor files that make the embedded checkpoint self-describing."""
     image = recipe.image
-    if image and recipe.architecture == "Qwen2VLForConditionalGeneration":
+    if not image:
+        return
+    normalise = {
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": image["mean"],
+        "image_std": image["std"],
+        "do_convert_rgb": True,
+    }
+    size = image["size"]
+    if recipe.architecture == "Qwen2VLForConditionalGeneration":
         vc = recipe.config["vision_config"]
-        pixels = image["size"] * image["size"]
         pre = {
             "image_processor_type": "Qwen2VLImageProcessor",
             "do_resize": True,
-            "size": {"shortest_edge": pixels, "longest_edge": pixels},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": image["mean"],
-            "image_std": image["std"],
-            "do_convert_rgb": True,
+            "size": {"shortest_edge": size * size, "longest_edge": size * size},
+            **normalise,
             "patch_size": vc["patch_size"],
             "temporal_patch_size": vc["temporal_patch_size"],
             "merge_size": vc["spatial_merge_size"],
         }
-        (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-        from star_export.preprocess import write_tiny_tokenizer
-
-        write_tiny_tokenizer(directory, image_token_id=int(recipe.config["image_token_id"]))
-    elif image:
+    else:
         pre = {
             "image_processor_type": "CLIPImageProcessor"
             if recipe.architecture == "LlavaForConditionalGeneration"
             else "LlavaNextImageProcessor",
             "do_resize": True,
-            "size": {"shortest_edge": image["size"]},
+            "size": {"shortest_edge": size},
             "do_center_crop": True,
-            "crop_size": {"height": image["size"], "width": image["size"]},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": image["mean"],
-            "image_std": image["std"],
-            "do_convert_rgb": True,
+            "crop_size": {"height": size, "width": size},
+            **normalise,
         }
         if "image_grid_pinpoints" in recipe.config:
             pre["image_grid_pinpoints"] = recipe.config["image_grid_pinpoints"]
             pre["do_pad"] = True
-        (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-        from star_export.preprocess import write_tiny_tokenizer
+    (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    from star_export.preprocess import write_tiny_tokenizer
 
-        write_tiny_tokenizer(directory, image_token_id=int(recipe.config["image_token_id"]))
+    write_tiny_tokenizer(directory, image_token_id=int(recipe.config["image_token_id"]))
 
 
 def checkpoint_dtype(model_dir: Path) -> str:
