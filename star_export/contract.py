@@ -102,6 +102,8 @@ PIXEL_DOCS = {
     "llava": "image, resized/cropped to the model's size and normalised with the manifest's mean/std",
     "llava_next": "anyres tiles of one image: the base image (resized to the tile size) then the fixed "
     "grid's tiles row by row, each normalised with the manifest's mean/std",
+    "qwen2_vl": "one image resized to the static square resolution, normalised and cut into patches in "
+    "Qwen2VLImageProcessor's layout (manifest image.layout)",
 }
 
 
