@@ -69,7 +69,7 @@ from torch import nn
 from star_export import star
 from star_export.errors import UsageError
 from star_export.load import Geometry, text_geometry
-from star_export.rewrite import StarDecode, decoder_layer
+from star_export.rewrite import StarDecode, StarPrefill, bind_text
 from star_export.star import StarConfig
 
 ARCH = "qwen2_vl"
@@ -175,7 +175,7 @@ def mrope_positions(
     return torch.stack([pt, ph, pw]), valid
 
 
-class Qwen2VLPrefill(nn.Module):
+class Qwen2VLPrefill(StarPrefill):
     """STAR-pruned Qwen2-VL prefill: (pixel_values, input_ids, attention_mask) -> logits, indices,
     presents, with the outputs of ``rewrite.StarPrefill`` (names in ``contract.prefill_contract``).
 
@@ -184,11 +184,11 @@ class Qwen2VLPrefill(nn.Module):
     """
 
     def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
-        super().__init__()
+        nn.Module.__init__(self)  # StarPrefill's __init__ binds a LLaVA vision tower and projector
         if geometry.arch != ARCH:
             raise ValueError(f"Qwen2VLPrefill needs a qwen2_vl geometry, got {geometry.arch!r}")
+        bind_text(self, model, geometry, cfg)
         visual = model.model.visual
-        text = model.model.language_model
         vc = visual.config
         self.patch_embed = visual.patch_embed
         self.vision_rotary = visual.rotary_pos_emb
@@ -197,13 +197,6 @@ class Qwen2VLPrefill(nn.Module):
         self.vision_heads = int(vc.num_heads)
         self.vision_dim = int(vc.embed_dim)
         self.merge = int(vc.spatial_merge_size)
-        self.embed_tokens = text.embed_tokens
-        self.layers = text.layers
-        self.norm = text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
-        self.geo = geometry
-        self.cfg = cfg
         side = geometry.grid[0] * self.merge
         self.register_buffer("patch_pos", _vision_patch_positions(side, self.merge), persistent=False)
 
@@ -223,45 +216,14 @@ class Qwen2VLPrefill(nn.Module):
         b, n, _ = feats.shape
         return self.merger(feats.reshape(b * n * self.merge * self.merge, self.vision_dim)).reshape(b, n, -1)
 
-    def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        geo, cfg = self.geo, self.cfg
-        hd = geo.head_dim
+    def positions(
+        self, attention_mask: torch.Tensor, p: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original 3-D M-RoPE ids (3, B, L1) and key validity (B, L1)."""
+        return mrope_positions(attention_mask, p, offsets, self.geo)
 
-        # ---- stage 1: merged visual tokens scored by the self-attention they receive
-        feats = self.vision_features(pixel_values)  # (B, N, m*m*dv)
-        keep1_idx = star.topk_sorted(star.stage1_scores(feats), cfg.keep1)  # (B, keep1)
-        image_embeds = self.project(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
-
-        # ---- the L1 sequence with original 3-D positions
-        p = star.image_position(input_ids, geo.image_token_id)  # (B,)
-        text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
-        h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
-        pos, valid = mrope_positions(attention_mask, p, keep1_idx, geo)  # (3, B, L1), (B, L1)
-        mask = star.additive_mask(valid, torch.float32)  # (B, 1, L1, L1)
-        cos, sin = self.rotary_emb(h, pos)  # (B, L1, hd), M-RoPE sections merged
-
-        presents: list[torch.Tensor] = []
-        keep2_idx = keep1_idx
-        selected = keep1_idx
-        for i, layer in enumerate(self.layers):
-            if i == cfg.layer:
-                # ---- stage 2: keep what the text after the image attended to at layer K-1
-                src = star.stage2_layout(p, selected, cfg.keep1, h.shape[1])  # (B, L2)
-                h = star.gather_rows(h, src)
-                pos = torch.gather(pos, 2, src.unsqueeze(0).expand(3, -1, -1))
-                valid = torch.gather(valid, 1, src)
-                mask = star.additive_mask(valid, torch.float32)
-                cos, sin = self.rotary_emb(h, pos)
-            h, k, v, probs = decoder_layer(layer, h, cos, sin, mask, hd)
-            presents += [k, v]
-            if i == cfg.layer - 1:
-                selected = star.topk_sorted(star.stage2_scores(probs, p, cfg.keep1), cfg.keep2)
-                keep2_idx = torch.gather(keep1_idx, 1, selected)
-
-        logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
-        return (logits, keep1_idx, keep2_idx, *presents)
+    def gather_positions(self, pos: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        return torch.gather(pos, 2, src.unsqueeze(0).expand(3, -1, -1))  # (3, B, L2)
 
 
 class Qwen2VLDecode(StarDecode):

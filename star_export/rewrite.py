@@ -89,6 +89,19 @@ def next_span_offsets(geo: Geometry) -> tuple[list[int], tuple[int, ...]]:
     return cand, fixed
 
 
+def bind_text(module: nn.Module, model: nn.Module, geometry: Geometry, cfg: StarConfig) -> None:
+    """Attach the text side every exported module uses: embeddings, decoder layers, final norm,
+    rotary embedding and lm_head of ``model``, with the geometry and STAR settings."""
+    text = model.model.language_model
+    module.embed_tokens = text.embed_tokens
+    module.layers = text.layers
+    module.norm = text.norm
+    module.rotary_emb = text.rotary_emb
+    module.lm_head = model.lm_head
+    module.geo = geometry
+    module.cfg = cfg
+
+
 class StarPrefill(nn.Module):
     """STAR-pruned prefill: (pixel_values, input_ids, attention_mask) -> logits, indices, presents.
 
@@ -99,16 +112,9 @@ class StarPrefill(nn.Module):
 
     def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
         super().__init__()
-        text = model.model.language_model
+        bind_text(self, model, geometry, cfg)
         self.vision_tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
-        self.embed_tokens = text.embed_tokens
-        self.layers = text.layers
-        self.norm = text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
-        self.geo = geometry
-        self.cfg = cfg
         if geometry.n_fixed:  # LLaVA-NeXT: row newlines, always kept, interleaved by offset
             self.newline = model.model.image_newline
             cand, fixed = next_span_offsets(geometry)
@@ -141,6 +147,20 @@ class StarPrefill(nn.Module):
         grid = feats[:, 1:].reshape(b, gh, gw, g, g, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, dv)
         return torch.cat([feats[:, 0], grid], dim=1)  # (B, N, dv)
 
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """The projector on the kept features: (B, n, dv) -> (B, n, D)."""
+        return self.projector(feats)
+
+    def positions(
+        self, attention_mask: torch.Tensor, p: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original position ids of the L1 sequence (B, L1) and key validity (B, L1)."""
+        return star.original_positions(attention_mask, p, offsets, self.geo.n_positions)
+
+    def gather_positions(self, pos: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """The position ids of the stage-2 sequence: pos at the slots ``src`` (B, L2)."""
+        return torch.gather(pos, 1, src)
+
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
@@ -150,7 +170,7 @@ class StarPrefill(nn.Module):
         # ---- stage 1: score visual tokens by the self-attention they receive
         feats = self.vision_features(pixel_values)  # (B, N, dv)
         keep1_idx = star.topk_sorted(star.stage1_scores(feats), cfg.keep1)  # (B, keep1)
-        image_embeds = self.projector(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
+        image_embeds = self.project(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
         offsets, is_visual, span_patch = keep1_idx, None, keep1_idx  # offsets within the visual span
         if geo.n_fixed:  # interleave the always-kept row newlines: span of keep1 + R tokens
             image_embeds, offsets, order = star.merge_fixed(
@@ -165,7 +185,7 @@ class StarPrefill(nn.Module):
         p = star.image_position(input_ids, geo.image_token_id)  # (B,)
         text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
-        pos, valid = star.original_positions(attention_mask, p, offsets, geo.n_positions)  # (B, L1)
+        pos, valid = self.positions(attention_mask, p, offsets)  # (B, L1) (Qwen2-VL: (3, B, L1))
         mask = star.additive_mask(valid, torch.float32)  # (B, 1, L1, L1)
         cos, sin = self.rotary_emb(h, pos)
 
@@ -177,7 +197,7 @@ class StarPrefill(nn.Module):
                 # ---- stage 2: prune by the attention text after the image paid at layer K-1
                 src = star.stage2_layout(p, selected, span1, h.shape[1])  # (B, L2)
                 h = star.gather_rows(h, src)  # (B, L2, D)
-                pos = torch.gather(pos, 1, src)
+                pos = self.gather_positions(pos, src)
                 valid = torch.gather(valid, 1, src)
                 mask = star.additive_mask(valid, torch.float32)
                 cos, sin = self.rotary_emb(h, pos)
@@ -207,14 +227,7 @@ class StarDecode(nn.Module):
 
     def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
         super().__init__()
-        text = model.model.language_model
-        self.embed_tokens = text.embed_tokens
-        self.layers = text.layers
-        self.norm = text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
-        self.geo = geometry
-        self.cfg = cfg
+        bind_text(self, model, geometry, cfg)
 
     def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the new token's position (B, 1) -> (B, 1, hd) each."""
