@@ -61,7 +61,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -1227,19 +1227,14 @@ def plot(data: dict[str, Any], path: Path) -> Path:
 
 
 @dataclass
-class _Setup:
-    """Everything the steps of one run share."""
+class _Settings:
+    """run_bench's arguments once defaulted and checked (before any model is loaded)."""
 
-    source: str
-    model_dir: Path
-    loaded: Any  # load.Loaded
-    geo: Geometry
-    dims: cost_mod.ModelDims
     out: Path
     batches: list[int]
     keeps: list[int]
     runtimes: list[str]
-    layer: int
+    layer: int | None  # None: the recipe's K
     text_len: int
     image_position: int
     threads: int
@@ -1247,12 +1242,24 @@ class _Setup:
     warmup: int
     decode_steps: int
     seed: int
+    log: Log
+
+
+@dataclass
+class _Setup(_Settings):
+    """Everything the steps of one run share: the settings and what loading the model gave."""
+
+    layer: int  # resolved
+    source: str
+    model_dir: Path
+    loaded: Any  # load.Loaded
+    geo: Geometry
+    dims: cost_mod.ModelDims
     cfgs: dict[str, StarConfig]  # "unpruned" first, then "keep64", ...
     feeds: dict[int, dict[str, np.ndarray]]
     batch_range: tuple[int, int, int]
     text_range: tuple[int, int, int]
     max_new_tokens: int
-    log: Log
     graphs: dict[str, dict[str, Path]] = field(default_factory=dict)
 
     @property
@@ -1334,23 +1341,22 @@ def run_bench(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        st = _prepare(
-            rec,
-            model_dir,
-            out,
-            batches,
-            keeps,
-            runtimes,
-            layer,
-            text_len,
-            image_position,
-            threads,
-            repeats,
-            warmup,
-            decode_steps,
-            seed,
-            log,
+        settings = _Settings(
+            out=out,
+            batches=batches,
+            keeps=keeps,
+            runtimes=runtimes,
+            layer=layer,
+            text_len=text_len,
+            image_position=image_position,
+            threads=threads,
+            repeats=repeats,
+            warmup=warmup,
+            decode_steps=decode_steps,
+            seed=seed,
+            log=log,
         )
+        st = _prepare(rec, model_dir, settings)
         export_records = _export_all(st, export_workers) if "onnxruntime" in runtimes else []
         variants, skipped = _build_variants(st)
         _time_variants(st, variants)
@@ -1360,24 +1366,11 @@ def run_bench(
         torch.set_num_threads(old_threads)
 
 
-def _prepare(
-    rec,
-    model_dir,
-    out,
-    batches,
-    keeps,
-    runtimes,
-    layer,
-    text_len,
-    image_position,
-    threads,
-    repeats,
-    warmup,
-    decode_steps,
-    seed,
-    log,
-) -> _Setup:
+def _prepare(rec, model_dir, settings: _Settings) -> _Setup:
     from star_export import load as load_mod
+
+    log, keeps, batches = settings.log, settings.keeps, settings.batches
+    text_len, decode_steps = settings.text_len, settings.decode_steps
 
     log(f"[bench 1/6] loading {'recipe ' + rec.name if model_dir is None else model_dir}")
     if model_dir is None:
@@ -1387,7 +1380,7 @@ def _prepare(
     loaded = load_mod.load(model_dir, source=source)
     geo = loaded.geometry
     n = geo.n_visual
-    layer = int(layer if layer is not None else (rec.star.get("layer", 2) if rec else 2))
+    layer = int(settings.layer if settings.layer is not None else (rec.star.get("layer", 2) if rec else 2))
     cfgs = {
         "unpruned": StarConfig.resolve(keep=n, keep1=n, layer=layer, n_visual=n, num_layers=geo.num_layers)
     }
@@ -1401,35 +1394,23 @@ def _prepare(
     b_lo, b_opt, b_hi = (int(x) for x in ranges["batch"])
     t_lo, t_opt, t_hi = (int(x) for x in ranges["text_len"])
     st = _Setup(
+        **{f.name: getattr(settings, f.name) for f in fields(_Settings)} | {"layer": layer},
         source=source,
         model_dir=Path(loaded.model_dir),
         loaded=loaded,
         geo=geo,
         dims=cost_mod.ModelDims.from_config(loaded.model.config),
-        out=out,
-        batches=batches,
-        keeps=keeps,
-        runtimes=runtimes,
-        layer=layer,
-        text_len=text_len,
-        image_position=image_position,
-        threads=threads,
-        repeats=repeats,
-        warmup=warmup,
-        decode_steps=decode_steps,
-        seed=seed,
         cfgs=cfgs,
-        feeds={b: bench_inputs(geo, b, text_len, image_position, seed) for b in batches},
+        feeds={b: bench_inputs(geo, b, text_len, settings.image_position, settings.seed) for b in batches},
         batch_range=(min(b_lo, batches[0]), max(1, b_opt), max(b_hi, batches[-1])),
         text_range=(max(2, min(t_lo, text_len)), t_opt, max(t_hi, text_len)),
         max_new_tokens=max(int(ranges.get("max_new_tokens", 64)), decode_steps + 2),
-        log=log,
     )
     params = sum(p.numel() for p in loaded.model.parameters())
     log(
         f"      {source}: {params / 1e6:.1f} M parameters, N={n}, {geo.num_layers} decoder layers, heads "
         f"{geo.num_heads}/{geo.num_kv_heads} kv; T={text_len}, keeps {keeps}, K={layer}, batches {batches}, "
-        f"{threads} threads"
+        f"{settings.threads} threads"
     )
     return st
 
