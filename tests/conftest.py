@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +87,27 @@ def next_llama(next_dir):
 @pytest.fixture(scope="session")
 def next_mistral(next_recipe, _isolated_cache):
     return load(materialise(next_recipe, NEXT_MISTRAL))
+
+
+@pytest.fixture(scope="session")
+def cli_export(_isolated_cache):
+    """``python -m star_export llava ARGS --skip-validation`` into the session cache, once per name."""
+
+    def run(name: str, *args: str) -> Path:
+        out = Path(os.environ["STAR_EXPORT_CACHE"]) / "exports" / name
+        if not (out / "manifest.json").is_file():
+            cmd = [
+                sys.executable,
+                "-m",
+                "star_export",
+                "llava",
+                *args,
+                "--skip-validation",
+                "--out",
+                str(out),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return out
+
+    return run

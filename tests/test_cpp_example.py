@@ -12,11 +12,9 @@ consistent with those declarations, not that it builds against the real headers.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -97,19 +95,10 @@ const char* cudaGetErrorString(cudaError_t error);
 """
 
 
-def export_once() -> Path:
-    """``python -m star_export llava --keep 16`` once per test session (shared with test_triton)."""
-    out = Path(os.environ["STAR_EXPORT_CACHE"]) / "exports" / f"llava-keep{KEEP}"
-    if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "star_export", "llava", "--keep", str(KEEP), "--skip-validation"]
-        proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return out
-
-
 @pytest.fixture(scope="module")
-def export() -> Path:
-    return export_once()
+def export(cli_export) -> Path:
+    """``python -m star_export llava --keep 16`` once per test session (shared with the C++/Triton tests)."""
+    return cli_export(f"llava-keep{KEEP}", "--keep", str(KEEP))
 
 
 @pytest.fixture(scope="module")

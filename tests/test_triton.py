@@ -53,14 +53,6 @@ DTYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}  # the only dtypes a fl
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def export_once() -> Path:
-    """``python -m star_export llava --keep 16`` once per test session (shared with the C++ test)."""
-    out = Path(os.environ["STAR_EXPORT_CACHE"]) / "exports" / f"llava-keep{KEEP}"
-    if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "star_export", "llava", "--keep", str(KEEP), "--skip-validation"]
-        proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return out
 
 
 def unavailable(reason: str):
@@ -134,8 +126,9 @@ def _eval(expr: str, sizes: dict[str, int]) -> int:
 
 
 @pytest.fixture(scope="module")
-def export() -> Path:
-    return export_once()
+def export(cli_export) -> Path:
+    """``python -m star_export llava --keep 16`` once per test session (shared with the C++/Triton tests)."""
+    return cli_export(f"llava-keep{KEEP}", "--keep", str(KEEP))
 
 
 @pytest.fixture(scope="module")
@@ -697,7 +690,7 @@ def test_prefill_model_answers_like_onnxruntime(http, local, images):
     ("recipe", "pixel_shape"), [("llava-next-tiny", (5, 3, 112, 112)), ("qwen2-vl-tiny", (196, 384))]
 )
 def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
-    tmp_path_factory, images, recipe, pixel_shape
+    tmp_path_factory, cli_export, images, recipe, pixel_shape
 ):
     """LLaVA-NeXT (anyres 2x2 grid, row newlines) and Qwen2-VL (static square resolution, patches)
     exports served by tritonserver: the pipeline's own pre-processing lays every image out as the
@@ -709,20 +702,7 @@ def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     from star_export.star import StarConfig
 
     work = tmp_path_factory.mktemp(recipe)
-    export = work / "export"
-    cmd = [
-        sys.executable,
-        "-m",
-        "star_export",
-        "llava",
-        "--recipe",
-        recipe,
-        "--keep",
-        "8",
-        "--skip-validation",
-    ]
-    proc = subprocess.run([*cmd, "--out", str(export)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    export = cli_export(f"{recipe}-keep8", "--recipe", recipe, "--keep", "8")
     manifest = json.loads((export / "manifest.json").read_text())
     geo = Geometry(**manifest["model"]["geometry"])
     star = manifest["star"]
