@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from star_export.errors import UsageError
-from star_export.load import Geometry
+from star_export.geometry import Geometry
 from star_export.star import StarConfig
 
 Dim = int | str
@@ -98,23 +98,15 @@ TOLERANCES = {
 }
 
 
-PIXEL_DOCS = {
-    "llava": "image, resized/cropped to the model's size and normalised with the manifest's mean/std",
-    "llava_next": "anyres tiles of one image: the base image (resized to the tile size) then the fixed "
-    "grid's tiles row by row, each normalised with the manifest's mean/std",
-    "qwen2_vl": "one image resized to the static square resolution, normalised and cut into patches in "
-    "Qwen2VLImageProcessor's layout (manifest image.layout)",
-}
-
-
 def prefill_contract(
     geo: Geometry,
     cfg: StarConfig,
     batch: tuple[int, int, int],
     text_len: tuple[int, int, int],
     dtype: str = "float32",
+    pixel_doc: str = "image pixels as the checkpoint's image processor lays them out",
 ) -> GraphContract:
-    """The prefill graph's I/O, exactly the table of STAR_SPEC.md."""
+    """The prefill graph's I/O, exactly the table of docs/star.md (``pixel_doc``: the family's words)."""
     l1 = f"text_len + {geo.span(cfg.keep1) - 1}"
     l2 = f"text_len + {geo.span(cfg.keep2) - 1}"
     inputs = (
@@ -122,7 +114,7 @@ def prefill_contract(
             "pixel_values",
             dtype,
             ("batch", *geo.pixel_shape),
-            PIXEL_DOCS.get(geo.arch, "image pixels as the checkpoint's image processor lays them out"),
+            pixel_doc,
         ),
         TensorSpec(
             "input_ids",

@@ -16,10 +16,10 @@ from typing import Any
 from star_export import __version__
 from star_export.contract import GraphContract
 from star_export.errors import UsageError
-from star_export.load import Geometry
+from star_export.geometry import Geometry
 from star_export.star import StarConfig
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: family-written image section (kind), index_space, position_axes
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
 
 
@@ -31,55 +31,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[lib] = "absent"
     return out
-
-
-def image_preprocessing(model_dir: Path, geo: Geometry) -> dict[str, Any]:
-    """Resize/crop/normalise as the checkpoint's ``preprocessor_config.json`` says (CLIP defaults)."""
-    pre: dict[str, Any] = {}
-    path = model_dir / "preprocessor_config.json"
-    if path.is_file():
-        pre = json.loads(path.read_text())
-    if geo.arch == "qwen2_vl":
-        patch, tp, merge = (
-            pre.get("patch_size", 14),
-            pre.get("temporal_patch_size", 2),
-            pre.get("merge_size", 2),
-        )
-        return {
-            "size": geo.image_size,
-            "resize": f"bicubic to {geo.image_size}x{geo.image_size} (aspect ratio not kept: one static resolution)",
-            "rescale_factor": pre.get("rescale_factor", 1 / 255),
-            "mean": pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
-            "std": pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
-            "patch_size": patch,
-            "temporal_patch_size": tp,
-            "merge_size": merge,
-            "layout": f"[B, {geo.pixel_shape[0]}, {geo.pixel_shape[1]}]: {patch}x{patch} patches in "
-            f"{merge}x{merge} merge blocks (block-major), each row [c, t, y, x] with the image repeated "
-            f"{tp} times along t (Qwen2VLImageProcessor's layout; star_export.qwen2vl.patchify)",
-        }
-    return {
-        "size": geo.image_size,
-        "resize_shortest_edge": (pre.get("size") or {}).get("shortest_edge", geo.image_size),
-        "center_crop": pre.get("do_center_crop", True),
-        "rescale_factor": pre.get("rescale_factor", 1 / 255),
-        "mean": pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
-        "std": pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
-        "layout": "NCHW, RGB",
-        **(
-            {
-                "anyres": {
-                    "grid": list(geo.grid),
-                    "pixel_values": f"[B, {geo.pixel_shape[0]}, 3, {geo.image_size}, {geo.image_size}]: the base "
-                    "image resized to the tile size, then the tiles of the image resized (aspect kept) and "
-                    f"padded to {geo.grid[0] * geo.image_size}x{geo.grid[1] * geo.image_size}, row by row "
-                    "(the checkpoint's LlavaNextImageProcessor with that resolution as its only pinpoint)",
-                }
-            }
-            if geo.arch == "llava_next"
-            else {}
-        ),
-    }
 
 
 def file_entry(path: Path) -> dict[str, Any]:
@@ -95,6 +46,7 @@ def build_manifest(
     contracts: list[GraphContract],
     cfg: StarConfig,
     geo: Geometry,
+    family: Any,
     model_dir: Path,
     source: str,
     files: list[Path],
@@ -102,6 +54,7 @@ def build_manifest(
     dtype: str = "float32",
     max_new_tokens: int | None = None,
     tokenizer: dict[str, Any] | None = None,
+    layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     graphs = {
         c.graph: {**c.to_dict(), "file": f"{c.graph}.onnx", "opset": opset, "dtype": dtype} for c in contracts
@@ -109,6 +62,8 @@ def build_manifest(
     return {
         "manifest_version": MANIFEST_VERSION,
         "model": {"source": source, "directory": str(model_dir), "geometry": geo.to_dict()},
+        # the family's layout options that fixed the static shapes (grid, image_size)
+        "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in (layout or {}).items()},
         "star": {
             "N": geo.n_visual,
             "keep1": cfg.keep1,
@@ -123,9 +78,11 @@ def build_manifest(
             "L1": f"text_len - 1 + {geo.span(cfg.keep1)}",
             "L2": f"text_len - 1 + {geo.span(cfg.keep2)}",
             "present_length_per_layer": ["L1" if i < cfg.layer else "L2" for i in range(geo.num_layers)],
+            # what an index of stage1_keep_idx / stage2_keep_idx names (the family's index space)
+            "index_space": family.index_space(geo),
         },
         "image_token_id": geo.image_token_id,
-        "image": image_preprocessing(model_dir, geo),
+        "image": family.image_spec(model_dir, geo),
         "tokenizer": tokenizer or {},
         "prompt_rules": [
             "exactly one image placeholder token per row (not expanded to N copies)",
@@ -176,3 +133,22 @@ def read_manifest(directory: Path, graphs: tuple[str, ...] = ("prefill", "decode
         if entry is None or not (directory / entry.get("file", f"{graph}.onnx")).is_file():
             raise UsageError(f"--from {directory}: {graph}.onnx missing; re-export the directory")
     return manifest
+
+
+def star_config(manifest: dict[str, Any], geo: Geometry, where: str) -> StarConfig:
+    """The STAR settings of a manifest, checked by the same rules as the command line (a hand-edited
+    or foreign manifest with keep2 > keep1 or K outside 1..layers-1 is a UsageError, never a
+    silently skipped stage)."""
+    try:
+        st = manifest["star"]
+        return StarConfig.resolve(
+            keep=int(st["keep2"]),
+            keep1=int(st["keep1"]),
+            layer=int(st["layer_K"]),
+            n_visual=geo.n_visual,
+            num_layers=geo.num_layers,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{where}: manifest.json has no valid star settings ({e})") from None
+    except UsageError as e:
+        raise UsageError(f"{where}: manifest.json: {e}") from None

@@ -31,6 +31,7 @@ class Recipe:
     image: dict[str, Any] = field(default_factory=dict)
     star: dict[str, int] = field(default_factory=dict)
     profile: dict[str, list[int]] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)  # the family's layout options (image_size, grid)
 
     def profile_range(self, dim: str) -> tuple[int, int, int]:
         lo, opt, hi = self.profile[dim]
@@ -64,4 +65,5 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         image=data.get("image", {}),
         star=data.get("star", {}),
         profile=data.get("profile", {}),
+        layout=data.get("layout", {}),
     )

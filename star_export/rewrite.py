@@ -1,24 +1,30 @@
-"""Stage 2: the static-shape STAR rewrite of a LLaVA prefill, the module that gets exported.
+"""The static-shape STAR prefill and decode step, generic over families: the modules that get exported.
 
-``StarPrefill`` wraps a loaded ``LlavaForConditionalGeneration`` and reuses its modules and
-weights (vision tower, projector, embeddings, norms, MLPs, rotary embedding, lm_head). Only
-decoder attention is written out here, so that it can (a) return the post-softmax
-probabilities of layer K-1 that stage 2 scores, (b) return each layer's present key/value
-after RoPE, and (c) take an explicit causal + padding mask (never a mask inferred from
-position ids). Works for Llama-family decoders (Llama, Vicuna, Mistral without sliding
-window, Qwen2 biases), MHA and GQA.
+``StarPrefill`` holds the STAR data flow (stage 1 -> splice -> decoder with stage 2 at layer K-1)
+and reuses the loaded model's text modules and weights (embeddings, norms, MLPs, rotary embedding,
+lm_head). A family module subclasses it and supplies the image side through four hooks:
+``vision_features`` (the features stage 1 scores), ``project`` (the projector on the kept ones),
+``positions`` / ``gather_positions`` (1-D here; M-RoPE families override them), and, when its span
+has structural tokens (``geometry.n_fixed``), ``span_offsets`` and ``structural_embed``.
 
-Pruning ops: TopK with a literal K (see ``star.topk_sorted``) plus Gather/GatherElements.
+Only decoder attention is written out here, so that it can (a) return the post-softmax
+probabilities of layer K-1 that stage 2 scores, (b) return each layer's present key/value after
+RoPE, and (c) take an explicit causal + padding mask (never a mask inferred from position ids).
+Llama-family layers: q/k/v/o projections (biases allowed), optional per-head q/k RMSNorms, MHA/GQA.
+
+Pruning ops: TopK with a literal K (``star.topk_sorted``) plus Gather/GatherElements.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from star_export import star
-from star_export.load import Geometry
+from star_export.geometry import Geometry
 from star_export.star import StarConfig
 
 
@@ -39,19 +45,22 @@ def decoder_attention(
        probs (B, H, L, P + L) post-softmax, float32.
     """
     b, length, _ = x.shape
-    q = attn.q_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, H, L, hd)
-    k = attn.k_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+    q = attn.q_proj(x).view(b, length, -1, head_dim)  # (B, L, H, hd)
+    k = attn.k_proj(x).view(b, length, -1, head_dim)  # (B, L, Hkv, hd)
     v = attn.v_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head RMSNorm before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     if past is not None:
         k = torch.cat([past[0], k], dim=2)  # (B, Hkv, P + L, hd)
         v = torch.cat([past[1], v], dim=2)
     groups = q.shape[1] // k.shape[1]
-    # scores, mask and softmax in float32 whatever the export dtype (fp16 would overflow)
-    scores = (q @ repeat_kv(k, groups).transpose(2, 3)).to(
-        torch.float32
-    ) * attn.scaling + mask  # (B, H, L, P+L)
-    probs = torch.softmax(scores, dim=-1)  # float32
+    # q @ k^T runs in the export dtype (fp16 GEMMs accumulate in fp32 on TensorRT/cuBLAS and
+    # onnxruntime's CPU provider; the unscaled products of real checkpoints stay far below fp16's
+    # 65504). The scaling, the mask (finfo(float32).min) and the softmax run in float32, so masked
+    # slots and the probabilities stage 2 scores keep float32 precision in every export dtype.
+    scores = (q @ repeat_kv(k, groups).transpose(2, 3)).to(torch.float32) * attn.scaling + mask
+    probs = torch.softmax(scores, dim=-1)  # (B, H, L, P + L) float32
     out = (probs.to(v.dtype) @ repeat_kv(v, groups)).transpose(1, 2).reshape(b, length, -1)  # (B, L, H*hd)
     return attn.o_proj(out), k, v, probs
 
@@ -74,21 +83,6 @@ def decoder_layer(
     return h, k, v, probs
 
 
-def next_span_offsets(geo: Geometry) -> tuple[list[int], tuple[int, ...]]:
-    """LLaVA-NeXT's unpruned visual span: the offset of every patch token (in ``vision_features``
-    order) and of every row newline.
-
-    Span (LlavaNext pack_image_features, fixed grid, nothing unpadded): the base image's n
-    tokens, then for each of the H = gh*g rows of the tile grid its W = gw*g tokens and a newline.
-    """
-    g = geo.image_size // geo.patch_size
-    n = g * g
-    rows, cols = geo.grid[0] * g, geo.grid[1] * g
-    cand = list(range(n)) + [n + r * (cols + 1) + c for r in range(rows) for c in range(cols)]
-    fixed = tuple(n + r * (cols + 1) + cols for r in range(rows))
-    return cand, fixed
-
-
 def bind_text(module: nn.Module, model: nn.Module, geometry: Geometry, cfg: StarConfig) -> None:
     """Attach the text side every exported module uses: embeddings, decoder layers, final norm,
     rotary embedding and lm_head of ``model``, with the geometry and STAR settings."""
@@ -102,54 +96,48 @@ def bind_text(module: nn.Module, model: nn.Module, geometry: Geometry, cfg: Star
     module.cfg = cfg
 
 
+def forced_slots(span_patch: torch.Tensor, force: torch.Tensor, is_visual: torch.Tensor | None, k: int):
+    """Slots of a span whose patch index is in ``force`` (plus every structural slot), ascending.
+
+    span_patch: (B, n) patch index per slot, force: (B, keep) patch indices -> (B, k) slot positions.
+    Only for the PyTorch modules' forced-selection mode (parity checks), never exported.
+    """
+    hit = (span_patch.unsqueeze(-1) == force.unsqueeze(1)).any(-1)  # (B, n)
+    if is_visual is not None:
+        hit = hit | ~is_visual
+    return star.topk_sorted(hit.to(torch.float32), k)
+
+
 class StarPrefill(nn.Module):
     """STAR-pruned prefill: (pixel_values, input_ids, attention_mask) -> logits, indices, presents.
 
     Outputs, in order (names in ``contract.prefill_contract``):
       logits (B, V) float32 at the last position, stage1_keep_idx (B, keep1),
       stage2_keep_idx (B, keep2), then present.{i}.key / present.{i}.value for every layer.
+    ``run`` is the same computation with the scores returned and an optional forced selection.
     """
 
     def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
         super().__init__()
         bind_text(self, model, geometry, cfg)
-        self.vision_tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
-        if geometry.n_fixed:  # LLaVA-NeXT: row newlines, always kept, interleaved by offset
-            self.newline = model.model.image_newline
-            cand, fixed = next_span_offsets(geometry)
-            self.register_buffer("cand_offsets", torch.tensor(cand, dtype=torch.int64), persistent=False)
-            self.fixed_offsets = fixed
-        for layer in self.layers:
-            extra = {"q_norm", "k_norm"} & {n for n, _ in layer.self_attn.named_children()}
-            if extra:
-                raise NotImplementedError(f"attention with {sorted(extra)} is not Llama-family")
+        self.fixed_offsets: tuple[int, ...] = ()  # structural tokens' offsets in the span (constants)
 
+    # ---- family hooks ---------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """F: (B, *pixel_shape) -> (B, N, dv), the selected vision layer without CLS.
-
-        LLaVA-NeXT: pixel_values (B, 1 + gh*gw, 3, S, S), the base image then the tiles row by
-        row; F lists the base image's tokens, then the tile grid's tokens in raster order over
-        the whole (gh*g) x (gw*g) grid, the order LlavaNext's pack_image_features uses.
-        """
-        geo = self.geo
-        if geo.arch == "llava_next":
-            b, tiles = pixel_values.shape[0], pixel_values.shape[1]
-            pixel_values = pixel_values.flatten(0, 1)  # (B * (1 + G), 3, S, S)
-        out = self.vision_tower(pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[geo.vision_feature_layer]  # (B', 1 + n, dv)
-        feats = feats[:, 1:] if geo.select_strategy == "default" else feats
-        if geo.arch != "llava_next":
-            return feats
-        g = geo.image_size // geo.patch_size
-        (gh, gw), dv = geo.grid, feats.shape[-1]
-        feats = feats.reshape(b, tiles, g * g, dv)
-        grid = feats[:, 1:].reshape(b, gh, gw, g, g, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, dv)
-        return torch.cat([feats[:, 0], grid], dim=1)  # (B, N, dv)
+        """F: (B, *pixel_shape) -> (B, N, d), the features stage 1 scores, in index order."""
+        raise NotImplementedError
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
-        """The projector on the kept features: (B, n, dv) -> (B, n, D)."""
-        return self.projector(feats)
+        """The projector on the kept features: (B, n, d) -> (B, n, D)."""
+        raise NotImplementedError
+
+    def span_offsets(self, keep1_idx: torch.Tensor) -> torch.Tensor:
+        """Offset of each kept content token in the unpruned span (B, keep1); default its index."""
+        return keep1_idx
+
+    def structural_embed(self) -> torch.Tensor:
+        """(D,) embedding of the span's structural tokens (only when ``geometry.n_fixed``)."""
+        raise NotImplementedError
 
     def positions(
         self, attention_mask: torch.Tensor, p: torch.Tensor, offsets: torch.Tensor
@@ -161,36 +149,67 @@ class StarPrefill(nn.Module):
         """The position ids of the stage-2 sequence: pos at the slots ``src`` (B, L2)."""
         return torch.gather(pos, 1, src)
 
+    # ---- the STAR data flow ---------------------------------------------------------------------
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
+        logits, keep1_idx, keep2_idx, presents, *_ = self._prefill(pixel_values, input_ids, attention_mask)
+        return (logits, keep1_idx, keep2_idx, *presents)
+
+    def run(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        force1: torch.Tensor | None = None,
+        force2: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The prefill; ``force1`` (B, keep1) / ``force2`` (B, keep2) patch indices replace the
+        stage-1 / stage-2 choice (forced-selection parity; ``force2`` must lie in the stage-1 set).
+        Returns logits, the kept indices, presents, and the float32 scores: ``stage1_scores``
+        (B, N) and ``stage2_scores`` (B, N) by patch index (NaN where not a stage-1 token)."""
+        logits, keep1, keep2, presents, scores1, scores2, span_patch = self._prefill(
+            pixel_values, input_ids, attention_mask, force1, force2
+        )
+        return {
+            "logits": logits,
+            "stage1_keep_idx": keep1,
+            "stage2_keep_idx": keep2,
+            "presents": presents,
+            "stage1_scores": scores1,
+            "stage2_scores": _by_patch(scores2, span_patch, self.geo.n_visual),
+        }
+
+    def _prefill(self, pixel_values, input_ids, attention_mask, force1=None, force2=None) -> tuple:
         geo, cfg = self.geo, self.cfg
         hd = geo.head_dim
 
         # ---- stage 1: score visual tokens by the self-attention they receive
         feats = self.vision_features(pixel_values)  # (B, N, dv)
-        keep1_idx = star.topk_sorted(star.stage1_scores(feats), cfg.keep1)  # (B, keep1)
+        scores1 = star.stage1_scores(feats)  # (B, N)
+        keep1_idx = star.topk_sorted(scores1, cfg.keep1) if force1 is None else force1  # (B, keep1)
         image_embeds = self.project(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
-        offsets, is_visual, span_patch = keep1_idx, None, keep1_idx  # offsets within the visual span
-        if geo.n_fixed:  # interleave the always-kept row newlines: span of keep1 + R tokens
+        offsets, is_visual, span_patch = self.span_offsets(keep1_idx), None, keep1_idx
+        if geo.n_fixed:  # interleave the always-kept structural tokens: a span of keep1 + n_fixed
             image_embeds, offsets, order = star.merge_fixed(
-                image_embeds, self.cand_offsets[keep1_idx], self.newline, self.fixed_offsets
+                image_embeds, offsets, self.structural_embed(), self.fixed_offsets
             )
             is_visual = order < cfg.keep1  # (B, keep1 + R)
             no_patch = torch.full_like(keep1_idx[:, :1], geo.n_visual).expand(-1, geo.n_fixed)
-            span_patch = torch.gather(torch.cat([keep1_idx, no_patch], dim=1), 1, order)  # N at newlines
+            span_patch = torch.gather(torch.cat([keep1_idx, no_patch], dim=1), 1, order)  # N at structural
         span1 = geo.span(cfg.keep1)
 
         # ---- the L1 sequence: text before, the visual span, text after
         p = star.image_position(input_ids, geo.image_token_id)  # (B,)
         text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
-        pos, valid = self.positions(attention_mask, p, offsets)  # (B, L1) (Qwen2-VL: (3, B, L1))
+        pos, valid = self.positions(attention_mask, p, offsets)  # (B, L1) (M-RoPE: (3, B, L1))
         mask = star.additive_mask(valid, torch.float32)  # (B, 1, L1, L1)
         cos, sin = self.rotary_emb(h, pos)
 
         presents: list[torch.Tensor] = []
         keep2_idx = keep1_idx
+        scores2: Any = None  # set at layer K-1 (K >= 1)
         selected = keep1_idx  # replaced at layer K-1 by the stage-2 choice, used from layer K on
         for i, layer in enumerate(self.layers):
             if i == cfg.layer:
@@ -204,15 +223,26 @@ class StarPrefill(nn.Module):
             h, k, v, probs = decoder_layer(layer, h, cos, sin, mask, hd)
             presents += [k, v]
             if i == cfg.layer - 1:
-                scores = star.stage2_scores(probs, p, span1)  # (B, span1)
-                selected = star.stage2_select(scores, is_visual, cfg.keep2, geo.n_fixed)  # (B, keep2 + R)
-                keep2_idx = torch.gather(span_patch, 1, selected)  # patch indices (N at newlines)
-                if geo.n_fixed:  # drop the newlines' N: the keep2 smallest, ascending
+                scores2 = star.stage2_scores(probs, p, span1)  # (B, span1)
+                k2 = cfg.keep2 + geo.n_fixed
+                if force2 is None:
+                    selected = star.stage2_select(scores2, is_visual, cfg.keep2, geo.n_fixed)  # (B, k2)
+                else:
+                    selected = forced_slots(span_patch, force2, is_visual, k2)
+                keep2_idx = torch.gather(span_patch, 1, selected)  # patch indices (N at structural)
+                if geo.n_fixed:  # drop the structural tokens' N: the keep2 smallest, ascending
                     smallest = torch.topk(keep2_idx.to(torch.float32), cfg.keep2, dim=-1, largest=False)
                     keep2_idx = smallest.values.to(torch.int64)  # exact: indices < 2**24
 
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
-        return (logits, keep1_idx, keep2_idx, *presents)
+        return logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch
+
+
+def _by_patch(scores: torch.Tensor, span_patch: torch.Tensor, n: int) -> torch.Tensor:
+    """Span-slot scores (B, span1) -> (B, N) by patch index, NaN where no stage-1 token sits."""
+    out = torch.full((scores.shape[0], n + 1), float("nan"), dtype=torch.float32)
+    out.scatter_(1, span_patch, scores.to(torch.float32))
+    return out[:, :n]
 
 
 class StarDecode(nn.Module):
@@ -255,21 +285,3 @@ class StarDecode(nn.Module):
             presents += [k, v]
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
         return (logits, *presents)
-
-
-def prefill_module(model: nn.Module, geometry: Geometry, cfg: StarConfig) -> nn.Module:
-    """The exported prefill module of the checkpoint's architecture (``geometry.arch``)."""
-    if geometry.arch == "qwen2_vl":
-        from star_export.qwen2vl import Qwen2VLPrefill
-
-        return Qwen2VLPrefill(model, geometry, cfg)
-    return StarPrefill(model, geometry, cfg)
-
-
-def decode_module(model: nn.Module, geometry: Geometry, cfg: StarConfig) -> nn.Module:
-    """The exported decode-step module of the checkpoint's architecture (``geometry.arch``)."""
-    if geometry.arch == "qwen2_vl":
-        from star_export.qwen2vl import Qwen2VLDecode
-
-        return Qwen2VLDecode(model, geometry, cfg)
-    return StarDecode(model, geometry, cfg)

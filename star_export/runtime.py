@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from star_export.contract import GraphContract
-from star_export.load import Geometry
+from star_export.geometry import Geometry
 from star_export.star import StarConfig, check_prompts
 
 
@@ -69,11 +69,12 @@ class TorchBackend:
     ):
         import torch
 
-        from star_export.rewrite import decode_module, prefill_module
+        from star_export.families import family_of
 
+        family = family_of(geo)
         self._torch = torch
-        self._prefill = prefill_module(model, geo, cfg).eval()
-        self._decode = decode_module(model, geo, cfg).eval()
+        self._prefill = family.prefill_module(model, geo, cfg).eval()
+        self._decode = family.decode_module(model, geo, cfg).eval()
         self._pc, self._dc = prefill, decode
 
     def _run(self, module, contract: GraphContract, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

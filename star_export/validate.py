@@ -22,8 +22,8 @@ import torch
 
 from star_export import reference
 from star_export.contract import GraphContract
-from star_export.load import Geometry
-from star_export.rewrite import prefill_module
+from star_export.families import family_of
+from star_export.geometry import Geometry
 from star_export.runners import TorchRunner, onnxrt_runner
 from star_export.star import StarConfig
 
@@ -106,15 +106,6 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def _reference_of(geo: Geometry):
-    """The dynamic reference module of the architecture (each shares no code with the rewrite)."""
-    if geo.arch == "qwen2_vl":
-        from star_export import reference_qwen2vl
-
-        return reference_qwen2vl
-    return reference
-
-
 def make_inputs(
     geo: Geometry, batch: int = 2, text_len: int = 24, pad: int = 5, seed: int = 0
 ) -> OrderedDict[str, np.ndarray]:
@@ -172,7 +163,8 @@ def validate(
         "left_padding_per_row": [int((m == 0).sum()) for m in feeds["attention_mask"]],
         "image_position_per_row": [int(np.argmax(r == geo.image_token_id)) for r in feeds["input_ids"]],
     }
-    rewrite = prefill_module(model, geo, cfg).eval()
+    family = family_of(geo)
+    rewrite = family.prefill_module(model, geo, cfg).eval()
     runners = [TorchRunner(rewrite, contract, name="torch-rewrite")]
     if onnx_path is not None:
         runners.append(onnxrt_runner(onnx_path, name="onnxruntime"))
@@ -214,9 +206,7 @@ def validate(
 
     # 2. rewrite vs the dynamic reference, every row
     pv, ids, mask = (torch.from_numpy(feeds[k]) for k in contract.input_names)
-    ref = _reference_of(geo)
-    layout = {"grid": geo.grid} if geo.arch == "llava_next" else {}  # 1xC vs Cx1 tile grids
-    rows = ref.reference_batch(model, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer, **layout)
+    rows = reference.reference_batch(model, family, geo, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer)
     check = "torch rewrite vs reference"
     t = torch_out[0]
     report.add(check, "stage1_keep_idx", t["stage1_keep_idx"], np.array([r.stage1_keep_idx for r in rows]), 0)
@@ -248,11 +238,11 @@ def validate(
     # 3. keep1 = keep2 = N: the rewrite equals the unmodified model on the expanded prompt
     full_cfg = StarConfig(keep2=geo.n_visual, keep1=geo.n_visual, layer=cfg.layer)
     with torch.no_grad():
-        full_logits = prefill_module(model, geo, full_cfg).eval()(pv, ids, mask)[0]
+        full_logits = family.prefill_module(model, geo, full_cfg).eval()(pv, ids, mask)[0]
     hf = []
     for b in range(batch):
         real = [int(x) for x, m in zip(ids[b], mask[b], strict=True) if m]
-        hf.append(ref.hf_unpruned_logits(model, pv[b], real, **layout))
+        hf.append(family.hf_unpruned_logits(model, geo, pv[b], real))
     report.add(
         "torch rewrite (keep=N) vs HF",
         "logits",
@@ -323,3 +313,94 @@ def validate_generation(
         for i in range(geo.num_layers)
     ]
     report.add(check, "cache lengths L1/L2+t", np.array(got.final_present_lengths), np.array(expect), 0)
+
+
+def validate_export(
+    model: Any,
+    geo: Geometry,
+    cfg: StarConfig,
+    prefill: GraphContract,
+    decode: GraphContract,
+    paths: dict[str, Any],
+    seed: int = 0,
+    batch: int = 2,
+    text_len: int = 24,
+) -> ParityReport:
+    """Every parity check of an export (``paths``: {"prefill": ..., "decode": ...} .onnx files)."""
+    report = validate(
+        model, geo, cfg, prefill, str(paths["prefill"]), seed=seed, batch=batch, text_len=text_len
+    )
+    validate_generation(
+        report,
+        model,
+        geo,
+        cfg,
+        prefill,
+        decode,
+        str(paths["prefill"]),
+        str(paths["decode"]),
+        seed=seed,
+        batch=batch,
+        text_len=text_len,
+    )
+    return report
+
+
+def validate_directory(
+    directory: Any, trt: bool = False, batch: int = 2, text_len: int = 24, seed: int = 0
+) -> ParityReport:
+    """The parity checks of an export directory, from its manifest (the checkpoint it names is loaded
+    again); ``trt`` adds the TensorRT engines recorded in the manifest. Writes report.json."""
+    from pathlib import Path
+
+    from star_export.build import trt_parity, trt_status
+    from star_export.contract import contract_from_dict
+    from star_export.errors import MissingComponent, UsageError
+    from star_export.load import load
+    from star_export.manifest import read_manifest, star_config
+    from star_export.outputs import write_json
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    cfg = star_config(manifest, geo, f"--from {directory}")
+    pc = contract_from_dict(manifest["graphs"]["prefill"])
+    dc = contract_from_dict(manifest["graphs"]["decode"])
+    engines = manifest.get("engines") or {}
+    if trt:
+        ok, why = trt_status()
+        if not ok:
+            raise MissingComponent(f"--trt: {why}; run this command on a GPU host with TensorRT")
+        if "prefill" not in engines:
+            raise UsageError(f"--from {directory}: no engines in the manifest; run `build` first")
+    paths = {"prefill": directory / "prefill.onnx", "decode": directory / "decode.onnx"}
+    dtype = manifest["graphs"]["prefill"].get("dtype", "float32")
+    if dtype != "float32":
+        # reduced precision: no CPU reference of the same dtype; TensorRT vs onnxruntime only
+        if not trt:
+            raise UsageError(f"--from {directory}: a {dtype} export is validated against TensorRT: add --trt")
+        feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
+        feeds["pixel_values"] = feeds["pixel_values"].astype(dtype if dtype != "bfloat16" else "float32")
+        report = ParityReport(inputs={"seed": seed, "batch": batch, "text_len": text_len})
+        report.trt = trt_parity(
+            Path(engines["prefill"]["path"]),
+            paths["prefill"],
+            pc,
+            [feeds],
+            engines["prefill"].get("dtype", "fp16"),
+        )
+        write_json(directory / "report.json", report.to_dict())
+        return report
+    loaded = load(manifest["model"]["directory"], options=manifest.get("layout") or {})
+    report = validate_export(loaded.model, geo, cfg, pc, dc, paths, seed=seed, batch=batch, text_len=text_len)
+    if trt:
+        feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
+        report.trt = trt_parity(
+            Path(engines["prefill"]["path"]),
+            paths["prefill"],
+            pc,
+            [feeds, row_alone(feeds, batch - 1)],
+            engines["prefill"].get("dtype", "fp32"),
+        )
+    write_json(directory / "report.json", report.to_dict())
+    return report

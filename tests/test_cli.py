@@ -146,7 +146,10 @@ def _not_llava(tmp_path: Path) -> Path:
         (["--keep", "8", "--recipe", "nope"], "unknown recipe"),
         (["--keep", "8", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--keep", "8", "--text-len", "3"], "--text-len must be in 5..512"),
-        (["--keep", "8", "--grid", "2x2"], "--grid applies to LLaVA-NeXT checkpoints, not llava"),
+        (
+            ["--keep", "8", "--grid", "2x2"],
+            "--grid does not apply to llava checkpoints (it applies to: llava_next)",
+        ),
         (["--keep", "8", "--grid", "2"], "expected ROWSxCOLS"),
         (["--keep", "8", "--model", "{qwen25}"], "architecture Qwen2_5_VLForConditionalGeneration"),
     ],
@@ -174,7 +177,7 @@ def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, args, message):
 
 
 def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
-    import star_export.export as export_mod
+    import star_export.onnx_export as export_mod
 
     def boom(*_a, **_k):
         raise RuntimeError("simulated exporter crash")
@@ -221,9 +224,9 @@ def test_default_export_dtype_is_the_checkpoints(tmp_path, config, expect):
 def test_long_steps_print_a_heartbeat_until_they_end(capsys):
     import time as _time
 
-    from star_export.cli import _heartbeat
+    from star_export.progress import heartbeat
 
-    with _heartbeat("exporting x", every=0.05):
+    with heartbeat("exporting x", print, every=0.05):
         _time.sleep(0.3)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= 3 and all(line.startswith("      ... exporting x (") for line in lines)

@@ -9,7 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from star_export import cost
-from star_export.rewrite import StarDecode, StarPrefill
+from star_export.families.llava import LlavaPrefill as StarPrefill
+from star_export.rewrite import StarDecode
 from star_export.star import StarConfig
 from star_export.validate import make_inputs
 
@@ -135,7 +136,8 @@ def test_prefill_matches_flop_counter(request, which, keep):
     cfg = StarConfig.resolve(keep=keep, keep1=None, layer=2, n_visual=geo.n_visual, num_layers=geo.num_layers)
     feeds = make_inputs(geo, batch=2, text_len=12, pad=0)
     counted = _count(
-        StarPrefill(loaded.model, geo, cfg).eval(), *(torch.from_numpy(v) for v in feeds.values())
+        loaded.family.prefill_module(loaded.model, geo, cfg).eval(),
+        *(torch.from_numpy(v) for v in feeds.values()),
     )
     predicted = cost.prefill_cost(loaded.model, cfg, text_len=12, batch=2, all_vision_layers=True)
     assert counted == pytest.approx(predicted.matmul_flops, rel=0.02)

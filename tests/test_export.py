@@ -10,8 +10,7 @@ import torch
 
 from star_export.check import check_onnx, topk_nodes
 from star_export.contract import prefill_contract
-from star_export.export import export_onnx
-from star_export.rewrite import StarPrefill
+from star_export.onnx_export import export_onnx
 from star_export.star import StarConfig
 from star_export.validate import make_inputs, validate
 
@@ -23,7 +22,11 @@ def export(loaded, tmp_path, keep, keep1, layer, **kw):
     )
     contract = prefill_contract(g, cfg, (1, 2, 8), (2, 24, 512))
     path = export_onnx(
-        StarPrefill(loaded.model, g, cfg).eval(), contract, tmp_path / "prefill.onnx", g.image_token_id, **kw
+        loaded.family.prefill_module(loaded.model, g, cfg).eval(),
+        contract,
+        tmp_path / "prefill.onnx",
+        g.image_token_id,
+        **kw,
     )
     return cfg, contract, path
 
@@ -62,7 +65,7 @@ def test_exported_prefill_passes_every_parity_check(request, tmp_path, which, ke
 def test_one_graph_serves_other_batch_sizes_and_lengths(gqa, tmp_path):
     cfg, _, path = export(gqa, tmp_path, 16, 40, 2)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rewrite = StarPrefill(gqa.model, gqa.geometry, cfg).eval()
+    rewrite = gqa.family.prefill_module(gqa.model, gqa.geometry, cfg).eval()
     for batch, text_len in [(1, 7), (3, 41)]:
         feeds = make_inputs(gqa.geometry, batch=batch, text_len=text_len, seed=batch)
         got = sess.run(None, dict(feeds))

@@ -15,8 +15,8 @@ from PIL import Image
 
 from star_export.cli import main
 from star_export.contract import decode_contract, prefill_contract
-from star_export.export import example_decode_inputs, export_onnx
-from star_export.rewrite import StarDecode, StarPrefill
+from star_export.onnx_export import example_decode_inputs, export_onnx
+from star_export.rewrite import StarDecode
 from star_export.runtime import GenerationConfig, OnnxruntimeBackend, TorchBackend, generate
 from star_export.star import StarConfig
 from star_export.validate import make_inputs
@@ -46,7 +46,12 @@ def test_onnxruntime_greedy_is_token_exact_with_the_torch_rewrite(
     g = loaded.geometry
     cfg = resolve(loaded, keep, keep1, layer)
     pc, dc = contracts(loaded, cfg)
-    export_onnx(StarPrefill(loaded.model, g, cfg).eval(), pc, tmp_path / "prefill.onnx", g.image_token_id)
+    export_onnx(
+        loaded.family.prefill_module(loaded.model, g, cfg).eval(),
+        pc,
+        tmp_path / "prefill.onnx",
+        g.image_token_id,
+    )
     export_onnx(
         StarDecode(loaded.model, g, cfg).eval(),
         dc,

@@ -20,9 +20,9 @@ import torch
 from star_export.check import check_onnx, topk_nodes
 from star_export.cli import main
 from star_export.contract import decode_contract, prefill_contract
-from star_export.export import example_decode_inputs, export_onnx
-from star_export.reference import hf_image_inputs
-from star_export.rewrite import StarDecode, StarPrefill, next_span_offsets
+from star_export.families.llava_next import next_span_offsets
+from star_export.onnx_export import example_decode_inputs, export_onnx
+from star_export.rewrite import StarDecode
 from star_export.runtime import GenerationConfig, OnnxruntimeBackend, TorchBackend, generate
 from star_export.star import StarConfig
 from star_export.validate import make_inputs, validate
@@ -51,9 +51,9 @@ def test_geometry_is_the_fixed_grid_layout(next_llama):
     assert (g.n_visual, g.n_fixed, g.n_positions) == (64 + 256, 16, 64 + 16 * 17)
     cand, fixed = next_span_offsets(g)
     assert sorted(cand + list(fixed)) == list(range(g.n_positions))
-    # the unmodified model expands the placeholder to the same span length
-    n, extra = hf_image_inputs(next_llama.model, torch.zeros(g.pixel_shape))
-    assert n == g.n_positions and extra["image_sizes"].tolist() == [[224, 224]]
+    # the unmodified model's span (transformers' pack_image_features) has the same length and layout
+    span = next_llama.family.reference_image(next_llama.model, g, torch.zeros(g.pixel_shape)).slots
+    assert len(span) == g.n_positions and [o for o, c in enumerate(span) if c is None] == list(fixed)
 
 
 @pytest.mark.parametrize("which", ["next_llama", "next_mistral"])
@@ -78,7 +78,7 @@ def test_non_square_grids_pass_the_parity_checks(next_dir, grid):
     """1x2 and 2x1 (224x112, 112x224 pinpoints) have the same tile count but other spans."""
     from star_export.load import load
 
-    loaded = load(next_dir, grid=grid)
+    loaded = load(next_dir, options={"grid": grid})
     g = loaded.geometry
     side = g.image_size // g.patch_size
     assert g.grid == grid and g.pixel_shape == (3, 3, 112, 112)
@@ -93,7 +93,9 @@ def test_newlines_are_always_kept_at_their_original_positions(next_llama):
     cfg = resolve(next_llama, 8, 24, 2)
     feeds = make_inputs(g, batch=3, text_len=17, seed=1)
     with torch.no_grad():
-        out = StarPrefill(next_llama.model, g, cfg)(*(torch.from_numpy(v) for v in feeds.values()))
+        out = next_llama.family.prefill_module(next_llama.model, g, cfg)(
+            *(torch.from_numpy(v) for v in feeds.values())
+        )
     assert out[1].shape == (3, 24) and out[2].shape == (3, 8)
     for i in range(g.num_layers):
         expect = 17 - 1 + (24 if i < cfg.layer else 8) + g.n_fixed
@@ -107,8 +109,12 @@ def test_pruning_changes_the_logits(next_llama):
     g = next_llama.geometry
     args = [torch.from_numpy(v) for v in make_inputs(g, batch=2, text_len=12, seed=3).values()]
     with torch.no_grad():
-        pruned = StarPrefill(next_llama.model, g, resolve(next_llama, 8, 16, 2))(*args)[0]
-        full = StarPrefill(next_llama.model, g, resolve(next_llama, g.n_visual, g.n_visual, 2))(*args)[0]
+        pruned = next_llama.family.prefill_module(next_llama.model, g, resolve(next_llama, 8, 16, 2))(*args)[
+            0
+        ]
+        full = next_llama.family.prefill_module(
+            next_llama.model, g, resolve(next_llama, g.n_visual, g.n_visual, 2)
+        )(*args)[0]
     assert (pruned - full).abs().max() > 1e-3 * full.abs().max()
 
 
@@ -118,7 +124,10 @@ def test_export_passes_every_parity_check_and_greedy_is_token_exact(next_mistral
     cfg = resolve(loaded, 16, 48, 2)
     pc, dc = contracts(loaded, cfg)
     prefill = export_onnx(
-        StarPrefill(loaded.model, g, cfg).eval(), pc, tmp_path / "prefill.onnx", g.image_token_id
+        loaded.family.prefill_module(loaded.model, g, cfg).eval(),
+        pc,
+        tmp_path / "prefill.onnx",
+        g.image_token_id,
     )
     decode = export_onnx(
         StarDecode(loaded.model, g, cfg).eval(),
@@ -207,7 +216,7 @@ def test_cli_exports_a_saved_next_checkpoint_with_model_dir(next_dir, tmp_path, 
     from star_export.deploy import cpp_header
     from star_export.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"examples/cpp drives LLaVA-1\.5 exports"):
+    with pytest.raises(UsageError, match=r"examples/cpp"):
         cpp_header(manifest)
 
 

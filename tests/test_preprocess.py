@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from star_export.errors import UsageError
-from star_export.load import _write_extras
-from star_export.preprocess import CHAT_TEMPLATE, Preprocessor, write_tiny_tokenizer
+from star_export.families.llava import FAMILY as LLAVA
+from star_export.preprocess import Preprocessor
 from star_export.recipes import load_recipe
+from star_export.tiny import CHAT_TEMPLATE
 
 IMAGE_ID = 1000
 FILES = {
@@ -29,8 +30,7 @@ FILES = {
 
 def _build(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    _write_extras(directory, load_recipe("llava-tiny"))
-    write_tiny_tokenizer(directory, vocab_size=1000, image_token_id=IMAGE_ID)
+    LLAVA.write_tiny_processor(directory, load_recipe("llava-tiny"))
     return directory
 
 
@@ -88,7 +88,6 @@ def test_special_ids_and_image_token(pre):
     assert len(tok) == IMAGE_ID + 1
     ids = tok("a red ball and a blue box")["input_ids"]
     assert ids[0] == 1 and all(2 < t < 1000 for t in ids[1:])
-    assert pre.image_size == (336, 336)
 
 
 @pytest.mark.parametrize(
@@ -107,11 +106,11 @@ def test_deterministic(tiny_dir, tmp_path):
         assert (again / name).read_bytes() == (tiny_dir / name).read_bytes(), name
     # Another process (the Rust side seeds its hash maps per process) trains the same tokenizer.
     code = (
-        "import hashlib; from star_export.preprocess import _train_bpe; "
+        "import hashlib; from star_export.tiny import _train_bpe; "
         "print(hashlib.sha256(_train_bpe(1000, 1000).to_str().encode()).hexdigest())"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    from star_export.preprocess import _train_bpe
+    from star_export.tiny import _train_bpe
 
     assert other.stdout.strip() == hashlib.sha256(_train_bpe(1000, 1000).to_str().encode()).hexdigest()
 
@@ -184,7 +183,7 @@ def test_errors(pre, tmp_path):
 def test_from_dir_missing_files(tmp_path):
     with pytest.raises(UsageError, match="no such directory"):
         Preprocessor.from_dir(tmp_path / "nope")
-    _write_extras(tmp_path, load_recipe("llava-tiny"))
+    LLAVA.write_tiny_processor(tmp_path, load_recipe("llava-tiny"))
     (tmp_path / "tokenizer.json").unlink()  # image processor present, tokenizer missing
     with pytest.raises(UsageError, match=r"missing tokenizer \(tokenizer.json\)") as err:
         Preprocessor.from_dir(tmp_path)

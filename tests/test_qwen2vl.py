@@ -10,10 +10,13 @@ import torch
 
 from star_export.check import check_onnx, topk_nodes
 from star_export.contract import decode_contract, prefill_contract
+from star_export.encoding import patchify
 from star_export.errors import UsageError
-from star_export.export import example_decode_inputs, export_onnx
-from star_export.qwen2vl import Qwen2VLDecode, Qwen2VLPrefill, geometry_of_qwen2vl, patchify
-from star_export.reference_qwen2vl import hf_unpruned_logits, reference_batch
+from star_export.families.qwen2_vl import FAMILY as QWEN
+from star_export.families.qwen2_vl import MRopeDecode as Qwen2VLDecode
+from star_export.families.qwen2_vl import Qwen2VLPrefill
+from star_export.onnx_export import example_decode_inputs, export_onnx
+from star_export.reference import reference_batch as _reference_batch
 from star_export.star import StarConfig
 
 IMAGE = 112  # patch 8, merge 2: 14 x 14 patches -> 7 x 7 = 49 merged visual tokens
@@ -34,7 +37,7 @@ def qwen(qwen_dir):
     """Loaded back through star_export's own loading code (fp32, eager), 112 px static resolution."""
     from star_export.load import load
 
-    loaded = load(qwen_dir, image_size=IMAGE)
+    loaded = load(qwen_dir, options={"image_size": IMAGE})
     return loaded.model, loaded.geometry
 
 
@@ -63,6 +66,16 @@ def rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def reference_batch(model, pv, ids, mask, keep1, keep2, layer):
+    return _reference_batch(
+        model, QWEN, QWEN.geometry(model.config, image_size=IMAGE), pv, ids, mask, keep1, keep2, layer
+    )
+
+
+def hf_unpruned_logits(model, pv, ids):
+    return QWEN.hf_unpruned_logits(model, QWEN.geometry(model.config, image_size=IMAGE), pv, ids)
+
+
 def real_ids(ids, mask, b) -> list[int]:
     return [int(t) for t, m in zip(ids[b], mask[b], strict=True) if m]
 
@@ -78,7 +91,7 @@ def test_geometry_and_pixel_layout_match_the_hf_processor(qwen):
     assert (geo.arch, geo.n_visual, geo.grid, geo.n_positions, geo.n_fixed) == ("qwen2_vl", 49, (7, 7), 7, 0)
     assert geo.pixel_shape == (196, 3 * 2 * 8 * 8) and geo.head_dim == 16 and geo.num_kv_heads == 2
     with pytest.raises(UsageError, match="multiple of"):
-        geometry_of_qwen2vl(model.config, 100)
+        QWEN.geometry(model.config, image_size=100)
 
     proc = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2)
     rng = np.random.default_rng(0)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from star_export.contract import prefill_contract
-from star_export.rewrite import StarPrefill
 from star_export.star import StarConfig
 from star_export.validate import make_inputs, validate
 
@@ -53,7 +52,7 @@ def test_other_llama_family_decoders_match_reference_and_unmodified_model(reques
 
 def test_sliding_window_attention_is_refused(recipe):
     from star_export.errors import UsageError
-    from star_export.load import geometry_of
+    from star_export.families.llava import FAMILY as LLAVA
 
     config = __import__("transformers").LlavaConfig(
         **{
@@ -62,7 +61,7 @@ def test_sliding_window_attention_is_refused(recipe):
         }
     )
     with pytest.raises(UsageError, match="sliding-window attention"):
-        geometry_of(config)
+        LLAVA.geometry(config)
 
 
 @pytest.mark.parametrize("which", ["mha", "gqa"])
@@ -72,7 +71,9 @@ def test_present_lengths_are_l1_before_k_and_l2_from_k(request, which):
     cfg = resolve(loaded, 20, 100, 2)
     feeds = make_inputs(g, batch=3, text_len=17, seed=1)
     with torch.no_grad():
-        out = StarPrefill(loaded.model, g, cfg)(*(torch.from_numpy(v) for v in feeds.values()))
+        out = loaded.family.prefill_module(loaded.model, g, cfg)(
+            *(torch.from_numpy(v) for v in feeds.values())
+        )
     assert out[0].shape == (3, g.vocab_size) and out[0].dtype == torch.float32
     assert out[1].shape == (3, 100) and out[2].shape == (3, 20)
     for i in range(g.num_layers):
@@ -91,6 +92,6 @@ def test_pruning_changes_the_logits(mha):
     feeds = make_inputs(g, batch=2, text_len=12, seed=3)
     args = [torch.from_numpy(v) for v in feeds.values()]
     with torch.no_grad():
-        pruned = StarPrefill(mha.model, g, resolve(mha, 8, 16, 2))(*args)[0]
-        full = StarPrefill(mha.model, g, resolve(mha, 576, 576, 2))(*args)[0]
+        pruned = mha.family.prefill_module(mha.model, g, resolve(mha, 8, 16, 2))(*args)[0]
+        full = mha.family.prefill_module(mha.model, g, resolve(mha, 576, 576, 2))(*args)[0]
     assert (pruned - full).abs().max() > 1e-3 * full.abs().max()

@@ -1,12 +1,15 @@
 """Triton Python-backend model (BLS): image bytes + prompt -> generated text and token ids.
 
 Copied by ``python -m star_export triton`` into ``<repo>/pipeline/1/model.py``, next to the
-export's ``manifest.json`` and ``processor/`` (tokenizer, chat template, image processor).
-Self-contained: it needs numpy, Pillow and transformers in the backend stub's Python
-environment, not star_export. Per request (batch B rows, one image + one prompt per row):
+export's ``manifest.json``, ``processor/`` (tokenizer, chat template, image processor) and
+``star_encoding.py`` (a copy of ``star_export/encoding.py``). It needs numpy, Pillow and
+transformers in the backend stub's Python environment, not star_export: tritonserver's Python
+backend runs in its own environment (numpy<2 for the stub), so this file and ``star_encoding.py``
+are the only code of the project it loads. Per request (batch B rows, one image + prompt per row):
 
-1. pre-process as ``star_export.preprocess.Preprocessor`` does: the checkpoint's chat template,
-   exactly ONE image placeholder per row, LEFT padding; the image processor's pixel values;
+1. pre-process with ``star_encoding`` as ``star_export.preprocess.Preprocessor`` does (the same
+   code): the manifest's ``image`` section, the checkpoint's chat template, exactly ONE image
+   placeholder per row, LEFT padding;
 2. call the ``prefill`` model (BLS): logits + per-layer presents (L1 slots before layer K,
    L2 from K on);
 3. greedy loop over the ``decode`` model (BLS), exactly as ``star_export.runtime.generate``:
@@ -24,12 +27,15 @@ Config parameters: ``prefill_model``, ``decode_model``, ``max_new_tokens`` (defa
 
 from __future__ import annotations
 
-import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # star_encoding.py sits beside this file
+import star_encoding
 
 
 class RequestError(ValueError):
@@ -38,17 +44,6 @@ class RequestError(ValueError):
 
 def _parameters(config: dict) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-
-
-def _to_rgb(image):
-    """RGB, with transparency composited on white (as star_export.preprocess does)."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -85,8 +80,6 @@ def check_numpy_bridge() -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         check_numpy_bridge()
-        from transformers import AutoProcessor, AutoTokenizer
-
         config = json.loads(args["model_config"])
         params = _parameters(config)
         here = Path(args["model_repository"]) / args["model_version"]
@@ -96,17 +89,9 @@ class TritonPythonModel:
         self.default_max_new_tokens = int(params.get("max_new_tokens") or 32)
 
         star, geo = manifest["star"], manifest["model"]["geometry"]
-        # manifests before LLaVA-NeXT lack span1/span2/n_positions: then they equal keep1/keep2/N
-        self.n_positions = int(star.get("n_positions", star["N"]))
-        self.span1 = int(star.get("span1", star["keep1"]))
-        self.span2 = int(star.get("span2", star["keep2"]))
+        self.n_positions = int(star["n_positions"])
+        self.span1, self.span2 = int(star["span1"]), int(star["span2"])
         self.num_layers = int(geo["num_layers"])
-        # LLaVA-NeXT: the export's fixed tile grid is the image processor's only pinpoint
-        anyres = manifest["image"].get("anyres")
-        size = int(geo["image_size"])
-        self.image_kwargs = (
-            {"image_grid_pinpoints": [[anyres["grid"][0] * size, anyres["grid"][1] * size]]} if anyres else {}
-        )
         graphs = manifest["graphs"]
         dims = {d["name"]: d for g in graphs.values() for d in g["dynamic_dims"]}
         # Served limits: config parameters (the TensorRT engines' profiles), else the export's ranges.
@@ -116,108 +101,42 @@ class TritonPythonModel:
         self.pixel_dtype = np.dtype(prefill_inputs["pixel_values"]["dtype"])
         self.present_names = [f"present.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
 
-        # Qwen2-VL: static square resolution, patchified here (transformers' Qwen2VLProcessor
-        # needs torchvision); the tokenizer carries the chat template
-        self.qwen2vl = geo.get("arch") == "qwen2_vl"
-        if self.qwen2vl:
-            self.processor = AutoTokenizer.from_pretrained(here / "processor", local_files_only=True)
-            self.tokenizer = self.processor
-            self.qwen_image = json.loads((here / "processor" / "preprocessor_config.json").read_text())
-            self.qwen_size = int(geo["image_size"])
-            self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
-        else:
-            self.processor = AutoProcessor.from_pretrained(
-                here / "processor", local_files_only=True, backend="pil"
-            )
-            self.tokenizer = self.processor.tokenizer
-            self.image_token = getattr(self.processor, "image_token", None) or "<image>"
-        ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
-        if len(ids) != 1 or int(ids[0]) != int(manifest["image_token_id"]):
+        # pre-processing exactly as star_export.preprocess: the manifest's image section, carried out
+        # by the copy of star_export/encoding.py that `triton` puts beside this file
+        self.image_spec = manifest["image"]
+        try:
+            self.processor = star_encoding.load_processor(here / "processor", self.image_spec)
+        except star_encoding.ProcessorError as e:
+            raise pb_utils.TritonModelException(f"processor/: {e}") from None
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = int(manifest["image_token_id"])
+        ids = self.tokenizer.encode(self.processor.image_token, add_special_tokens=False)
+        if list(ids) != [self.image_token_id]:
             raise pb_utils.TritonModelException(
-                f"image token {self.image_token!r} encodes to {ids}, the export expects "
-                f"[{manifest['image_token_id']}]"
+                f"image token {self.processor.image_token!r} encodes to {ids}, the export expects "
+                f"[{self.image_token_id}]"
             )
-        self.image_token_id = int(ids[0])
-        self.template = getattr(self.processor, "chat_template", None) or getattr(
-            self.tokenizer, "chat_template", None
-        )
-        if not self.template and (here / "processor" / "chat_template.jinja").is_file():
-            self.template = (here / "processor" / "chat_template.jinja").read_text()
-        elif not self.template and (here / "processor" / "chat_template.json").is_file():
-            self.template = json.loads((here / "processor" / "chat_template.json").read_text()).get(
-                "chat_template"
-            )
-        if not self.template:
+        if not self.processor.chat_template:
             raise pb_utils.TritonModelException("processor/ has no chat template (chat_template.jinja)")
         self.eos = self.tokenizer.eos_token_id
-        self.pad_id = next(
-            (int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0
-        )
+        self.pad_id = star_encoding.pad_token_id(self.tokenizer)
 
-    # ---- pre-processing (star_export.preprocess.Preprocessor, one image + prompt per row) ----------
+    # ---- pre-processing (star_export.encoding, one image + prompt per row) --------------------------
     def _encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        rows = []
-        bos = self.tokenizer.bos_token
-        for i, prompt in enumerate(prompts):
-            if self.image_token in prompt:
-                raise RequestError(
-                    f"prompt {i} contains the image placeholder {self.image_token!r}; leave it out"
-                )
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            text = self.processor.apply_chat_template(
-                messages, chat_template=self.template, add_generation_prompt=True, tokenize=False
-            )
-            if isinstance(text, list):
-                text = text[0]
-            add_special = not (bos and text.startswith(bos))
-            ids = [int(t) for t in self.tokenizer(text, add_special_tokens=add_special)["input_ids"]]
-            if ids.count(self.image_token_id) != 1 or ids.index(self.image_token_id) == len(ids) - 1:
-                raise RequestError(f"prompt {i}: needs exactly one image placeholder followed by text")
-            rows.append(ids)
-        length = max(len(r) for r in rows)
-        input_ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
-        for b, ids in enumerate(rows):
-            input_ids[b, length - len(ids) :] = ids
-            attention_mask[b, length - len(ids) :] = 1
-        return input_ids, attention_mask
+        try:
+            return star_encoding.encode_prompts(self.processor, prompts, self.image_token_id)
+        except star_encoding.InputError as e:
+            raise RequestError(str(e)) from None
 
     def _pixel_values(self, images: list[bytes]) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
         pil = []
         for i, data in enumerate(images):
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
-                    pil.append(_to_rgb(im))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-                raise RequestError(f"image {i}: not a readable image ({type(e).__name__})") from None
-        if self.qwen2vl:
-            return np.stack([self._qwen2vl_pixels(im) for im in pil]).astype(self.pixel_dtype)
-        out = self.processor.image_processor(pil, return_tensors="np", **self.image_kwargs)["pixel_values"]
+                pil.append(star_encoding.open_image(data, label=f"image {i}"))
+            except star_encoding.InputError:
+                raise RequestError(f"image {i}: not a readable image") from None
+        out = star_encoding.pixel_values(pil, self.image_spec, self.processor.image_processor)
         return np.ascontiguousarray(out, dtype=self.pixel_dtype)
-
-    def _qwen2vl_pixels(self, image) -> np.ndarray:
-        """star_export.preprocess.Preprocessor's Qwen2-VL path: resize to S x S, normalise, patchify."""
-        from PIL import Image
-
-        cfg, size = self.qwen_image, self.qwen_size
-        array = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-        array = array * float(cfg.get("rescale_factor", 1 / 255))
-        array = (array - np.asarray(cfg["image_mean"], np.float32)) / np.asarray(cfg["image_std"], np.float32)
-        p, m, tp = (
-            int(cfg.get("patch_size", 14)),
-            int(cfg.get("merge_size", 2)),
-            int(cfg.get("temporal_patch_size", 2)),
-        )
-        x = array.transpose(2, 0, 1)  # (C, S, S)
-        c, g = x.shape[0], size // p
-        x = x.reshape(c, g // m, m, p, g // m, m, p).transpose(
-            1, 4, 2, 5, 0, 3, 6
-        )  # (g/m, g/m, m, m, C, P, P)
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], tp, p, p))
-        return np.ascontiguousarray(x.reshape(g * g, c * tp * p * p))
 
     # ---- BLS -------------------------------------------------------------------------------------
     def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict:

@@ -1,0 +1,287 @@
+"""The Python API under the CLI: ``export`` a checkpoint with STAR pruning, then ``load_export`` it.
+
+    import star_export
+    result = star_export.export("llava-hf/llava-1.5-7b-hf", keep=64, out="star_out")  # or a directory
+    result.passed, result.report.rows, result.manifest["star"]
+    answers = star_export.load_export("star_out").generate(["cat.png"], ["What is in the image?"])
+
+``export`` runs the whole way (load -> rewrite -> ONNX -> graph scan -> parity -> manifest) into
+``out`` atomically and returns an :class:`ExportResult`; it raises ``UsageError`` for bad input
+before any weight is read. Nothing is printed unless ``log`` is given (the CLI passes ``print``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from star_export.errors import UsageError
+from star_export.progress import Log, Steps, heartbeat, quiet
+
+DEFAULT_RECIPE = "llava-tiny"
+GENERIC_PROFILE = {"batch": [1, 2, 8], "text_len": [2, 64, 512]}
+DTYPES = {"fp32": ("float32", "float32"), "fp16": ("float16", "float16"), "bf16": ("bfloat16", "bfloat16")}
+OUTPUTS = (  # what an export owns in --out: a re-run replaces these and drops stale ones
+    "prefill.onnx",
+    "prefill.onnx.data",
+    "decode.onnx",
+    "decode.onnx.data",
+    "processor",
+    "manifest.json",
+    "report.json",
+)
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote and measured."""
+
+    out: Path
+    written: list[str]  # entries of ``out`` this run wrote
+    manifest: dict[str, Any]
+    report: Any = None  # validate.ParityReport, None with validate=False
+    scans: dict[str, Any] = field(default_factory=dict)  # graph -> check.CheckReport
+
+    @property
+    def scan_ok(self) -> bool:
+        return all(s.ok for s in self.scans.values())
+
+    @property
+    def passed(self) -> bool:
+        """The graph scans passed and, where validation ran, every parity check."""
+        return self.scan_ok and (self.report is None or self.report.passed)
+
+
+def quiet_libraries() -> None:
+    """Silence the exporters' and transformers' chatter (warnings stay for real problems)."""
+    for name in (
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+        "torch._export",
+        "torch.export",
+        "transformers",
+        "onnxscript",
+        "torch._dynamo",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def copy_processor_files(model_dir: Path, target: Path) -> dict[str, Any]:
+    """Copy the checkpoint's tokenizer / processor files so the output directory is self-contained."""
+    import shutil
+
+    copied = [name for name in PROCESSOR_FILES if (model_dir / name).is_file()]
+    if copied:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in copied:
+            shutil.copy2(model_dir / name, target / name)
+    return {"directory": "processor" if copied else None, "files": copied}
+
+
+def _check_expectations(model_dir: Path, cfg: dict[str, Any], family: Any, recipe: Any) -> None:
+    """A recipe's [expect] table against the directory's config.json."""
+    actual = family.expectations(cfg)
+    for key, want in recipe.expect.items():
+        if key in actual and actual[key] is not None and actual[key] != want:
+            raise UsageError(
+                f"--model {model_dir}: {key} is {actual[key]}, recipe {recipe.name!r} expects {want}"
+            )
+
+
+def _resolve_source(model: str | Path | None, recipe: str | Path | None):
+    """(model_dir, source label, recipe or None, checkpoint config dict, family)."""
+    from star_export.load import materialise, read_config, resolve_model
+    from star_export.preprocess import check_processor_files
+    from star_export.recipes import load_recipe
+
+    rec = (
+        load_recipe(recipe)
+        if recipe is not None
+        else (load_recipe(DEFAULT_RECIPE) if model is None else None)
+    )
+    if model is None:
+        if not rec.embedded:
+            raise UsageError(f"recipe {rec.name!r} needs a checkpoint: pass --model DIR")
+        model_dir, source = materialise(rec), f"recipe:{rec.name}"
+    else:
+        model_dir, source = resolve_model(model)
+    cfg, family = read_config(model_dir)  # fails fast, before any weight is read
+    if model is not None and rec is not None:
+        _check_expectations(model_dir, cfg, family, rec)
+    check_processor_files(model_dir, "--model")  # an export without a processor could not be used
+    return model_dir, source, rec, family
+
+
+def _range(name: str, values: list[int]) -> tuple[int, int, int]:
+    lo, opt, hi = (int(v) for v in values)
+    if not 1 <= lo <= opt <= hi:
+        raise UsageError(f"profile {name}: expected 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
+    return lo, opt, hi
+
+
+def export(
+    model: str | Path | None = None,
+    *,
+    keep: int | None = None,
+    keep1: int | None = None,
+    layer: int | None = None,
+    out: str | Path = "star_out",
+    dtype: str | None = None,
+    recipe: str | Path | None = None,
+    grid: tuple[int, int] | None = None,
+    image_size: int | None = None,
+    validate: bool = True,
+    batch_size: int = 2,
+    text_len: int = 24,
+    seed: int = 0,
+    log: Log | None = None,
+) -> ExportResult:
+    """Export ``model`` (a checkpoint directory, a hub id, or None: the recipe, default the embedded
+    llava-tiny) with STAR pruning into ``out``: prefill.onnx + decode.onnx, processor/, manifest.json
+    and (``validate``) report.json.
+
+    keep / keep1 / layer: keep2, keep1 (default min(N, 2*keep)) and K (default from the recipe, else
+    64 and 2). dtype: "fp32" | "fp16" | "bf16", default the checkpoint's own. grid / image_size: the
+    family's static layout (``families``). batch_size / text_len / seed: the validation inputs.
+    """
+    import time
+
+    log = log or quiet
+    out = Path(out)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from star_export.outputs import check_out_dir
+
+    check_out_dir(out)  # before any weight is read
+    quiet_libraries()
+    model_dir, source, rec, family = _resolve_source(model, recipe)
+
+    import torch
+
+    from star_export.load import auto_config, checkpoint_dtype, geometry_of, load
+    from star_export.star import StarConfig
+
+    defaults = rec.star if rec else {}
+    keep = keep if keep is not None else int(defaults.get("keep", 64))
+    layer = layer if layer is not None else int(defaults.get("layer", 2))
+    export_dtype = dtype or checkpoint_dtype(model_dir)
+    torch_dtype = getattr(torch, DTYPES[export_dtype][0])
+    onnx_dtype = DTYPES[export_dtype][1]
+    given = {k: v for k, v in {"grid": grid, "image_size": image_size}.items() if v is not None}
+    options = {**(rec.layout if rec else {}), **given}  # the flags override the recipe's layout
+    # geometry and STAR settings from config.json alone: bad settings fail before weights load
+    geo = geometry_of(family, auto_config(model_dir), options)
+    cfg = StarConfig.resolve(
+        keep=keep, keep1=keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
+    )
+    profile = rec.profile if rec and rec.profile else GENERIC_PROFILE
+    b_lo, _, b_hi = _range("batch", profile["batch"])
+    t_lo, t_opt, t_hi = _range("text_len", profile["text_len"])
+    if not 5 <= text_len <= t_hi:
+        raise UsageError(f"--text-len must be in 5..{t_hi} (the profile's max text length), got {text_len}")
+    batch = (b_lo, batch_size, max(b_hi, batch_size))
+    max_new = int(profile.get("max_new_tokens", 256))
+
+    steps = Steps(4 if validate else 3, log)
+    steps.step(f"loading {source}")
+    loaded = load(model_dir, source=source, dtype=torch_dtype, options=options)
+    steps.done(
+        f"{source}: {family.describe(geo)}, {geo.num_layers} layers, heads {geo.num_heads}/{geo.num_kv_heads} kv; "
+        f"keep1={cfg.keep1} keep2={cfg.keep2} K={cfg.layer}"
+    )
+
+    from star_export.check import check_onnx
+    from star_export.contract import decode_contract, prefill_contract
+    from star_export.manifest import build_manifest
+    from star_export.onnx_export import OPSET, example_decode_inputs, export_onnx
+    from star_export.outputs import staged, write_json
+
+    text_range = (max(2, t_lo), t_opt, t_hi)
+    pc = prefill_contract(geo, cfg, batch, text_range, dtype=onnx_dtype, pixel_doc=family.pixel_doc(geo))
+    dc = decode_contract(geo, cfg, batch, text_range, max_new, dtype=onnx_dtype)
+    result = ExportResult(out=out, written=[], manifest={})
+    with staged(out, owned=OUTPUTS) as stage:
+        steps.step(f"exporting prefill.onnx and decode.onnx (torch.onnx dynamo exporter, opset {OPSET})")
+        paths = {"prefill": stage / "prefill.onnx", "decode": stage / "decode.onnx"}
+        with heartbeat("exporting prefill.onnx", log):
+            export_onnx(
+                family.prefill_module(loaded.model, geo, cfg).eval(), pc, paths["prefill"], geo.image_token_id
+            )
+        steps.done("prefill.onnx: batch, text_len dynamic")
+        t0 = time.perf_counter()
+        with heartbeat("exporting decode.onnx", log):
+            export_onnx(
+                family.decode_module(loaded.model, geo, cfg).eval(),
+                dc,
+                paths["decode"],
+                example_args=example_decode_inputs(dc),
+            )
+        steps.done("decode.onnx: batch, past_len dynamic", since=t0)
+        tokenizer = copy_processor_files(loaded.model_dir, stage / "processor")
+
+        steps.step("scanning the graphs (static shapes, TensorRT readiness)")
+        for c in (pc, dc):
+            result.scans[c.graph] = scan = check_onnx(paths[c.graph], dynamic_inputs=c.dynamic_axes())
+            log(
+                f"      {paths[c.graph].name}: {'ok' if scan.ok else 'FAIL'}, {sum(scan.op_counts.values())} nodes, "
+                f"TopK x{scan.op_counts.get('TopK', 0)} (constant K), {len(scan.errors)} errors"
+            )
+
+        if validate and export_dtype != "fp32":
+            log(
+                f"      {export_dtype}: CPU parity of reduced-precision exports: not yet; skipping the checks"
+            )
+        if validate and export_dtype == "fp32":
+            from star_export.validate import validate_export
+
+            steps.step(
+                f"validating (B={max(2, batch_size)}, T={text_len}, left padding): "
+                "onnxruntime vs torch rewrite vs reference vs unmodified model"
+            )
+            report = validate_export(
+                loaded.model, geo, cfg, pc, dc, paths, seed=seed, batch=max(2, batch_size), text_len=text_len
+            )
+            report.graph_check = {"ok": result.scan_ok, **{k: s.to_dict() for k, s in result.scans.items()}}
+            log(report.format())
+            steps.done("done")
+            write_json(stage / "report.json", report.to_dict())
+            result.report = report
+
+        files = sorted(f for f in stage.iterdir() if f.name.startswith(("prefill.onnx", "decode.onnx")))
+        result.manifest = build_manifest(
+            contracts=[pc, dc],
+            cfg=cfg,
+            geo=geo,
+            family=family,
+            model_dir=loaded.model_dir,
+            source=loaded.source,
+            files=files,
+            opset=OPSET,
+            max_new_tokens=max_new,
+            dtype=onnx_dtype,
+            tokenizer=tokenizer,
+            layout=options,
+        )
+        write_json(stage / "manifest.json", result.manifest)
+        result.written = sorted(item.name for item in stage.iterdir())
+    return result
