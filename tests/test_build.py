@@ -105,7 +105,7 @@ def test_decode_profile_shapes_evaluate_derived_dims(decode):
     assert shapes["past.3.value"] == tuple((b, 2, p, 16) for b, p in corners)  # layers >= K: P2
     assert shapes["input_ids"] == ((1, 1), (2, 1), (8, 1))
     # the manifest's per-profile output shapes are read back from the input shapes
-    assert build._outputs_for_profile(decode, shapes) == output_shapes(decode)
+    assert build.outputs_for_profile(decode, shapes) == output_shapes(decode)
     assert output_shapes(decode)["present.0.key"][2] == (8, 2, past.max + 65, 16)
 
 
