@@ -13,13 +13,44 @@ from star_export.deploy.source import dim_max, read_export
 from star_export.errors import UsageError
 
 
+def _input_shape(graph: Mapping[str, Any], name: str) -> list[Any] | None:
+    return next((list(t["shape"]) for t in graph["inputs"] if t["name"] == name), None)
+
+
+def unsupported_layout(manifest: Mapping[str, Any]) -> str | None:
+    """Why examples/cpp cannot drive this export, from generic manifest fields (None: it can).
+
+    main.cpp feeds one square image as ``pixel_values [B, 3, S, S]`` (S = image_size), caches
+    ``T - 1 + keep`` slots per layer (no fixed visual tokens: ``n_fixed == 0``), and gives each
+    decode step one scalar position per row, ``real - 1 + N + step`` (``position_ids [B, 1]``, the
+    image occupying its N positions: ``n_positions == n_visual``).
+    """
+    geo, graphs = manifest["model"]["geometry"], manifest["graphs"]
+    size, n_visual = geo["image_size"], geo["n_visual"]
+    pixels = _input_shape(graphs["prefill"], "pixel_values")
+    if pixels != ["batch", 3, size, size]:
+        return f"pixel_values {pixels}"
+    n_fixed = int(geo.get("n_fixed", 0))
+    if n_fixed:
+        return f"{n_fixed} fixed (always kept) visual tokens"
+    n_positions = int(geo.get("n_positions") or n_visual + n_fixed)
+    if n_positions != n_visual:
+        return f"an image occupying {n_positions} positions for {n_visual} visual tokens"
+    positions = _input_shape(graphs["decode"], "position_ids")
+    if positions != ["batch", 1]:
+        return f"decode position_ids {positions}"
+    return None
+
+
 def cpp_header(manifest: Mapping[str, Any]) -> str:
     """``star_model.h`` for examples/cpp: the model constants, from the manifest (never by hand)."""
     geo, star, graphs = manifest["model"]["geometry"], manifest["star"], manifest["graphs"]
-    if geo.get("arch", "llava") != "llava":
+    problem = unsupported_layout(manifest)
+    if problem is not None:
         raise UsageError(
-            f"--cpp-header: examples/cpp drives LLaVA-1.5 exports (pixel_values [B, 3, S, S]); this export is "
-            f"{geo['arch']} (pixel_values {['B', *geo['pixel_shape']]}): use the manifest's tensor table"
+            "--cpp-header: examples/cpp drives LLaVA-1.5 exports (pixel_values [B, 3, S, S], no fixed "
+            f"visual tokens, scalar positions continuing after the N visual tokens); this export has "
+            f"{problem}: use the manifest's tensor table"
         )
     consts = [
         (
