@@ -240,6 +240,24 @@ def test_polygraphy_loaders_are_configured_without_tensorrt(tmp_path, prefill):
     assert cfg.timing_cache_path is None and cfg.memory_pool_limits is None
 
 
+def test_polygraphy_requirement_is_the_reviewed_release():
+    """polygraphy 0.49.0 reads ``layer.precision_is_set`` and sets ``config.int8_calibrator`` without
+    an AttributeError guard (both gone in TensorRT 11); the TensorRT path was reviewed against 0.53.6."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d).specifier for d in deps if Requirement(d).name == "polygraphy"]
+    assert not spec.contains("0.49.26") and not spec.contains("0.50.3") and spec.contains("0.53.0")
+    pinned = [
+        line
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.startswith("polygraphy==")
+    ]
+    assert pinned and spec.contains(pinned[0].split("==")[1])
+
+
 # ------------------------------------------------------------------------------------ paths, status
 
 
