@@ -35,6 +35,7 @@ from star_export.build.precision import (
     PrecisionPlan,
     contract_dtype,
     precision_plan,
+    strongly_typed_flag,
 )
 from star_export.build.profiles import (
     MIN_DIM_SIZE,
@@ -83,6 +84,7 @@ __all__ = [
     "profile_shapes",
     "run_build",
     "settings_from_args",
+    "strongly_typed_flag",
     "tensorrt_version",
     "to_polygraphy_profiles",
     "trt_parity",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from star_export.build import status
-from star_export.build.precision import PrecisionPlan, contract_dtype
+from star_export.build.precision import PrecisionPlan, contract_dtype, strongly_typed_flag
 from star_export.build.profiles import (
     ShapeRange,
     check_profile,
@@ -88,8 +88,8 @@ def polygraphy_loaders(
     """The configured (not yet called) polygraphy loaders: ``NetworkFromOnnxPath`` and
     ``CreateConfig``. Constructing them needs no TensorRT; calling them does.
 
-    ``typed_flag``: set ``STRONGLY_TYPED`` at network creation (TensorRT 10.x strong typing; on 11.x
-    passed only while the flag still exists, where it is ignored). ``workspace_pool``: the
+    ``typed_flag``: set ``STRONGLY_TYPED`` at network creation (:func:`strongly_typed_flag`: TensorRT
+    10.x strong typing; never on 11.x, where every network is strongly typed and the flag ignored). ``workspace_pool``: the
     ``trt.MemoryPoolType.WORKSPACE`` key for ``memory_pool_limits`` (given by the caller, which has
     TensorRT imported). The FP16/BF16 builder flags are set only where ``plan`` says so (TensorRT 10
     weak typing); TF32 is cleared.
@@ -149,8 +149,7 @@ def build_engine(
 
     version = str(trt.__version__)
     plan = settings.plan(version, contract_dtype(contract))
-    # On 11.x every network is strongly typed; pass the (ignored) flag only where it still exists.
-    typed_flag = plan.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    typed_flag = strongly_typed_flag(plan, version)  # 10.x only: on 11.x deprecated and ignored
     progress = _Progress(contract.graph, log)
     log(f"[build {contract.graph}] TensorRT {version}: {plan.note}; {len(profiles)} profile(s)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ What was read, and how :func:`precision_plan` follows it:
 - TensorRT 11 removed every weak-typing API: ``BuilderFlag.FP16`` / ``BF16`` (replacement:
   "strong typing with ModelOpt AutoCast"), ``OBEY_/PREFER_PRECISION_CONSTRAINTS`` ("strong typing,
   always enforced"), ``DIRECT_IO``, INT8 calibrators. Every network is strongly typed; the
-  ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` flag is kept for compatibility and ignored.
+  ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` flag is kept for compatibility and ignored,
+  so :func:`strongly_typed_flag` passes it on 10.x only.
   Sources: "Migrating from TensorRT 10.x to 11.x" (Strongly Typed Networks Are Now Required),
   "Removed Python APIs and Replacements" (docs.nvidia.com/deeplearning/tensorrt/latest/api/
   migration/tensorrt-10x-to-11x-python-api-reference.html), "Precision Control" 11.0 ("Since
@@ -120,3 +121,13 @@ def precision_plan(
         note=f"weakly typed {onnx_dtype} ONNX with BuilderFlag.{dtype.upper()} (TensorRT 10.x only; "
         "deprecated since 10.12)",
     )
+
+
+def strongly_typed_flag(plan: PrecisionPlan, trt_version: str) -> bool:
+    """Whether to set ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` at network creation.
+
+    Only on TensorRT 10.x, where it selects strong typing. On 11.x every network is strongly typed
+    and the flag is deprecated and ignored ("Migrating from TensorRT 10.x to 11.x"), so it is not
+    passed: the plan still says ``strongly_typed`` (that is what the engine is), the flag does not.
+    """
+    return plan.strongly_typed and major_minor(trt_version)[0] == 10
