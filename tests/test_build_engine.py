@@ -66,7 +66,7 @@ class FakeTensorRT:
         self.network_args: dict[str, Any] = {}
         self.config_args: dict[str, Any] = {}
         self.engine_args: dict[str, Any] = {}
-        self.timing_probe: list[tuple[bytes, bool]] = []
+        self.timing_probe: list[tuple[bytes, bool | None]] = []
 
     # --- polygraphy.backend.trt entry points (constructed, then called) ---------------------------
     def NetworkFromOnnxPath(self, path: str, **kwargs: Any):  # polygraphy's names
@@ -91,7 +91,7 @@ class FakeTensorRT:
 
         class Config:
             def create_timing_cache(self, data: bytes) -> object:
-                probe.timing_probe.append((data, False))
+                probe.timing_probe.append((data, None))  # ignore_mismatch: filled by the next call
                 return object()
 
             def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
@@ -158,3 +158,49 @@ def test_strongly_typed_flag():
     for version in ("11.0", "11.1.0", "11.5.0"):
         plan = precision_plan("fp16", version, "fp16")
         assert plan.strongly_typed and strongly_typed_flag(plan, version) is False
+
+
+# --------------------------------------------------------------------------- timing cache (5)
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_a_timing_cache_tensorrt_refuses_is_reported(fake_trt, tmp_path, accepted):
+    contract = _contract("float32")
+    fake = fake_trt("10.15.1", contract, cache_accepted=accepted)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"timings from another GPU")
+    _, lines = _build(tmp_path, contract, BuildSettings(timing_cache=cache))
+    assert fake.timing_probe == [(b"timings from another GPU", False)]  # the check polygraphy makes
+    assert fake.config_args["load_timing_cache"] == str(cache)
+    assert fake.engine_args["save_timing_cache"] == str(cache)
+    warnings = [line for line in lines if "WARNING" in line]
+    if accepted:
+        assert warnings == []
+    else:
+        (line,) = warnings
+        assert line.startswith("[build prefill] WARNING: timing cache") and str(cache) in line
+        assert "another GPU model or by another TensorRT version" in line and "not used" in line
+
+
+def test_no_timing_cache_file_no_probe(fake_trt, tmp_path):
+    contract = _contract("float32")
+    fake = fake_trt("11.1.0", contract, cache_accepted=False)
+    _, lines = _build(tmp_path, contract, BuildSettings(timing_cache=tmp_path / "new.cache"))
+    assert fake.timing_probe == [] and not [line for line in lines if "WARNING" in line]
+    _, lines = _build(tmp_path, contract, BuildSettings())
+    assert fake.timing_probe == [] and fake.engine_args["save_timing_cache"] is None
+
+
+def test_unreadable_timing_cache_is_reported(tmp_path):
+    from star_export.build import timing_cache_rejected
+
+    def broken(data: bytes):
+        raise RuntimeError("Deserialization failed\nmore")
+
+    builder = SimpleNamespace(create_builder_config=lambda: SimpleNamespace(create_timing_cache=broken))
+    path = tmp_path / "tc"
+    path.write_bytes(b"x")
+    assert (
+        timing_cache_rejected(builder, path)
+        == "TensorRT cannot read it (RuntimeError: Deserialization failed)"
+    )

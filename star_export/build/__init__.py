@@ -26,7 +26,7 @@ from star_export.build.command import (
     run_build,
     settings_from_args,
 )
-from star_export.build.engine import build_engine, polygraphy_loaders
+from star_export.build.engine import build_engine, polygraphy_loaders, timing_cache_rejected
 from star_export.build.parity import INDEX_OUTPUTS, TRT_TOLERANCES, trt_parity
 from star_export.build.precision import (
     DTYPE_OF_ELEMENT,
@@ -86,6 +86,7 @@ __all__ = [
     "settings_from_args",
     "strongly_typed_flag",
     "tensorrt_version",
+    "timing_cache_rejected",
     "to_polygraphy_profiles",
     "trt_parity",
     "trt_status",

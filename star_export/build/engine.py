@@ -19,6 +19,9 @@ specific to the device, CUDA and TensorRT versions and to flags such as TF32; po
 the file with ``create_timing_cache`` + ``set_timing_cache(cache, ignore_mismatch=False)`` and,
 after the build, combines the old file into the new cache (``combine(..., ignore_mismatch=True)``)
 under a file lock and rewrites it, so one ``--timing-cache`` file is safely reused across builds.
+polygraphy does not report a cache that ``set_timing_cache`` refused (another GPU model or
+TensorRT version): :func:`timing_cache_rejected` asks the same question first, and the build
+prints a WARNING line when the cache will not be used.
 """
 
 from __future__ import annotations
@@ -116,6 +119,28 @@ def polygraphy_loaders(
     return network, config
 
 
+def timing_cache_rejected(builder: Any, path: Path | None) -> str | None:
+    """Why TensorRT will not use the timing cache file at ``path``; None where it will (or none exists).
+
+    polygraphy's ``CreateConfig`` attaches the file with ``set_timing_cache(cache,
+    ignore_mismatch=False)`` and ignores the returned bool, so a cache written on another GPU model
+    or by another TensorRT version is silently not used. This asks TensorRT the same question, with
+    the same arguments, on a scratch ``IBuilderConfig`` of the same builder.
+    """
+    if path is None or not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return None
+    probe = builder.create_builder_config()
+    try:
+        cache = probe.create_timing_cache(Path(path).read_bytes())
+    except Exception as e:  # TensorRT raises its own types
+        return f"TensorRT cannot read it ({status.first_line(e)})"
+    if cache is None:
+        return "TensorRT cannot read it"
+    if not probe.set_timing_cache(cache, ignore_mismatch=False):
+        return "it was written on another GPU model or by another TensorRT version"
+    return None
+
+
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
@@ -170,6 +195,12 @@ def build_engine(
             t = progress.stage(f"parsing {onnx_path.name}")
             network = network_loader()  # (builder, network, parser); the parser owns the weights
             progress.done(t, f"{network[1].num_layers} layers")
+            rejected = timing_cache_rejected(network[0], settings.timing_cache)
+            if rejected is not None:
+                log(
+                    f"[build {contract.graph}] WARNING: timing cache {settings.timing_cache} is not used: "
+                    f"{rejected}; every tactic is timed afresh, and the file is rewritten after the build"
+                )
             t = progress.stage("building (tactic selection; minutes for large models)")
             engine = EngineFromNetwork(
                 network,
