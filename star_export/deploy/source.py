@@ -40,16 +40,41 @@ def dim_max(graph: Mapping[str, Any], name: str) -> int:
     return int(next(d["max"] for d in graph["dynamic_dims"] if d["name"] == name))
 
 
-def profile_max(engine: Mapping[str, Any], graph: Mapping[str, Any], symbol: str) -> int | None:
-    """The engine's profile-0 max of a bare symbolic dim (e.g. ``past_len``), from its inputs."""
+def profile_bound(
+    engine: Mapping[str, Any], graph: Mapping[str, Any], symbol: str, which: str = "max"
+) -> int | None:
+    """The engine's profile-0 ``which`` ("min"/"max") of a bare symbolic dim (e.g. ``past_len``),
+    read from its inputs' recorded shapes; None where the manifest records no profile."""
     profiles = engine.get("profiles") or []
     if not profiles:
         return None
     shapes = profiles[0].get("inputs", {})
     for t in graph["inputs"]:
         if t["name"] in shapes and symbol in t["shape"]:
-            return int(shapes[t["name"]]["max"][t["shape"].index(symbol)])
+            return int(shapes[t["name"]][which][t["shape"].index(symbol)])
     return None
+
+
+def profile_max(engine: Mapping[str, Any], graph: Mapping[str, Any], symbol: str) -> int | None:
+    """The engine's profile-0 max of a bare symbolic dim (e.g. ``past_len``), from its inputs."""
+    return profile_bound(engine, graph, symbol, "max")
+
+
+def check_min_batch(
+    from_dir: Path, graphs: Mapping[str, Any], engines: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Triton's TensorRT backend runs every batch of 1..max_batch_size it forms (one request alone
+    is batch 1) and rejects shapes outside the engine's profile (tensorrt_backend
+    ``ValidateDimension``: "model expected the shape of dimension 0 to be between min and max"):
+    an engine whose profile 0 starts above batch 1 would fail batch-1 requests. One-line UsageError."""
+    for g in GRAPHS:
+        low = profile_bound(engines[g], graphs[g], "batch", "min")
+        if low is not None and low != 1:
+            raise UsageError(
+                f"--backend tensorrt: the {g} engine's optimization profile 0 starts at batch {low}, but "
+                "Triton sends batches from 1 up (a single request is batch 1); rebuild with --min-batch 1 "
+                f"(python -m star_export build --from {from_dir} --min-batch 1 ...)"
+            )
 
 
 def _engine_file(from_dir: Path, entry: Mapping[str, Any]) -> Path | None:
@@ -79,6 +104,7 @@ def find_engines(from_dir: Path, manifest: Mapping[str, Any]) -> dict[str, tuple
                 f"({engines[g].get('path')}) is not there; rebuild or copy it into {from_dir}"
             )
         out[g] = (path, dict(engines[g]))
+    check_min_batch(from_dir, manifest["graphs"], engines)
     return out
 
 
