@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -417,24 +416,6 @@ def test_run_build_usage_errors(tmp_path, prefill):
         run_build(_parse("--min-batch", "4", "--max-batch", "2"), out)
     with pytest.raises(UsageError, match="is a directory"):
         run_build(_parse("--engine", str(tmp_path)), out)
-
-
-def test_gpu_pipeline_help_and_dry_run(tmp_path):
-    tool = ROOT / "tools" / "gpu_pipeline.py"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run(
-        [sys.executable, str(tool), "--help"], capture_output=True, text=True, env=env, timeout=60
-    )
-    assert r.returncode == 0 and "--keep" in r.stdout and "--dtype" in r.stdout
-    r = subprocess.run(
-        [sys.executable, str(tool), "--dry-run", "--out", str(tmp_path / "o"), "--dtype", "fp16"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "star_export llava" in r.stdout and "star_export build" in r.stdout and "--dtype fp16" in r.stdout
 
 
 # ------------------------------------------------------------------------------ needs TensorRT + GPU
