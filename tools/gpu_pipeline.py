@@ -10,8 +10,8 @@ Steps (each a ``python -m star_export`` subprocess, output streamed):
             the timing cache. On TensorRT 11 the engine's precision is the ONNX's (strong
             typing), which is why step 1 exports in ``D``;
 3. validate ``validate --from OUT --trt`` when the CLI has it; otherwise TensorRT vs onnxruntime
-            parity of the prefill engine through ``star_export.build.trt_parity`` (written to
-            ``OUT/trt_parity.json``);
+            parity of the prefill engine (``star_export.build.trt_parity``) and of greedy decoding
+            through both engines (``trt_decode_parity``), written to ``OUT/trt_parity.json``;
 4. bench    ``bench --keep K --out OUT/bench [--model M | --recipe R]`` when the CLI has it: bench
             exports and times its own graphs (it has no ``--from``).
 
@@ -125,9 +125,10 @@ def plan(args: argparse.Namespace, available: set[str] | None = None) -> list[St
 
 
 def parity_fallback(out: Path, engine: Path, dtype: str | None) -> tuple[int, str]:
-    """TensorRT prefill engine vs onnxruntime on seeded inputs; rows written to OUT/trt_parity.json.
-    ``dtype``: the engine's precision (None: as recorded by ``build`` in the manifest)."""
-    from star_export.build import contract_from_dict, trt_parity
+    """TensorRT prefill engine, then prefill + decode engines over 4 greedy steps, vs onnxruntime on
+    seeded inputs; rows written to OUT/trt_parity.json. ``dtype``: the engine's precision (None: as
+    recorded by ``build`` in the manifest)."""
+    from star_export.build import contract_from_dict, trt_decode_parity, trt_parity
     from star_export.load import Geometry
     from star_export.validate import make_inputs, row_alone
 
@@ -139,6 +140,7 @@ def parity_fallback(out: Path, engine: Path, dtype: str | None) -> tuple[int, st
     feeds = make_inputs(geo, batch=2, text_len=24, seed=0)
     onnx_path = out / entry.get("file", "prefill.onnx")
     rows = trt_parity(engine, onnx_path, contract, [feeds, row_alone(feeds, 1)], dtype)
+    rows += trt_decode_parity(manifest, out, [feeds, row_alone(feeds, 1)], steps=4)
     (out / "trt_parity.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     worst = max((r for r in rows if r["tolerance"] > 0), key=lambda r: r["max_rel"], default=None)
     failed = [r for r in rows if not r["passed"]]

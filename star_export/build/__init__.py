@@ -27,7 +27,14 @@ from star_export.build.command import (
     settings_from_args,
 )
 from star_export.build.engine import build_engine, polygraphy_loaders, timing_cache_rejected
-from star_export.build.parity import INDEX_OUTPUTS, TRT_TOLERANCES, trt_parity
+from star_export.build.parity import (
+    INDEX_OUTPUTS,
+    TRT_TOLERANCES,
+    TrtBackend,
+    decode_parity,
+    trt_decode_parity,
+    trt_parity,
+)
 from star_export.build.precision import (
     DTYPE_OF_ELEMENT,
     DTYPES,
@@ -67,12 +74,14 @@ __all__ = [
     "PrecisionPlan",
     "ProfileShapes",
     "ShapeRange",
+    "TrtBackend",
     "add_build_arguments",
     "build_engine",
     "check_profile",
     "check_target",
     "contract_dtype",
     "contract_from_dict",
+    "decode_parity",
     "engine_paths",
     "finish_command",
     "graph_overrides",
@@ -88,6 +97,7 @@ __all__ = [
     "tensorrt_version",
     "timing_cache_rejected",
     "to_polygraphy_profiles",
+    "trt_decode_parity",
     "trt_parity",
     "trt_status",
 ]
