@@ -204,3 +204,20 @@ def test_unreadable_timing_cache_is_reported(tmp_path):
         timing_cache_rejected(builder, path)
         == "TensorRT cannot read it (RuntimeError: Deserialization failed)"
     )
+
+
+def test_every_build_and_deploy_module_imports_without_tensorrt():
+    """tests/test_imports.py walks the top level only; the subpackages' modules too must not import
+    tensorrt (nor need it) at import time."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, star_export.build as b, star_export.deploy as d\n"
+        "names = [m.name for p in (b, d) for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]\n"
+        "[importlib.import_module(n) for n in names]\n"
+        "print(len(names), 'tensorrt' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, imported = out.stdout.split()
+    assert int(count) >= 14 and imported == "False"

@@ -149,9 +149,11 @@ class TrtBackend:
         return {name: np.array(_numpy(out[name]), copy=True) for name in contract.output_names}
 
     def prefill(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One prefill engine run: {output name: host array}."""
         return self._infer("prefill", feeds)
 
     def decode(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One decode step on the decode engine: {output name: host array}."""
         return self._infer("decode", feeds)
 
 

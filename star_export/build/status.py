@@ -14,6 +14,7 @@ MIN_TENSORRT_MAJOR = 10
 
 
 def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "10.15.1.29"; missing parts are 0."""
     parts = [p for p in version.split(".") if p.isdigit()]
     major = int(parts[0]) if parts else 0
     minor = int(parts[1]) if len(parts) > 1 else 0
@@ -21,11 +22,13 @@ def major_minor(version: str) -> tuple[int, int]:
 
 
 def first_line(e: BaseException) -> str:
+    """``TypeName: first line of the message``, for one-line reports."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, imported now (never at module import time)."""
     return importlib.import_module("tensorrt")
 
 
