@@ -25,10 +25,15 @@ Rules (``Finding.rule``), each an ``error`` unless marked otherwise:
   constant (an initializer or a Constant node, possibly through Identity/Cast/Reshape/
   Squeeze/Unsqueeze/Flatten); TensorRT 8.6+ accepts a runtime K, but a K computed from a
   shape (what ``torch.sort`` exports) makes the kept-token count follow the input, so the
-  policy is stricter than the parser. K must be <= 3840 (TensorRT's TopK limit) and <= the
+  policy is stricter than the parser. K must be less than 3840 (operators.md: "K input must be
+  less than 3840"; the TopK operator page says k <= 3840, the stricter bound is used) and <= the
   size of the reduced axis when that is known, and ``sorted`` must be 1 (default 1).
-- ``const-operand``: operands the parser table requires to be constant (``axes`` of the
-  Reduce ops and of Squeeze/Unsqueeze, ``depth`` of OneHot).
+- ``const-operand``: operands the parser table requires to be constant. Where operators.md says
+  "must be an initializer" (``axis`` of CumSum, ``axes`` of Slice, Pad and the Reduce ops) the
+  operand must be an initializer or a Constant node, which the parser imports as weights; a
+  value computed from constants or from a shape is a tensor to the parser and fails. Where it
+  says "resolvable to a constant" / "build-time constant" (``axes`` of Squeeze/Unsqueeze,
+  ``depth`` of OneHot) a subgraph of constants is enough.
 - ``data-dependent-shape``: a shape operand (Reshape/Expand/Tile/Slice/Range/
   ConstantOfShape/Pad/Resize/Split/Squeeze/Unsqueeze/OneHot/Reduce axes) computed from
   tensor values rather than from constants and ``Shape``/``Size`` outputs.
@@ -69,7 +74,7 @@ from onnx import external_data_helper, numpy_helper
 from star_export.errors import UsageError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-TOPK_MAX_K = 3840
+TOPK_MAX_K = 3839  # operators.md (TensorRT 10.x): "`K` input must be less than 3840"
 
 # Policy: rejected even where the TensorRT parser would import them (see the module docstring).
 FORBIDDEN_OPS: Mapping[str, str] = MappingProxyType(
@@ -109,13 +114,21 @@ _SHAPE_OPERANDS: Mapping[str, tuple[int, ...]] = MappingProxyType(
         **dict.fromkeys(_REDUCE_OPS, (1,)),
     }
 )
-# Operand positions the parser table says must be constant ("must be an initializer" and the like).
+# Operand positions operators.md says "must be an initializer": initializer or Constant node only.
+_INITIALIZER_OPERANDS: Mapping[str, tuple[int, ...]] = MappingProxyType(
+    {
+        "CumSum": (1,),
+        "Slice": (3,),
+        "Pad": (3,),
+        **dict.fromkeys(_REDUCE_OPS, (1,)),
+    }
+)
+# Operand positions that must resolve to a constant ("resolvable to a constant", "build-time constant").
 _CONST_OPERANDS: Mapping[str, tuple[int, ...]] = MappingProxyType(
     {
         "Squeeze": (1,),
         "Unsqueeze": (1,),
         "OneHot": (1,),
-        **dict.fromkeys(_REDUCE_OPS, (1,)),
     }
 )
 # Which input carries the type that the table's "Supported Types" column describes (default 0).
@@ -348,6 +361,23 @@ class _Graph:
             elif all(i in self.const or i in self.shape_derived for i in ins):
                 self.shape_derived.update(outs)
 
+    def is_weights(self, name: str) -> bool:
+        """An initializer or a Constant node's output: what the TensorRT parser imports as weights."""
+        node = self.producer.get(name)
+        return name in self.initializers or (
+            node is not None and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
+        )
+
+    def origin(self, name: str) -> str:
+        """How a non-weights tensor comes about, for messages."""
+        if name not in self.producer:
+            return "a graph input"
+        if name in self.shape_derived:
+            return "computed from a shape"
+        if name in self.const:
+            return "computed from constants (not folded into an initializer)"
+        return "computed at run time"
+
     def static_value(self, name: str) -> tuple[bool, list[int] | None]:
         """(is constant, its integer values if readable) following pass-through ops to the source."""
         seen = 0
@@ -554,9 +584,8 @@ def _check_topk(graph: onnx.GraphProto, g: _Graph, found: _Findings) -> None:
         else:
             k = values[0]
             if not 1 <= k <= TOPK_MAX_K:
-                found.error(
-                    "topk-k-limit", f"TopK K={k} is outside TensorRT's limit 1..{TOPK_MAX_K}", name, "TopK"
-                )
+                msg = f"TopK K={k} is outside TensorRT's limit 1..{TOPK_MAX_K} (K must be less than 3840)"
+                found.error("topk-k-limit", msg, name, "TopK")
             dims = shapes.get(node.input[0])
             axis = _attr_int(node, "axis", -1)
             size = dims[axis] if dims and -len(dims) <= axis < len(dims) else None
@@ -572,7 +601,13 @@ def _check_operands(graph: onnx.GraphProto, g: _Graph, found: _Findings) -> None
             continue
         present = [(pos, node.input[pos]) for pos in range(len(node.input)) if node.input[pos]]
         for pos, src in present:
-            if pos in _CONST_OPERANDS.get(node.op_type, ()) and not g.static_value(src)[0]:
+            if pos in _INITIALIZER_OPERANDS.get(node.op_type, ()) and not g.is_weights(src):
+                msg = (
+                    f"input {pos} ('{src}') of {node.op_type} must be an initializer for TensorRT "
+                    f"(operators.md); it is {g.origin(src)}"
+                )
+                found.error("const-operand", msg, _label(node, i), node.op_type)
+            elif pos in _CONST_OPERANDS.get(node.op_type, ()) and not g.static_value(src)[0]:
                 msg = f"input {pos} ('{src}') of {node.op_type} must be a constant for TensorRT"
                 found.error("const-operand", msg, _label(node, i), node.op_type)
             elif pos in _SHAPE_OPERANDS.get(node.op_type, ()) and src not in g.const | g.shape_derived:

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "build",
         help="build TensorRT engines from an exported directory (needs TensorRT + a CUDA GPU)",
         description="Check every graph of --from for TensorRT readiness, then build the prefill engine at "
-        "--engine and the decode engine beside it (out.plan -> out.decode.plan) through polygraphy's "
+        "--engine (default DIR/prefill.plan) and the decode engine beside it (out.plan -> out.decode.plan) "
+        "through polygraphy's "
         "TensorRT loaders, with optimization profiles from the manifest (or the --min/opt/max flags), "
         "the precision of --dtype and a reusable --timing-cache; records both in manifest.json. "
         "Exits 3 with the exact command to run on a GPU host when TensorRT or a GPU is missing.",
@@ -439,9 +440,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from star_export.build import run_build
     from star_export.manifest import read_manifest
 
-    if args.engine is None:
-        raise UsageError("build needs --engine PATH (the decode engine goes beside it)")
-    read_manifest(args.from_dir)
+    read_manifest(args.from_dir)  # --engine defaults to DIR/prefill.plan (run_build)
     return run_build(args, args.from_dir)
 
 

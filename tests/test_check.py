@@ -112,24 +112,24 @@ def test_topk_k_from_constant_node_passes():
     assert topk_nodes(model) == [("topk_keep", 4), ("topk_sort", 4)]
 
 
-def test_topk_k_over_3840_fails():
+def _topk_model(k: int) -> onnx.ModelProto:
     nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="big_topk", axis=-1)]
-    model = _model(
+    return _model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])],
-        [helper.make_tensor_value_info("i", TensorProto.INT64, [1, 3841])],
-        [_k(3841)],
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [1, k])],
+        [_k(k)],
     )
-    report = check_onnx(model)
-    assert _rules(report) == {"topk-k-limit"}
-    assert "3841" in report.errors[0].message
-    ok = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])],
-        [helper.make_tensor_value_info("i", TensorProto.INT64, [1, 3840])],
-        [_k(3840)],
-    )
-    assert check_onnx(ok).ok
+
+
+@pytest.mark.parametrize("k, ok", [(3839, True), (3840, False), (3841, False)])
+def test_topk_k_must_be_less_than_3840(k: int, ok: bool):
+    """operators.md: "`K` input must be less than 3840" (the TopK page's k <= 3840 is the looser one)."""
+    report = check_onnx(_topk_model(k))
+    assert report.ok is ok
+    if not ok:
+        assert _rules(report) == {"topk-k-limit"}
+        assert f"K={k}" in report.errors[0].message and "less than 3840" in report.errors[0].message
 
 
 def test_topk_k_larger_than_axis_fails():
@@ -306,6 +306,78 @@ def test_data_dependent_reshape_fails():
     assert [(f.rule, f.node) for f in report.errors] == [("data-dependent-shape", "reshape_dd")]
 
 
+def _int64(name: str, values: Sequence[int]) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+
+def _operand_model(op: str, operand: str, source: str) -> onnx.ModelProto:
+    """x [B, 8, 16] -> ``op`` whose axis/axes operand comes from ``source``: "init" (an initializer),
+    "constant" (a Constant node), "folded" (Add of two initializers), "shape" (Shape -> Size - 2),
+    "input" (a graph input)."""
+    nodes: list[onnx.NodeProto] = []
+    inits = [_int64("one_i", [1]), _int64("zero_i", [0])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 16])]
+    if source == "init":
+        inits.append(_int64(operand, [1]))
+    elif source == "constant":
+        nodes.append(helper.make_node("Constant", [], [operand], value=_int64("c", [1])))
+    elif source == "folded":
+        nodes.append(helper.make_node("Add", ["one_i", "zero_i"], [operand]))
+    elif source == "shape":
+        nodes += [
+            helper.make_node("Shape", ["x"], ["shp"]),
+            helper.make_node("Size", ["shp"], ["rank"]),
+            helper.make_node("Sub", ["rank", "two"], ["rank_2"]),
+            helper.make_node("Reshape", ["rank_2", "one_i"], [operand]),
+        ]
+        inits.append(_int64("two", []))
+    else:
+        inputs.append(helper.make_tensor_value_info(operand, TensorProto.INT64, [1]))
+    if op == "CumSum":
+        nodes.append(helper.make_node("CumSum", ["x", operand], ["y"], name="cumsum"))
+        out = ["batch", 8, 16]
+    elif op == "Slice":
+        inits += [_int64("starts", [0]), _int64("ends", [4])]
+        nodes.append(helper.make_node("Slice", ["x", "starts", "ends", operand], ["y"], name="slice"))
+        out = ["batch", 4, 16]
+    else:  # Pad (opset 18: data, pads, constant_value, axes)
+        inits.append(_int64("pads", [1, 1]))
+        nodes.append(helper.make_node("Pad", ["x", "pads", "", operand], ["y"], name="pad"))
+        out = ["batch", 10, 16]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)]
+    return _model(nodes, inputs, outputs, inits)
+
+
+@pytest.mark.parametrize("op, operand", [("CumSum", "axis"), ("Slice", "axes"), ("Pad", "axes")])
+@pytest.mark.parametrize(
+    "source, ok, origin",
+    [
+        ("init", True, ""),
+        ("constant", True, ""),
+        ("folded", False, "computed from constants"),
+        ("shape", False, "computed from a shape"),
+        ("input", False, "a graph input"),
+    ],
+)
+def test_operands_that_must_be_initializers(op: str, operand: str, source: str, ok: bool, origin: str):
+    """operators.md: CumSum `axis`, Slice `axes`, Pad `axes` "must be an initializer"."""
+    report = check_onnx(_operand_model(op, operand, source))
+    if ok:
+        assert report.ok, report.format()
+        return
+    assert _rules(report) == {"const-operand"}, report.format()
+    (error,) = report.errors
+    assert error.op == op and f"'{operand}'" in error.message and "must be an initializer" in error.message
+    assert origin in error.message
+
+
+def test_slice_without_axes_passes():
+    model = _operand_model("Slice", "axes", "init")
+    node = next(n for n in model.graph.node if n.op_type == "Slice")
+    del node.input[3]
+    assert check_onnx(model).ok
+
+
 def test_saved_model_with_external_data(tmp_path):
     model = _good(k=3)
     big = numpy_helper.from_array(np.zeros((64, 64), dtype=np.float32), "w")
@@ -381,3 +453,28 @@ def test_dynamo_nonzero_export_fails():
     # The data-dependent row count shows up in the reported output shape, as a symbol no input has.
     [out_dims] = report.output_dims.values()
     assert isinstance(out_dims[0], str) and out_dims[0] not in ("batch",)
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [("llava-keep16", ("--keep", "16")), ("llava-keep16-fp16", ("--keep", "16", "--dtype", "fp16"))],
+)
+def test_the_projects_exports_pass(cli_export, name: str, args: tuple[str, ...]):
+    """The tiny LLaVA's prefill/decode graphs (fp32 and fp16) pass every target, the stricter
+    operand rules included; STAR's CumSum (original positions) runs on float32 with an initializer axis."""
+    from star_export.contract import contract_from_dict
+
+    out = cli_export(name, *args)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for graph in ("prefill", "decode"):
+        dynamic = contract_from_dict(manifest["graphs"][graph]).dynamic_axes()
+        for target in ("10.0", "10", "11"):
+            report = check_onnx(out / f"{graph}.onnx", target=target, dynamic_inputs=dynamic)
+            assert report.ok, report.format()
+    model = onnx.shape_inference.infer_shapes(onnx.load(out / "prefill.onnx", load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    inits = {t.name for t in model.graph.initializer}
+    cumsums = [n for n in model.graph.node if n.op_type == "CumSum"]
+    assert cumsums
+    for node in cumsums:
+        assert node.input[1] in inits and types[node.input[0]] == TensorProto.FLOAT

@@ -496,14 +496,14 @@ def server(export, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(export, manifest):
     """The reference: star_export's own pre-processing and generate() over onnxruntime."""
-    from star_export.load import Geometry
+    from star_export.geometry import Geometry
     from star_export.preprocess import Preprocessor
     from star_export.runtime import GenerationConfig, OnnxruntimeBackend, generate
     from star_export.star import StarConfig
 
     pre = Preprocessor.from_dir(export / "processor")
     backend = OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx", threads=1)
-    geo = Geometry(**manifest["model"]["geometry"])
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
     star = manifest["star"]
     cfg = StarConfig(keep2=star["keep2"], keep1=star["keep1"], layer=star["layer_K"])
 
@@ -696,7 +696,7 @@ def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     exports served by tritonserver: the pipeline's own pre-processing lays every image out as the
     export expects, and its answers equal the local onnxruntime generate token for token (a batch
     of images with different aspect ratios)."""
-    from star_export.load import Geometry
+    from star_export.geometry import Geometry
     from star_export.preprocess import Preprocessor
     from star_export.runtime import GenerationConfig, OnnxruntimeBackend, generate
     from star_export.star import StarConfig
@@ -704,7 +704,7 @@ def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     work = tmp_path_factory.mktemp(recipe)
     export = cli_export(f"{recipe}-keep8", "--recipe", recipe, "--keep", "8")
     manifest = json.loads((export / "manifest.json").read_text())
-    geo = Geometry(**manifest["model"]["geometry"])
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
     star = manifest["star"]
     cfg = StarConfig(keep2=star["keep2"], keep1=star["keep1"], layer=star["layer_K"])
     pre = Preprocessor.from_dir(export / "processor", geometry=geo)

@@ -3,17 +3,21 @@
 
 Steps (each a ``python -m star_export`` subprocess, output streamed):
 
-1. export   ``llava --keep K --out OUT --engine ENGINE``: ONNX graphs, manifest, CPU parity report
-            and the engines;
-2. build    ``build --from OUT --engine ENGINE --dtype D --timing-cache TC``: the engines at the
-            requested precision, reusing/updating the timing cache;
+1. export   ``llava --keep K --out OUT [--dtype D]``: ONNX graphs in the requested precision,
+            manifest, CPU parity report. No ``--engine``: the engines are built once, in step 2;
+2. build    ``build --from OUT --engine ENGINE [--dtype D] --timing-cache TC``: the prefill and
+            decode engines (the export's dtype when ``--dtype`` is not given), reusing/updating
+            the timing cache. On TensorRT 11 the engine's precision is the ONNX's (strong
+            typing), which is why step 1 exports in ``D``;
 3. validate ``validate --from OUT --trt`` when the CLI has it; otherwise TensorRT vs onnxruntime
-            parity of the prefill engine through ``star_export.build.trt_parity`` (written to
-            ``OUT/trt_parity.json``);
-4. bench    ``bench --from OUT`` when the CLI has it (skipped with a message otherwise).
+            parity of the prefill engine (``star_export.build.trt_parity``) and of greedy decoding
+            through both engines (``trt_decode_parity``), written to ``OUT/trt_parity.json``;
+4. bench    ``bench --keep K --out OUT/bench [--model M | --recipe R]`` when the CLI has it: bench
+            exports and times its own graphs (it has no ``--from``).
 
 Then a summary table (step, exit code, seconds, result) and the engines recorded in the manifest.
-Exits non-zero when a step failed. ``--dry-run`` prints the commands only (works anywhere).
+Exits non-zero when a step failed. :func:`plan` returns the commands without running anything;
+``--dry-run`` prints them (works anywhere).
 
     python tools/gpu_pipeline.py --keep 64 --dtype fp16 --out gpu_run/
 """
@@ -62,7 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", type=Path, default=None, help="LLaVA checkpoint directory (default: llava-tiny)"
     )
     p.add_argument("--recipe", default=None, help="recipe name or .toml")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="engine precision")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="precision of the exported ONNX and of the engines (default: the checkpoint's)",
+    )
     p.add_argument(
         "--timing-cache", type=Path, default=None, help="timing cache file (default: OUT/timing.cache)"
     )
@@ -80,22 +89,19 @@ def subcommands(python: str) -> set[str]:
     return set(re.findall(r"^ {4}([a-z][\w-]*)(?: {2,}|$)", r.stdout, flags=re.M))
 
 
-def help_text(python: str, command: str) -> str:
-    r = subprocess.run([python, "-m", "star_export", command, "--help"], capture_output=True, text=True)
-    return r.stdout
-
-
-def plan(args: argparse.Namespace, available: set[str] | None) -> list[Step]:
+def plan(args: argparse.Namespace, available: set[str] | None = None) -> list[Step]:
+    """The steps and their command lines, in order; runs nothing. ``available``: the subcommands
+    of the installed CLI (None: all). Exactly one step builds engines (``build``)."""
     py, out = args.python, args.out
     engine = args.engine or out / "prefill.plan"
     cache = args.timing_cache or out / "timing.cache"
     base = [py, "-m", "star_export"]
-    export = [*base, "llava", "--keep", str(args.keep), "--out", str(out), "--engine", str(engine)]
-    if args.model is not None:
-        export += ["--model", str(args.model)]
+    dtype = ["--dtype", args.dtype] if args.dtype else []
+    source = ["--model", str(args.model)] if args.model is not None else []
     if args.recipe is not None:
-        export += ["--recipe", args.recipe]
-    build = [*base, "build", "--from", str(out), "--engine", str(engine), "--dtype", args.dtype]
+        source += ["--recipe", args.recipe]
+    export = [*base, "llava", "--keep", str(args.keep), "--out", str(out), *dtype, *source]
+    build = [*base, "build", "--from", str(out), "--engine", str(engine), *dtype]
     build += ["--timing-cache", str(cache)]
     if args.max_batch is not None:
         build += ["--max-batch", str(args.max_batch)]
@@ -111,28 +117,30 @@ def plan(args: argparse.Namespace, available: set[str] | None) -> list[Step]:
     if args.skip_bench:
         steps.append(Step("bench", None, note="--skip-bench"))
     elif available is None or "bench" in available:
-        bench = [*base, "bench", "--from", str(out)]
-        if available is not None and "--engine" in help_text(py, "bench"):
-            bench += ["--engine", str(engine)]
+        bench = [*base, "bench", "--keep", str(args.keep), "--out", str(out / "bench"), *source]
         steps.append(Step("bench", bench))
     else:
         steps.append(Step("bench", None, note="`python -m star_export bench` does not exist yet: skipped"))
     return steps
 
 
-def parity_fallback(out: Path, engine: Path, dtype: str) -> tuple[int, str]:
-    """TensorRT prefill engine vs onnxruntime on seeded inputs; rows written to OUT/trt_parity.json."""
-    from star_export.build import contract_from_dict, trt_parity
-    from star_export.load import Geometry
+def parity_fallback(out: Path, engine: Path, dtype: str | None) -> tuple[int, str]:
+    """TensorRT prefill engine, then prefill + decode engines over 4 greedy steps, vs onnxruntime on
+    seeded inputs; rows written to OUT/trt_parity.json. ``dtype``: the engine's precision (None: as
+    recorded by ``build`` in the manifest)."""
+    from star_export.build import contract_from_dict, trt_decode_parity, trt_parity
+    from star_export.geometry import Geometry
     from star_export.validate import make_inputs, row_alone
 
     manifest = json.loads((out / "manifest.json").read_text())
+    dtype = dtype or manifest["engines"]["prefill"]["dtype"]
     entry = manifest["graphs"]["prefill"]
     contract = contract_from_dict(entry)
-    geo = Geometry(**manifest["model"]["geometry"])
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
     feeds = make_inputs(geo, batch=2, text_len=24, seed=0)
     onnx_path = out / entry.get("file", "prefill.onnx")
     rows = trt_parity(engine, onnx_path, contract, [feeds, row_alone(feeds, 1)], dtype)
+    rows += trt_decode_parity(manifest, out, [feeds, row_alone(feeds, 1)], steps=4)
     (out / "trt_parity.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     worst = max((r for r in rows if r["tolerance"] > 0), key=lambda r: r["max_rel"], default=None)
     failed = [r for r in rows if not r["passed"]]
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[env] {why}")
     if not ok:
         print(
-            "gpu_pipeline: this host cannot build TensorRT engines; the export step will exit 3",
+            "gpu_pipeline: this host cannot build TensorRT engines; the build step will exit 3",
             file=sys.stderr,
         )
     steps = plan(args, subcommands(args.python))

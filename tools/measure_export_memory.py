@@ -75,13 +75,14 @@ STAGE_MARKERS = (  # stdout prefix -> name of the stage that starts there
 
 
 def _processor_files(directory: Path, cache: Path) -> None:
-    """The processor files the embedded recipe writes (load._write_extras), with <image> at id 32000.
+    """The processor files the embedded recipe writes (its family's write_tiny_processor), with <image>
+    at id 32000.
 
     Generated once into ``cache`` (the tiny tokenizer fills the ids below the image token with
     reserved tokens).
     """
     if not (cache / "tokenizer.json").is_file():
-        from star_export.load import _write_extras
+        from star_export.families.llava import FAMILY as LLAVA
         from star_export.recipes import load_recipe
 
         tiny = load_recipe("llava-tiny")
@@ -89,7 +90,7 @@ def _processor_files(directory: Path, cache: Path) -> None:
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_extras(tmp, recipe)
+        LLAVA.write_tiny_processor(tmp, recipe)
         os.replace(tmp, cache)
     for f in cache.iterdir():
         shutil.copy2(f, directory / f.name)

@@ -1,0 +1,103 @@
+"""Stage 4 of the data's way: ``prefill.onnx`` (+ ``decode.onnx``) -> TensorRT engines (``.plan``).
+
+One job per module:
+
+- :mod:`~star_export.build.status`: is TensorRT importable here, which version, is there a GPU;
+- :mod:`~star_export.build.profiles`: optimization-profile shape ranges from the I/O contract;
+- :mod:`~star_export.build.precision`: strong typing and precision flags, TensorRT 10.x vs 11.x;
+- :mod:`~star_export.build.settings`: what a build is asked for, engine paths, the finish command;
+- :mod:`~star_export.build.engine`: one engine through polygraphy's loaders;
+- :mod:`~star_export.build.parity`: TensorRT engines vs onnxruntime (prefill, and greedy decode);
+- :mod:`~star_export.build.command`: the ``build`` command's flags and :func:`run_build`.
+
+TensorRT is imported lazily (inside the functions that need it), so this package, its pure
+helpers and ``--help`` work on machines without TensorRT or a GPU. Where either is missing,
+:func:`build_engine` / :func:`run_build` raise :class:`MissingComponent` (exit 3) with the exact
+command that finishes the build on a GPU host. The names below are the package's interface
+(other stages and the tests import them from ``star_export.build``).
+"""
+
+from __future__ import annotations
+
+from star_export.build.command import (
+    DIM_FLAGS,
+    add_build_arguments,
+    graph_overrides,
+    run_build,
+    settings_from_args,
+)
+from star_export.build.engine import build_engine, polygraphy_loaders, timing_cache_rejected
+from star_export.build.parity import (
+    INDEX_OUTPUTS,
+    TRT_TOLERANCES,
+    TrtBackend,
+    decode_parity,
+    trt_decode_parity,
+    trt_parity,
+)
+from star_export.build.precision import (
+    DTYPE_OF_ELEMENT,
+    DTYPES,
+    ELEMENT_OF_DTYPE,
+    PrecisionPlan,
+    contract_dtype,
+    precision_plan,
+    strongly_typed_flag,
+)
+from star_export.build.profiles import (
+    MIN_DIM_SIZE,
+    DimRange,
+    ProfileShapes,
+    ShapeRange,
+    check_profile,
+    output_shapes,
+    outputs_for_profile,
+    profile_json,
+    profile_shapes,
+    to_polygraphy_profiles,
+)
+from star_export.build.settings import BuildSettings, engine_paths, finish_command
+from star_export.build.status import MIN_TENSORRT_MAJOR, check_target, tensorrt_version, trt_status
+from star_export.contract import contract_from_dict
+
+__all__ = [
+    "DIM_FLAGS",
+    "DTYPES",
+    "DTYPE_OF_ELEMENT",
+    "ELEMENT_OF_DTYPE",
+    "INDEX_OUTPUTS",
+    "MIN_DIM_SIZE",
+    "MIN_TENSORRT_MAJOR",
+    "TRT_TOLERANCES",
+    "BuildSettings",
+    "DimRange",
+    "PrecisionPlan",
+    "ProfileShapes",
+    "ShapeRange",
+    "TrtBackend",
+    "add_build_arguments",
+    "build_engine",
+    "check_profile",
+    "check_target",
+    "contract_dtype",
+    "contract_from_dict",
+    "decode_parity",
+    "engine_paths",
+    "finish_command",
+    "graph_overrides",
+    "output_shapes",
+    "outputs_for_profile",
+    "polygraphy_loaders",
+    "precision_plan",
+    "profile_json",
+    "profile_shapes",
+    "run_build",
+    "settings_from_args",
+    "strongly_typed_flag",
+    "tensorrt_version",
+    "timing_cache_rejected",
+    "to_polygraphy_profiles",
+    "trt_decode_parity",
+    "trt_parity",
+    "trt_status",
+]

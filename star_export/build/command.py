@@ -1,0 +1,249 @@
+"""The ``build`` command: its flags (:func:`add_build_arguments`), the profile overrides they give,
+and :func:`run_build` (readiness check, then the prefill and decode engines, recorded in
+manifest.json)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from star_export.build import status
+from star_export.build.engine import build_engine
+from star_export.build.precision import DTYPES, contract_dtype
+from star_export.build.profiles import DimRange, profile_shapes
+from star_export.build.settings import BuildSettings, engine_paths, finish_command
+from star_export.contract import GraphContract, contract_from_dict
+from star_export.errors import MissingComponent, UsageError
+from star_export.manifest import read_manifest
+
+# CLI flags per dynamic dim (min, opt, max); argparse dests are the same with "_" for "-".
+DIM_FLAGS: Mapping[str, tuple[str, str, str]] = {
+    "batch": ("--min-batch", "--opt-batch", "--max-batch"),
+    "text_len": ("--min-text-len", "--opt-text-len", "--max-text-len"),
+}
+
+
+def add_build_arguments(parser: argparse.ArgumentParser, include_engine: bool = True) -> None:
+    """Flags of ``build`` (and of ``llava --engine``; pass ``include_engine=False`` where the
+    parser already defines ``--engine``)."""
+    g = parser.add_argument_group("TensorRT engine")
+    if include_engine:
+        g.add_argument(
+            "--engine",
+            type=Path,
+            default=None,
+            metavar="PATH",
+            help="prefill engine path (default: DIR/prefill.plan); the decode engine goes beside it "
+            "(out.plan -> out.decode.plan)",
+        )
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="engine precision (default: the ONNX's). TensorRT 11: must match the exported ONNX "
+        "(strong typing); TensorRT 10: fp16/bf16 on an fp32 ONNX use the builder flag",
+    )
+    g.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="tactic timing cache file, reused and updated",
+    )
+    g.add_argument(
+        "--workspace", type=int, default=None, metavar="MiB", help="builder workspace memory pool limit"
+    )
+    g.add_argument(
+        "--builder-optimization-level", type=int, default=None, metavar="N", help="0..5 (TensorRT default 3)"
+    )
+    g.add_argument(
+        "--strongly-typed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force strong typing on/off (default: automatic; always on with TensorRT 11)",
+    )
+    for dim, flags in DIM_FLAGS.items():
+        for which, flag in zip(("min", "opt", "max"), flags, strict=True):
+            g.add_argument(flag, type=int, default=None, metavar="N", help=f"profile {which} {dim}")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longest generation the decode profile allows (sets its max past length)",
+    )
+
+
+def _arg_ranges(args: argparse.Namespace, contract: GraphContract) -> tuple[dict[str, DimRange], list[str]]:
+    """{dim: (min, opt, max)} for the dims whose flags were given (others keep the contract's), and
+    those flags as strings for the finish command."""
+    overrides: dict[str, DimRange] = {}
+    flags: list[str] = []
+    for dim, names in DIM_FLAGS.items():
+        given = [getattr(args, n.lstrip("-").replace("-", "_"), None) for n in names]
+        if all(v is None for v in given):
+            continue
+        for n, v in zip(names, given, strict=True):
+            if v is not None:
+                flags += [n, str(v)]
+        if dim not in {d.name for d in contract.dims}:
+            continue
+        base = contract.dim(dim)
+        lo, opt, hi = (
+            v if v is not None else b for v, b in zip(given, (base.min, base.opt, base.max), strict=True)
+        )
+        if given[1] is None:  # keep opt inside a moved range
+            opt = min(max(opt, lo), hi)
+        overrides[dim] = (lo, opt, hi)
+    return overrides, flags
+
+
+def graph_overrides(
+    manifest: Mapping[str, Any], contracts: Mapping[str, GraphContract], args: argparse.Namespace
+) -> tuple[dict[str, dict[str, DimRange]], list[str]]:
+    """Per-graph dim overrides from the CLI flags. Prefill takes batch/text_len directly; the
+    decode graph's ``past_len`` range is recomputed with ``decode_contract`` from the manifest's
+    geometry and STAR settings when text_len or ``--max-new-tokens`` flags are given."""
+    prefill = contracts["prefill"]
+    over, flags = _arg_ranges(args, prefill)
+    out = {"prefill": dict(over)}
+    mnt = getattr(args, "max_new_tokens", None)
+    if mnt is not None:
+        if mnt < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {mnt}")
+        flags += ["--max-new-tokens", str(mnt)]
+    if "decode" in contracts:
+        decode = contracts["decode"]
+        dec = {k: v for k, v in over.items() if k in {d.name for d in decode.dims}}
+        if "text_len" in over or mnt is not None:
+            dec["past_len"] = _decode_past_len(manifest, prefill, over, mnt)
+        out["decode"] = dec
+    return out, flags
+
+
+def _decode_past_len(
+    manifest: Mapping[str, Any],
+    prefill: GraphContract,
+    over: Mapping[str, DimRange],
+    max_new_tokens: int | None,
+) -> DimRange:
+    from star_export.contract import decode_contract
+    from star_export.geometry import Geometry
+    from star_export.manifest import star_config
+
+    try:
+        geo = Geometry.from_dict(manifest["model"]["geometry"])
+        cfg = star_config(manifest, geo, "manifest.json")
+    except (KeyError, TypeError) as e:
+        raise UsageError(
+            f"manifest.json lacks the geometry/STAR settings to size the decode profile ({e})"
+        ) from None
+    text = prefill.dim("text_len")
+    text_r = over.get("text_len", (text.min, text.opt, text.max))
+    batch = prefill.dim("batch")
+    batch_r = over.get("batch", (batch.min, batch.opt, batch.max))
+    if max_new_tokens is None:
+        max_new_tokens = (manifest.get("decoding") or {}).get("max_new_tokens")
+    if max_new_tokens is None:
+        raise UsageError(
+            "pass --max-new-tokens: the manifest does not say how long the decode profile must reach"
+        )
+    d = decode_contract(geo, cfg, batch_r, text_r, int(max_new_tokens)).dim("past_len")
+    return (d.min, d.opt, d.max)
+
+
+def settings_from_args(args: argparse.Namespace, default_dtype: str = "fp32") -> BuildSettings:
+    """The build settings the CLI flags ask for (``--dtype`` defaults to ``default_dtype``)."""
+    workspace = getattr(args, "workspace", None)
+    if workspace is not None and workspace <= 0:
+        raise UsageError(f"--workspace must be a positive number of MiB, got {workspace}")
+    return BuildSettings(
+        dtype=getattr(args, "dtype", None) or default_dtype,
+        timing_cache=getattr(args, "timing_cache", None),
+        workspace_bytes=workspace << 20 if workspace else None,
+        strongly_typed=getattr(args, "strongly_typed", None),
+        builder_optimization_level=getattr(args, "builder_optimization_level", None),
+    )
+
+
+def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    from star_export.outputs import write_json
+
+    write_json(path, manifest)
+
+
+def run_build(args: argparse.Namespace, out_dir: Path) -> int:
+    """``build --from OUT_DIR``: readiness check of every graph, then the prefill engine (and the
+    decode engine when the manifest lists ``decode``), recorded under ``engines`` in manifest.json.
+
+    Exit codes: 0 built, 1 readiness check failed; raises UsageError (2) / MissingComponent (3).
+    """
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / "manifest.json"
+    manifest = read_manifest(out_dir, graphs=("prefill",))
+    graphs = manifest["graphs"]
+    engine = getattr(args, "engine", None) or out_dir / "prefill.plan"
+    engine = Path(engine)
+    if engine.is_dir():
+        raise UsageError(f"--engine {engine}: is a directory")
+    prefill_engine, decode_engine = engine_paths(engine)
+    targets = {"prefill": prefill_engine, "decode": decode_engine}
+    names = [g for g in ("prefill", "decode") if g in graphs]
+    contracts = {g: contract_from_dict(graphs[g]) for g in names}
+    onnx = {g: out_dir / graphs[g].get("file", f"{g}.onnx") for g in names}
+    for g in names:
+        if not onnx[g].is_file():
+            raise UsageError(f"{onnx[g]}: listed in the manifest but missing")
+
+    # 1. readiness (no TensorRT needed)
+    from star_export.check import check_onnx
+
+    target = status.check_target(status.tensorrt_version())
+    failed = []
+    for g in names:
+        report = check_onnx(onnx[g], target=target, dynamic_inputs=contracts[g].dynamic_axes())
+        print(
+            f"[check] {onnx[g].name} for TensorRT {report.target}: {'ok' if report.ok else 'FAIL'} "
+            f"({sum(report.op_counts.values())} nodes, {len(report.errors)} errors, {len(report.warnings)} warnings)"
+        )
+        if not report.ok:
+            failed.append(report)
+    if failed:
+        for report in failed:
+            print(report.format(), file=sys.stderr)
+        print("star_export: TensorRT readiness check failed (see above); no engine built", file=sys.stderr)
+        return 1
+
+    # 2. settings and profiles (validated before looking for TensorRT, so usage errors come first)
+    overrides, flags = graph_overrides(manifest, contracts, args)
+    base = settings_from_args(args, default_dtype=contract_dtype(contracts["prefill"]))
+    base = dataclasses.replace(base, profile_flags=tuple(flags))
+    per_graph = {
+        g: dataclasses.replace(base, profiles=[profile_shapes(contracts[g], overrides[g])]) for g in names
+    }
+
+    # 3. TensorRT and a GPU
+    ok, why = status.trt_status()
+    if not ok:
+        raise MissingComponent(
+            f"{why}; the ONNX graphs and manifest are in {out_dir}/; to build the engines on a GPU host "
+            f"with TensorRT 10.x/11.x run: {finish_command(out_dir, prefill_engine, base)}"
+        )
+
+    # 4. build, then record atomically
+    entries = {g: build_engine(onnx[g], targets[g], contracts[g], per_graph[g]) for g in names}
+    manifest = json.loads(manifest_path.read_text())  # re-read: keep anything written meanwhile
+    manifest["engines"] = {**(manifest.get("engines") or {}), **entries}
+    manifest["engine_build"] = base.settings_summary() | {"tensorrt_status": status.trt_status()[1]}
+    _write_manifest(manifest_path, manifest)
+    for g in names:
+        e = entries[g]
+        print(
+            f"engine {g}: {e['path']} ({e['bytes']} bytes, sha256 {e['sha256'][:12]}, TensorRT {e['tensorrt']})"
+        )
+    return 0

@@ -1,0 +1,80 @@
+"""What a build is asked for (:class:`BuildSettings`), the engine file names, and the command
+that finishes a build on a GPU host."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from star_export.build.precision import DTYPES, PrecisionPlan, precision_plan
+from star_export.build.profiles import ProfileShapes, profile_json
+from star_export.errors import UsageError
+
+
+@dataclass
+class BuildSettings:
+    """What a build is asked for. ``profiles``: one dict per optimization profile (input name ->
+    (min, opt, max) shapes); empty means one profile from the contract's ranges.
+    ``profile_flags``: the CLI flags that shaped the profiles, repeated in the finish command."""
+
+    dtype: str = "fp32"
+    timing_cache: Path | None = None
+    workspace_bytes: int | None = None
+    profiles: list[ProfileShapes] = field(default_factory=list)
+    strongly_typed: bool | None = None
+    builder_optimization_level: int | None = None
+    profile_flags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.workspace_bytes is not None and self.workspace_bytes <= 0:
+            raise UsageError(f"--workspace must be positive, got {self.workspace_bytes} bytes")
+        if self.builder_optimization_level is not None and not 0 <= self.builder_optimization_level <= 5:
+            raise UsageError(
+                f"--builder-optimization-level must be in 0..5, got {self.builder_optimization_level}"
+            )
+        if self.timing_cache is not None:
+            self.timing_cache = Path(self.timing_cache)
+
+    def plan(self, trt_version: str, onnx_dtype: str) -> PrecisionPlan:
+        """The precision plan of these settings for TensorRT ``trt_version`` and an ``onnx_dtype`` graph."""
+        return precision_plan(self.dtype, trt_version, onnx_dtype, self.strongly_typed)
+
+    def settings_summary(self) -> dict[str, Any]:
+        """JSON-ready description for the manifest."""
+        return {
+            "dtype": self.dtype,
+            "strongly_typed": "auto" if self.strongly_typed is None else self.strongly_typed,
+            "timing_cache": str(self.timing_cache) if self.timing_cache else None,
+            "workspace_bytes": self.workspace_bytes,
+            "builder_optimization_level": self.builder_optimization_level,
+            "tf32": False,
+            "profiles": [profile_json(p) for p in self.profiles],
+        }
+
+
+def finish_command(out_dir: Path, engine: Path, settings: BuildSettings) -> str:
+    """The command that builds the engines from ``out_dir`` on a host with TensorRT and a GPU."""
+    parts = ["python", "-m", "star_export", "build", "--from", str(out_dir), "--engine", str(engine)]
+    parts += ["--dtype", settings.dtype]
+    if settings.timing_cache is not None:
+        parts += ["--timing-cache", str(settings.timing_cache)]
+    if settings.workspace_bytes is not None:
+        parts += ["--workspace", str(-(-settings.workspace_bytes // (1 << 20)))]
+    if settings.builder_optimization_level is not None:
+        parts += ["--builder-optimization-level", str(settings.builder_optimization_level)]
+    if settings.strongly_typed is not None:
+        parts.append("--strongly-typed" if settings.strongly_typed else "--no-strongly-typed")
+    parts += list(settings.profile_flags)
+    return shlex.join(parts)
+
+
+def engine_paths(engine: Path) -> tuple[Path, Path]:
+    """(prefill engine, decode engine): ``out.plan`` -> (``out.plan``, ``out.decode.plan``)."""
+    engine = Path(engine)
+    if engine.suffix:
+        return engine, engine.with_name(f"{engine.stem}.decode{engine.suffix}")
+    return engine, engine.with_name(f"{engine.name}.decode")

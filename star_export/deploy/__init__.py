@@ -1,0 +1,171 @@
+"""Stage 6 of the data's way: an export directory -> a Triton model repository (+ the C++ header).
+
+:func:`write_repository` (``from_dir, repo, backend``) reads ``manifest.json`` (the I/O contract,
+written once by the exporter) and writes, atomically (staging directory + rename)::
+
+    repo/
+      README.md                      tritonserver command line + a tritonclient call
+      star_export_repository.json    what was written, from which export (marks the folder ours)
+      prefill/config.pbtxt           generated from manifest["graphs"]["prefill"]
+      prefill/1/model.{py,onnx,plan} per backend (python: model.py + model.onnx)
+      decode/config.pbtxt            generated from manifest["graphs"]["decode"]
+      decode/1/model.{py,onnx,plan}
+      pipeline/config.pbtxt          Python backend, BLS: image bytes + prompt -> text + token ids
+      pipeline/1/model.py            (star_export/triton_models/pipeline.py)
+      pipeline/1/manifest.json, pipeline/1/processor/
+
+Backends of the prefill/decode models:
+
+* ``tensorrt``: ``platform: "tensorrt_plan"``, ``1/model.plan`` copied from the engines that
+  ``python -m star_export build`` recorded under ``engines`` in the manifest (KIND_GPU,
+  optimization profile "0", whose ranges are written into config.pbtxt as comments);
+* ``onnxruntime``: ``platform: "onnxruntime_onnx"``, ``1/model.onnx`` (+ its external data file);
+* ``python``: ``backend: "python"``, onnxruntime inside the Python backend (hosts whose Triton
+  has only the Python backend, e.g. the ``nvidia-pytriton`` wheel's server).
+
+This module holds the writer, the stage's entry point; one job per submodule:
+:mod:`~star_export.deploy.settings` (what is asked for), :mod:`~star_export.deploy.source` (the
+export, its engines, the limits served), :mod:`~star_export.deploy.config` (config.pbtxt text),
+:mod:`~star_export.deploy.files` (copies, atomic replacement), :mod:`~star_export.deploy.models`
+(one model directory), :mod:`~star_export.deploy.readme`, :mod:`~star_export.deploy.cpp_header`
+(``star_model.h`` for ``examples/cpp``) and :mod:`~star_export.deploy.command` (the ``triton``
+command).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from star_export import __version__
+from star_export.deploy.command import EPILOG, add_triton_arguments, run_triton
+from star_export.deploy.config import (
+    ENGINE_LINES,
+    PIPELINE_INPUTS,
+    PIPELINE_OUTPUTS,
+    TRITON_DTYPES,
+    graph_config,
+    pipeline_config,
+    triton_dims,
+    triton_dtype,
+)
+from star_export.deploy.cpp_header import cpp_header, write_cpp_header
+from star_export.deploy.files import MARKER, TEMPLATES, check_repo_path, replace_dir, sha256
+
+# The writer looks its model writers up in this module (a test replaces _write_pipeline to fail midway).
+from star_export.deploy.models import write_graph_model as _write_graph_model
+from star_export.deploy.models import write_pipeline as _write_pipeline
+from star_export.deploy.readme import repository_readme
+from star_export.deploy.settings import (
+    BACKENDS,
+    GRAPHS,
+    Repository,
+    RepositorySettings,
+    check_settings,
+)
+from star_export.deploy.source import batch_first, find_engines, read_export, served_limits
+from star_export.errors import UsageError
+
+__all__ = [
+    "BACKENDS",
+    "ENGINE_LINES",
+    "EPILOG",
+    "GRAPHS",
+    "MARKER",
+    "PIPELINE_INPUTS",
+    "PIPELINE_OUTPUTS",
+    "TEMPLATES",
+    "TRITON_DTYPES",
+    "Repository",
+    "RepositorySettings",
+    "add_triton_arguments",
+    "cpp_header",
+    "find_engines",
+    "graph_config",
+    "pipeline_config",
+    "read_export",
+    "repository_readme",
+    "run_triton",
+    "triton_dims",
+    "triton_dtype",
+    "write_cpp_header",
+    "write_repository",
+]
+
+
+def write_repository(
+    from_dir: Path,
+    repo: Path,
+    backend: str = "python",
+    max_new_tokens_default: int = 32,
+    *,
+    instances: int = 1,
+    pipeline_instances: int = 2,
+    device: str | None = None,
+    prefix: str = "",
+    intra_op_threads: int = 0,
+) -> Repository:
+    """Write a Triton model repository for the export in ``from_dir`` to ``repo`` (atomically).
+
+    Raises UsageError (one line) for a bad ``from_dir``/``repo``/backend, or a tensorrt backend
+    whose engines are not recorded in the manifest.
+    """
+    from_dir, repo = Path(from_dir), Path(repo)
+    settings = RepositorySettings(
+        backend=backend,
+        max_new_tokens=max_new_tokens_default,
+        instances=instances,
+        pipeline_instances=pipeline_instances,
+        device=device,
+        prefix=prefix,
+        intra_op_threads=intra_op_threads,
+    )
+    check_settings(settings)
+    manifest = read_export(from_dir)
+    graphs = manifest["graphs"]
+    for g in GRAPHS:
+        batch_first(graphs[g])
+    check_repo_path(repo)
+    engines = find_engines(from_dir, manifest) if backend == "tensorrt" else {}
+
+    # Limits the repository serves: the engines' profiles (tensorrt) or the export's ranges.
+    limits = served_limits(graphs, engines)
+    star = manifest["star"]
+    shortest_prompt = min(d["min"] for d in graphs["prefill"]["dynamic_dims"] if d["name"] == "text_len")
+    longest_answer = limits["past_len"] - (shortest_prompt - 1 + int(star.get("span2", star["keep2"]))) + 1
+    if settings.max_new_tokens > longest_answer:
+        raise UsageError(
+            f"--max-new-tokens {settings.max_new_tokens}: the decode profile allows at most "
+            f"{longest_answer} new tokens (past_len max {limits['past_len']})"
+        )
+
+    repo.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
+    try:
+        models = {role: settings.name(role) for role in (*GRAPHS, "pipeline")}
+        for g in GRAPHS:
+            _write_graph_model(
+                stage / models[g], from_dir, graphs[g], settings, limits["batch"], engines.get(g)
+            )
+        _write_pipeline(stage / models["pipeline"], from_dir, manifest, settings, limits)
+        files = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
+        result = Repository(path=repo, backend=backend, models=models, files=files, limits=limits)
+        (stage / "README.md").write_text(repository_readme(result, manifest, from_dir, settings))
+        marker = {
+            "star_export": __version__,
+            "from": str(from_dir.resolve()),
+            "manifest_sha256": sha256(from_dir / "manifest.json"),
+            "settings": asdict(settings),
+            **{k: v for k, v in result.to_dict().items() if k not in ("path",)},
+        }
+        (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        result.files = sorted({*files, "README.md", MARKER})
+        os.chmod(stage, 0o755)
+        replace_dir(stage, repo)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return result

@@ -1,0 +1,110 @@
+"""The ``triton`` command: its flags (:func:`add_triton_arguments`) and :func:`run_triton`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from star_export.deploy.cpp_header import write_cpp_header
+from star_export.deploy.settings import BACKENDS
+from star_export.errors import UsageError
+
+EPILOG = """\
+examples:
+  python -m star_export llava --keep 64 --out star_out
+  python -m star_export triton --from star_out --repo model_repository
+      Python-backend repository (onnxruntime inside Triton; runs on the nvidia-pytriton CPU server)
+  python -m star_export triton --from star_out --repo model_repository --backend tensorrt
+      after `python -m star_export build --from star_out` on a GPU host (engines in the manifest)
+  python -m star_export triton --from star_out --cpp-header examples/cpp/star_model.h
+"""
+
+
+def add_triton_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m star_export triton``."""
+    parser.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="an output directory of `llava` (manifest.json, prefill.onnx, decode.onnx, processor/)",
+    )
+    parser.add_argument(
+        "--repo", type=Path, default=None, metavar="DIR", help="model repository to write (replaced whole)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="python",
+        help="prefill/decode models: python (onnxruntime in the Python backend, default), "
+        "onnxruntime (onnxruntime_onnx), tensorrt (tensorrt_plan; needs engines from `build`)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32, metavar="N", help="pipeline's default limit (default 32)"
+    )
+    parser.add_argument("--instances", type=int, default=1, metavar="N", help="instances of prefill/decode")
+    parser.add_argument(
+        "--pipeline-instances",
+        type=int,
+        default=2,
+        metavar="N",
+        help="concurrent pipeline requests (default 2)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="instance kind (default gpu for tensorrt, else cpu)",
+    )
+    parser.add_argument("--prefix", default="", help="model name prefix, e.g. llava_ (default none)")
+    parser.add_argument(
+        "--threads", type=int, default=0, metavar="N", help="python backend: onnxruntime threads per instance"
+    )
+    parser.add_argument(
+        "--cpp-header",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the C++ example's star_model.h",
+    )
+    parser.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def run_triton(args: argparse.Namespace) -> int:
+    """``python -m star_export triton``: 0 on success; UsageError (exit 2) for bad input."""
+    if args.repo is None and args.cpp_header is None:
+        raise UsageError("give --repo DIR (a Triton model repository) and/or --cpp-header FILE")
+    from star_export.deploy import write_repository  # the package's entry point (no import cycle)
+
+    out: dict[str, Any] = {}
+    if args.repo is not None:
+        result = write_repository(
+            args.from_dir,
+            args.repo,
+            args.backend,
+            args.max_new_tokens,
+            instances=args.instances,
+            pipeline_instances=args.pipeline_instances,
+            device=args.device,
+            prefix=args.prefix,
+            intra_op_threads=args.threads,
+        )
+        out["repository"] = result.to_dict()
+    if args.cpp_header is not None:
+        out["cpp_header"] = str(write_cpp_header(args.from_dir, args.cpp_header))
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=2))
+        return 0
+    if "repository" in out:
+        r = out["repository"]
+        print(f"wrote {r['path']}/ ({r['backend']} backend): models {', '.join(r['models'].values())}")
+        print(f"  limits: batch <= {r['limits']['batch']}, prompt <= {r['limits']['text_len']} tokens")
+        print(
+            f"  serve:  tritonserver --model-repository=$PWD/{Path(r['path']).name}   (see {r['path']}/README.md)"
+        )
+    if "cpp_header" in out:
+        print(f"wrote {out['cpp_header']}")
+    return 0

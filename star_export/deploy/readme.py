@@ -1,0 +1,103 @@
+"""The README.md of a written repository: how to start tritonserver and ask a question."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from star_export import __version__
+from star_export.deploy.settings import Repository, RepositorySettings
+
+
+def repository_readme(
+    repo: Repository, manifest: Mapping[str, Any], from_dir: Path, settings: RepositorySettings
+) -> str:
+    """README.md of the repository: models, limits, how to start the server and ask a question."""
+    m = repo.models
+    star = manifest["star"]
+    backend_note = {
+        "python": "prefill and decode run the exported ONNX graphs in onnxruntime inside Triton's Python "
+        "backend (works with any Triton that has the Python backend, including the `nvidia-pytriton` "
+        "wheel's CPU server). The Python environment of the backend stub needs `numpy`, `onnxruntime`, "
+        "`pillow` and `transformers`.",
+        "onnxruntime": "prefill and decode use Triton's ONNX Runtime backend (`onnxruntime_onnx`). The "
+        "pipeline model (Python backend) needs `numpy`, `pillow` and `transformers` in the stub's "
+        "Python environment.",
+        "tensorrt": "prefill and decode use Triton's TensorRT backend (`tensorrt_plan`, KIND_GPU, "
+        "optimization profile 0). Engines only load on the GPU model and TensorRT version they were "
+        "built with. The pipeline model (Python backend) needs `numpy`, `pillow`, `transformers` and, "
+        "to read GPU outputs, `torch` in the stub's Python environment.",
+    }[repo.backend]
+    layout = "\n".join(f"    {f}" for f in repo.files if not f.startswith(f"{m['pipeline']}/1/processor/"))
+    return f"""# Triton model repository for a STAR-pruned LLaVA
+
+Written by `python -m star_export triton --from {from_dir} --backend {repo.backend}` (star_export
+{__version__}) from `{manifest["model"]["source"]}`: {star["N"]} visual tokens -> {star["keep1"]}
+(stage 1) -> {star["keep2"]} (stage 2, from decoder layer {star["layer_K"]}). Do not edit the
+`config.pbtxt` files by hand: they are generated from the export's manifest.json.
+
+Backend: {backend_note}
+
+## Models
+
+| model | what it does |
+| --- | --- |
+| `{m["prefill"]}` | prefill graph: `pixel_values`, `input_ids`, `attention_mask` -> `logits`, kept indices, `present.{{i}}.key/value` |
+| `{m["decode"]}` | one decode step with per-layer pasts (L1 slots before layer K, L2 from K on) |
+| `{m["pipeline"]}` | Python backend (BLS): image bytes + prompt -> `text`, `token_ids` (greedy) |
+
+Limits served: batch <= {repo.limits["batch"]} rows per request, prompts <= {repo.limits["text_len"]}
+tokens, past length <= {repo.limits["past_len"]} (prompt - 1 + {star.get("span2", star["keep2"])} + new tokens - 1).
+Default `max_new_tokens`: {settings.max_new_tokens} (config parameter of `{m["pipeline"]}`).
+
+Layout:
+
+{layout}
+    {m["pipeline"]}/1/processor/...
+
+## Start the server
+
+```bash
+tritonserver --model-repository=$PWD/{repo.path.name} \\
+    --http-port=8000 --grpc-port=8001 --metrics-port=8002
+curl -s localhost:8000/v2/health/ready && echo ready
+```
+
+- The Python backend's stub imports its packages from the `python3` first on `PATH` (not from
+  `PYTHONPATH`); that environment needs the packages named above.
+- Stubs built before numpy 2 (Triton 24.10, e.g. the `nvidia-pytriton` 0.7 wheel's server) read
+  every tensor wrongly under numpy 2; the models here then refuse to load with a message saying
+  so. Give the stub an environment with `numpy<2`.
+- Large models: raise the Python backend's shared memory, e.g.
+  `--backend-config=python,shm-default-byte-size=67108864`. Every decode step hands the
+  per-layer caches from one BLS call to the next as DLPack tensors (renamed, not copied by the
+  pipeline's code); only the logits are read on the host. This path has been run on CPU only.
+
+## Ask a question
+
+```python
+import numpy as np
+import tritonclient.http as httpclient  # pip install "tritonclient[http,grpc]"
+
+client = httpclient.InferenceServerClient("localhost:8000")
+image = np.array([[open("cat.png", "rb").read()]], dtype=object)  # [batch, 1] bytes
+prompt = np.array([["What is in the image?".encode()]], dtype=object)
+limit = np.array([[{settings.max_new_tokens}]], dtype=np.int32)  # optional
+inputs = [
+    httpclient.InferInput("image", image.shape, "BYTES"),
+    httpclient.InferInput("prompt", prompt.shape, "BYTES"),
+    httpclient.InferInput("max_new_tokens", limit.shape, "INT32"),
+]
+for tensor, data in zip(inputs, (image, prompt, limit)):
+    tensor.set_data_from_numpy(data)
+result = client.infer("{m["pipeline"]}", inputs)
+print(result.as_numpy("text")[0, 0].decode(), result.as_numpy("token_ids")[0])
+```
+
+gRPC is the same with `tritonclient.grpc` and port 8001. `token_ids` rows are padded with -1
+after the last generated token (the stop token, when one was produced, is included).
+star_export's tests start a real `tritonserver` on a `--backend python` repository and check that
+its answers equal `python -m star_export generate --from DIR` (greedy, onnxruntime) token for
+token; the onnxruntime and tensorrt backends run the same graphs with their own kernels.
+"""

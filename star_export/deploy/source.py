@@ -1,0 +1,131 @@
+"""What a repository is made from: the export's manifest, its recorded TensorRT engines, and the
+limits (batch, prompt, past length) the models can serve."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from star_export.deploy.settings import GRAPHS
+from star_export.errors import UsageError
+
+
+def read_export(from_dir: Path) -> dict[str, Any]:
+    """The export's manifest.json, checked (one-line UsageErrors, as ``generate --from``)."""
+    from star_export.manifest import read_manifest
+
+    from_dir = Path(from_dir)
+    if from_dir.exists() and not from_dir.is_dir():
+        raise UsageError(f"--from {from_dir}: not a directory")
+    manifest = read_manifest(from_dir)
+    for key in ("star", "model", "image_token_id"):
+        if key not in manifest:
+            raise UsageError(f"--from {from_dir}: manifest.json has no {key!r}; re-export the directory")
+    return manifest
+
+
+def batch_first(graph: Mapping[str, Any]) -> None:
+    """Triton batching needs ``batch`` as the first dim of every tensor of a graph."""
+    for t in (*graph["inputs"], *graph["outputs"]):
+        if not t["shape"] or t["shape"][0] != "batch":
+            raise UsageError(
+                f"{graph['graph']}: tensor {t['name']} has shape {t['shape']}; Triton batching needs "
+                "'batch' as the first dim of every tensor"
+            )
+
+
+def dim_max(graph: Mapping[str, Any], name: str) -> int:
+    """The export's maximum of a dynamic dim of one graph."""
+    return int(next(d["max"] for d in graph["dynamic_dims"] if d["name"] == name))
+
+
+def profile_bound(
+    engine: Mapping[str, Any], graph: Mapping[str, Any], symbol: str, which: str = "max"
+) -> int | None:
+    """The engine's profile-0 ``which`` ("min"/"max") of a bare symbolic dim (e.g. ``past_len``),
+    read from its inputs' recorded shapes; None where the manifest records no profile."""
+    profiles = engine.get("profiles") or []
+    if not profiles:
+        return None
+    shapes = profiles[0].get("inputs", {})
+    for t in graph["inputs"]:
+        if t["name"] in shapes and symbol in t["shape"]:
+            return int(shapes[t["name"]][which][t["shape"].index(symbol)])
+    return None
+
+
+def profile_max(engine: Mapping[str, Any], graph: Mapping[str, Any], symbol: str) -> int | None:
+    """The engine's profile-0 max of a bare symbolic dim (e.g. ``past_len``), from its inputs."""
+    return profile_bound(engine, graph, symbol, "max")
+
+
+def check_min_batch(
+    from_dir: Path, graphs: Mapping[str, Any], engines: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Triton's TensorRT backend runs every batch of 1..max_batch_size it forms (one request alone
+    is batch 1) and rejects shapes outside the engine's profile (tensorrt_backend
+    ``ValidateDimension``: "model expected the shape of dimension 0 to be between min and max"):
+    an engine whose profile 0 starts above batch 1 would fail batch-1 requests. One-line UsageError."""
+    for g in GRAPHS:
+        low = profile_bound(engines[g], graphs[g], "batch", "min")
+        if low is not None and low != 1:
+            raise UsageError(
+                f"--backend tensorrt: the {g} engine's optimization profile 0 starts at batch {low}, but "
+                "Triton sends batches from 1 up (a single request is batch 1); rebuild with --min-batch 1 "
+                f"(python -m star_export build --from {from_dir} --min-batch 1 ...)"
+            )
+
+
+def _engine_file(from_dir: Path, entry: Mapping[str, Any]) -> Path | None:
+    recorded = Path(str(entry.get("path") or entry.get("file") or ""))
+    for candidate in (recorded, from_dir / recorded, from_dir / recorded.name):
+        if str(candidate) not in ("", ".") and candidate.is_file():
+            return candidate
+    return None
+
+
+def find_engines(from_dir: Path, manifest: Mapping[str, Any]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """{graph: (engine file, manifest entry)} for prefill and decode, or a one-line UsageError."""
+    engines = manifest.get("engines") or {}
+    missing = [g for g in GRAPHS if g not in engines]
+    if missing:
+        raise UsageError(
+            f"--backend tensorrt: {from_dir}/manifest.json records no TensorRT engine for "
+            f"{', '.join(missing)}; build them on a host with TensorRT and a GPU "
+            f"(python -m star_export build --from {from_dir}) or use --backend onnxruntime/python"
+        )
+    out = {}
+    for g in GRAPHS:
+        path = _engine_file(from_dir, engines[g])
+        if path is None:
+            raise UsageError(
+                f"--backend tensorrt: the {g} engine recorded in manifest.json "
+                f"({engines[g].get('path')}) is not there; rebuild or copy it into {from_dir}"
+            )
+        out[g] = (path, dict(engines[g]))
+    check_min_batch(from_dir, manifest["graphs"], engines)
+    return out
+
+
+def served_limits(
+    graphs: Mapping[str, Any], engines: Mapping[str, tuple[Path, Mapping[str, Any]]]
+) -> dict[str, int]:
+    """Batch / text_len / past_len maxima the repository serves: the export's ranges, narrowed to
+    the engines' profile 0 where TensorRT engines are served."""
+    limits = {
+        "batch": min(dim_max(graphs[g], "batch") for g in GRAPHS),
+        "text_len": dim_max(graphs["prefill"], "text_len"),
+        "past_len": dim_max(graphs["decode"], "past_len"),
+    }
+    if engines:
+        for key, g in (
+            ("batch", "prefill"),
+            ("batch", "decode"),
+            ("text_len", "prefill"),
+            ("past_len", "decode"),
+        ):
+            got = profile_max(engines[g][1], graphs[g], key)
+            if got is not None:
+                limits[key] = min(limits[key], got) if key == "batch" else got
+    return limits

@@ -1,0 +1,249 @@
+"""star_export.build.parity's decode parity, without TensorRT: the comparison loop with fake
+backends (one that matches, perturbed ones that must fail), TrtBackend against a fake of
+polygraphy's TrtRunner (arguments, casts, copies), and trt_decode_parity's plumbing on a real
+export with onnxruntime standing in for the engines. No TensorRT engine is run here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from star_export.build import TrtBackend, decode_parity, parity, status, trt_decode_parity
+from star_export.contract import DynamicDim, GraphContract, TensorSpec
+from star_export.errors import MissingComponent, UsageError
+from star_export.geometry import Geometry
+from star_export.star import StarConfig
+from star_export.validate import make_inputs
+
+GEO = Geometry(
+    n_visual=16,
+    image_size=32,
+    patch_size=8,
+    image_token_id=5,
+    num_layers=3,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    hidden_size=8,
+    vocab_size=50,
+    vision_feature_layer=-2,
+    select_strategy="default",
+    text_model_type="llama",
+)
+CFG = StarConfig(keep2=4, keep1=8, layer=1)
+
+
+class FakeModel:
+    """Deterministic stand-in with the I/O ``runtime.generate`` drives: logits depend on the inputs
+    (prompt ids, then token and position), every layer's cache grows by one slot per decode step.
+    ``noise``: relative logits noise; ``flip``: decode step (1-based) whose argmax is moved;
+    ``stuck_layer``: a layer whose cache does not grow; ``keep_shift``: shifts stage-2 indices."""
+
+    def __init__(self, name="fake", noise=0.0, flip=None, stuck_layer=None, keep_shift=0):
+        self.name, self.noise, self.flip = name, noise, flip
+        self.stuck_layer, self.keep_shift = stuck_layer, keep_shift
+        self.rng = np.random.default_rng(7)
+        self.step = 0
+
+    def _logits(self, state: np.ndarray) -> np.ndarray:  # (B,) -> (B, V)
+        logits = np.cos(np.arange(GEO.vocab_size)[None] * (state[:, None] % 97 + 1) * 0.37) * 5
+        logits[np.arange(len(state)), state % GEO.vocab_size] = 8.0  # a clear winner: margin >= 3
+        logits += self.noise * 8 * self.rng.standard_normal(logits.shape)
+        if self.flip == self.step:
+            logits[np.arange(len(state)), logits.argmin(axis=1)] += 100.0
+        return logits.astype(np.float32)
+
+    def prefill(self, feeds):
+        ids = feeds["input_ids"]
+        batch, text_len = ids.shape
+        self.step = 0
+        out = {
+            "logits": self._logits(ids.sum(axis=1)),
+            "stage1_keep_idx": np.tile(np.arange(CFG.keep1), (batch, 1)),
+            "stage2_keep_idx": np.tile(np.arange(CFG.keep2) + self.keep_shift, (batch, 1)),
+        }
+        for i in range(GEO.num_layers):
+            slots = text_len - 1 + GEO.span(CFG.keep1 if i < CFG.layer else CFG.keep2)
+            for kind in ("key", "value"):
+                out[f"present.{i}.{kind}"] = np.zeros((batch, 1, slots, 4), np.float32)
+        return out
+
+    def decode(self, feeds):
+        self.step += 1
+        out = {"logits": self._logits(feeds["input_ids"][:, 0] * 31 + feeds["position_ids"][:, 0])}
+        for i in range(GEO.num_layers):
+            for kind in ("key", "value"):
+                past = feeds[f"past.{i}.{kind}"]
+                grow = past[:, :, :0] if i == self.stuck_layer else past[:, :, :1]
+                out[f"present.{i}.{kind}"] = np.concatenate([past, grow], axis=2)
+        return out
+
+
+@pytest.fixture(scope="module")
+def feeds():
+    return dict(make_inputs(GEO, batch=2, text_len=12, pad=3, seed=0))
+
+
+def _rows(got, feeds, dtype="fp32", steps=5):
+    rows = decode_parity(got, FakeModel("ref"), feeds, GEO, CFG, dtype, steps)
+    return {r["output"]: r for r in rows}
+
+
+def test_matching_backends_pass(feeds):
+    rows = _rows(FakeModel("got", noise=1e-7), feeds)
+    assert set(rows) == {
+        "tokens",
+        "logits (steps 1..5)",
+        "stage1_keep_idx",
+        "stage2_keep_idx",
+        "cache lengths (per layer)",
+    }
+    assert all(r["passed"] for r in rows.values()), rows
+    assert rows["tokens"]["tolerance"] == 0 and rows["logits (steps 1..5)"]["tolerance"] == 1e-4
+    assert 0 < rows["logits (steps 1..5)"]["max_rel"] < 1e-6
+
+
+def test_a_different_token_fails_and_logits_stop_at_the_first_difference(feeds):
+    rows = _rows(FakeModel("got", flip=2), feeds)  # the 3rd token differs
+    assert not rows["tokens"]["passed"]
+    assert "logits (steps 1..3)" in rows and not rows["logits (steps 1..3)"]["passed"]
+    assert rows["cache lengths (per layer)"]["passed"]
+
+
+@pytest.mark.parametrize("dtype, passed", [("fp32", False), ("fp16", True)])
+def test_logits_tolerance_follows_the_dtype(feeds, dtype, passed):
+    rows = _rows(FakeModel("got", noise=1e-3), feeds, dtype=dtype)  # ~1e-3 relative, argmax kept
+    assert rows["tokens"]["passed"]
+    assert rows["logits (steps 1..5)"]["passed"] is passed
+
+
+def test_a_cache_that_does_not_grow_fails(feeds):
+    rows = _rows(FakeModel("got", stuck_layer=2), feeds)
+    assert not rows["cache lengths (per layer)"]["passed"]
+
+
+def test_other_kept_tokens_fail(feeds):
+    rows = _rows(FakeModel("got", keep_shift=1), feeds)
+    assert not rows["stage2_keep_idx"]["passed"] and rows["stage1_keep_idx"]["passed"]
+
+
+def test_bad_arguments(feeds):
+    with pytest.raises(UsageError, match="--dtype"):
+        decode_parity(FakeModel(), FakeModel(), feeds, GEO, CFG, "int8")
+    with pytest.raises(UsageError, match="at least 1 step"):
+        decode_parity(FakeModel(), FakeModel(), feeds, GEO, CFG, "fp32", steps=0)
+
+
+# ------------------------------------------------------------------------ TrtBackend over a fake
+
+
+def test_trt_backend_with_a_fake_trt_runner(monkeypatch, tmp_path):
+    """The polygraphy calls behind TrtBackend: engine bytes from each path, one runner per graph,
+    inputs cast to the contract's dtypes, outputs copied (TrtRunner reuses its buffers)."""
+    import polygraphy.backend.common as poly_common
+    import polygraphy.backend.trt as poly_trt
+
+    calls: list[tuple] = []
+
+    class FakeRunner:
+        def __init__(self, engine, name):
+            self.engine, self.name, self.is_active = engine, name, False
+            self.buffer = np.zeros((2, 3), np.float16)
+            calls.append(("runner", engine, name))
+
+        def activate(self):
+            self.is_active = True
+
+        def deactivate(self):
+            self.is_active = False
+
+        def infer(self, feed):
+            calls.append(
+                ("infer", self.name, {k: (v.dtype, v.flags["C_CONTIGUOUS"]) for k, v in feed.items()})
+            )
+            self.buffer += 1  # the same buffer every call
+            return {"logits": self.buffer}
+
+    monkeypatch.setattr(poly_common, "BytesFromPath", lambda path: ("bytes", path))
+    monkeypatch.setattr(poly_trt, "EngineFromBytes", lambda data: ("engine", data))
+    monkeypatch.setattr(poly_trt, "TrtRunner", FakeRunner)
+    prefill = GraphContract(
+        "prefill",
+        (TensorSpec("pixel_values", "float16", ("batch", 3)), TensorSpec("input_ids", "int64", ("batch", 3))),
+        (TensorSpec("logits", "float16", ("batch", 3)),),
+        (DynamicDim("batch", 1, 2, 4),),
+    )
+    decode = GraphContract(
+        "decode", (TensorSpec("input_ids", "int64", ("batch", 1)),), prefill.outputs, prefill.dims
+    )
+    backend = TrtBackend(tmp_path / "p.plan", tmp_path / "d.plan", prefill, decode)
+    assert calls == [
+        ("runner", ("engine", ("bytes", str(tmp_path / "p.plan"))), "tensorrt-prefill"),
+        ("runner", ("engine", ("bytes", str(tmp_path / "d.plan"))), "tensorrt-decode"),
+    ]
+    with backend as b:
+        first = b.prefill({"pixel_values": np.ones((2, 3)), "input_ids": np.ones((2, 3), np.int32)})
+        second = b.decode({"input_ids": np.ones((2, 1), np.int32)[:, ::1]})
+        assert all(r.is_active for r, _ in b._graphs.values())
+    assert not any(r.is_active for r, _ in backend._graphs.values())
+    assert calls[2] == (
+        "infer",
+        "tensorrt-prefill",
+        {"pixel_values": (np.float16, True), "input_ids": (np.int64, True)},
+    )
+    assert calls[3] == ("infer", "tensorrt-decode", {"input_ids": (np.int64, True)})
+    assert first["logits"][0, 0] == 1 and second["logits"][0, 0] == 1  # copies, not the reused buffer
+
+
+# -------------------------------------------------------------- trt_decode_parity, end to end-ish
+
+
+def test_trt_decode_parity_plumbing_on_a_real_export(cli_export, monkeypatch):
+    """Manifest, contracts, feeds and engine paths reach the backends; onnxruntime stands in for
+    the engines (the same graphs on both sides, so every row must be exact). NOT TensorRT."""
+    import json
+
+    from star_export.runtime import OnnxruntimeBackend
+
+    export = cli_export("llava-keep16", "--keep", "16")
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["engines"] = {
+        g: {"path": f"{g}.plan", "dtype": "fp32", "graph": g} for g in ("prefill", "decode")
+    }
+    seen: list[tuple[Path, Path]] = []
+
+    class OnnxruntimeAsEngines:
+        def __init__(self, prefill_engine, decode_engine, prefill, decode):
+            seen.append((Path(prefill_engine), Path(decode_engine)))  # never opened: not built
+
+        def __enter__(self):
+            return OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx")
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in), no GPU"))
+    monkeypatch.setattr(parity, "TrtBackend", OnnxruntimeAsEngines)
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    feeds = [make_inputs(geo, batch=b, text_len=20, seed=b) for b in (1, 2)]
+    rows = trt_decode_parity(manifest, export, feeds, steps=3)
+    assert seen == [(export / "prefill.plan", export / "decode.plan")]
+    assert len(rows) == 2 * 5 and all(r["passed"] and r["max_abs"] == 0 for r in rows), rows
+    assert {r["check"] for r in rows} == {
+        f"tensorrt fp32 vs onnxruntime, 3 greedy steps (feed {i})" for i in (0, 1)
+    }
+
+
+def test_trt_decode_parity_usage(monkeypatch, tmp_path):
+    ok, _ = status.trt_status()
+    if not ok:
+        with pytest.raises(MissingComponent, match="TensorRT parity runs only where"):
+            trt_decode_parity({"graphs": {}}, tmp_path, [])
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "stand-in"))
+    with pytest.raises(UsageError, match="no decode engine"):
+        trt_decode_parity({"graphs": {"prefill": {}, "decode": {}}, "engines": {"prefill": {}}}, tmp_path, [])
+    both = {"prefill": {"dtype": "bf16"}, "decode": {}}
+    with pytest.raises(UsageError, match="bf16"):
+        trt_decode_parity({"graphs": {"prefill": {}, "decode": {}}, "engines": both}, tmp_path, [])
