@@ -78,11 +78,23 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- stage 1
 
 
+def column_means(a: torch.Tensor) -> torch.Tensor:
+    """Mean of every column of (B, M, n) over its M rows -> (B, n), tie-preserving.
+
+    Bit-equal columns must give bit-equal means in every backend, so the sum runs over the
+    CONTIGUOUS last axis of the transposed tensor: each column becomes a row reduced by the same
+    code path as every other row. A reduction over a strided axis (``a.mean(dim=1)``) or a
+    matrix-vector product vectorises across columns and treats the tail columns (n not a multiple
+    of the vector width) differently, so equal columns can round differently there.
+    """
+    return a.transpose(1, 2).contiguous().sum(dim=-1) / a.shape[1]
+
+
 def stage1_scores(features: torch.Tensor) -> torch.Tensor:
     """r1_j = mean_i softmax(F F^T / sqrt(dv))[i, j], in float32.  (B, N, dv) -> (B, N)"""
     f = features.to(torch.float32)
     attn = torch.softmax(f @ f.transpose(1, 2) / math.sqrt(f.shape[-1]), dim=-1)  # (B, N, N)
-    return attn.mean(dim=1)  # (B, N): attention each token RECEIVES
+    return column_means(attn)  # (B, N): attention each token RECEIVES
 
 
 # ---------------------------------------------------------------------------- sequence layout
@@ -208,15 +220,21 @@ def stage2_scores(probs: torch.Tensor, p: torch.Tensor, keep1: int) -> torch.Ten
 
     probs: (B, H, L1, L1) post-softmax attention of layer K-1, p: (B,), keep1: the length of
     the visual span after stage 1  ->  (B, keep1) float32
+
+    Tie-preserving like ``column_means``: the span's columns are gathered, the rows before the
+    image zeroed by a 0/1 weight (exact), and each column's H * L1 values summed over the
+    contiguous last axis, then divided by the same count for every column.
     """
-    length = probs.shape[-1]
-    q = torch.arange(length, device=p.device).unsqueeze(0)  # (1, L1)
-    rows = (q >= (p + keep1).unsqueeze(1)).to(torch.float32)  # (B, L1) rows after the image
-    rows = rows / rows.sum(dim=1, keepdim=True)  # >= 1 row: the runtime guarantees a query
-    head_mean = probs.to(torch.float32).mean(dim=1)  # (B, L1, L1)
-    col = (rows.unsqueeze(1) @ head_mean).squeeze(1)  # (B, L1) attention paid to each slot
+    b, heads, length, _ = probs.shape
     vis_cols = p.unsqueeze(1) + torch.arange(keep1, device=p.device).unsqueeze(0)  # (B, keep1)
-    return torch.gather(col, 1, vis_cols)
+    index = vis_cols[:, None, None, :].expand(b, heads, length, keep1)
+    cols = torch.gather(probs.to(torch.float32), 3, index)  # (B, H, L1, keep1)
+    q = torch.arange(length, device=p.device).unsqueeze(0)  # (1, L1)
+    after = (q >= (p + keep1).unsqueeze(1)).to(torch.float32)  # (B, L1) rows after the image
+    cols = cols * after[:, None, :, None]  # rows before the image contribute exact zeros
+    total = cols.permute(0, 3, 1, 2).reshape(b, keep1, heads * length).sum(dim=-1)  # (B, keep1)
+    count = after.sum(dim=1, keepdim=True) * heads  # (B, 1) >= H: the runtime guarantees a query
+    return total / count
 
 
 def stage2_select(
