@@ -247,19 +247,28 @@ def export(
                 f"TopK x{scan.op_counts.get('TopK', 0)} (constant K), {len(scan.errors)} errors"
             )
 
-        if validate and export_dtype != "fp32":
-            log(
-                f"      {export_dtype}: CPU parity of reduced-precision exports: not yet; skipping the checks"
-            )
-        if validate and export_dtype == "fp32":
+        if validate:
             from star_export.validate import validate_export
 
+            half = export_dtype != "fp32"
             steps.step(
-                f"validating (B={max(2, batch_size)}, T={text_len}, left padding): "
-                "onnxruntime vs torch rewrite vs reference vs unmodified model"
+                f"validating (B={max(2, batch_size)}, T={text_len}, left padding): onnxruntime vs torch rewrite"
+                + (f" ({export_dtype} and fp32)" if half else "")
+                + " vs reference vs unmodified model"
             )
+            # a half-precision export is checked against the fp32 semantics too: the checkpoint in fp32
+            model32 = load(model_dir, source=source, options=options).model if half else None
             report = validate_export(
-                loaded.model, geo, cfg, pc, dc, paths, seed=seed, batch=max(2, batch_size), text_len=text_len
+                loaded.model,
+                geo,
+                cfg,
+                pc,
+                dc,
+                paths,
+                seed=seed,
+                batch=max(2, batch_size),
+                text_len=text_len,
+                model32=model32,
             )
             report.graph_check = {"ok": result.scan_ok, **{k: s.to_dict() for k, s in result.scans.items()}}
             log(report.format())

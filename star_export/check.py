@@ -323,7 +323,14 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, 
     if isinstance(model, onnx.ModelProto):
         return model, "", None
     path = os.fspath(model)
-    return onnx.load(path, load_external_data=False), path, os.path.dirname(os.path.abspath(path))
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"not an ONNX model ({first})") from None
+    if not proto.graph.node and not proto.graph.input:
+        raise ValueError("not an ONNX model (no graph)")
+    return proto, path, os.path.dirname(os.path.abspath(path))
 
 
 def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:

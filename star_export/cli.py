@@ -507,6 +507,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     },
                     "stage1_keep_idx": result.stage1_keep_idx.tolist(),
                     "stage2_keep_idx": result.stage2_keep_idx.tolist(),
+                    # how close each cut was: the keep-th score minus the next (0: a tie the index decided)
+                    "stage1_margin": _floats(result.stage1_margin),
+                    "stage2_margin": _floats(result.stage2_margin),
                     "prefill_ms": result.prefill_s * 1e3,
                     "decode_ms_per_step": per_token * 1e3,
                     "decode_tokens_per_s": result.decode_tokens_per_s,
@@ -533,6 +536,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{result.decode_s * 1e3:.1f} ms ({per_token * 1e3:.2f} ms/step, {result.decode_tokens_per_s:.0f} tokens/s)"
     )
     return 0
+
+
+def _floats(values) -> list[float | str] | None:
+    """JSON-safe floats (inf -> "inf")."""
+    if values is None:
+        return None
+    return [float(v) if abs(float(v)) != float("inf") else str(float(v)) for v in values]
 
 
 class Terminated(Exception):

@@ -132,6 +132,18 @@ def prefill_contract(
         TensorSpec(
             "stage2_keep_idx", "int64", ("batch", cfg.keep2), "patch indices kept by stage 2, ascending"
         ),
+        TensorSpec(
+            "stage1_margin",
+            "float32",
+            ("batch",),
+            "stage 1's cut: the keep1-th score minus the next (0: an exact tie decided by index; inf: none dropped)",
+        ),
+        TensorSpec(
+            "stage2_margin",
+            "float32",
+            ("batch",),
+            "stage 2's cut: the keep2-th score minus the next, over content tokens (inf: none dropped)",
+        ),
     ]
     for i in range(geo.num_layers):
         length = l1 if i < cfg.layer else l2

@@ -22,6 +22,10 @@ def check_out_dir(out: Path) -> None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: not writable")
+    try:  # os.access trusts the mode bits; /proc, read-only mounts and the like only show on a write
+        Path(tempfile.mkdtemp(prefix=".star_export-probe-", dir=probe)).rmdir()
+    except OSError as e:
+        raise UsageError(f"--out {out}: not writable ({e.strerror or type(e).__name__})") from None
 
 
 @contextlib.contextmanager

@@ -60,9 +60,13 @@ def reference_row(
     # Stage 1: the family's features, attention received = column mean of the row softmax.
     image = family.reference_image(model, geo, pixel_values)
     n, dv = image.features.shape
-    f32 = image.features.float()
-    attn = torch.softmax(f32 @ f32.T / math.sqrt(dv), dim=-1)
-    r1 = [attn[:, j].mean().item() for j in range(n)]
+    # The spec's formula in float32, with the exported graph's GEMM shape (1, N, dv) and its summation
+    # order (each column summed as a contiguous row, then / N): equal scores stay equal, and fp32
+    # rounding of near-equal ones (a uniform image) resolves as in the graph, not by another order.
+    f32 = image.features.float()[None]
+    attn = torch.softmax(f32 @ f32.transpose(1, 2) / math.sqrt(dv), dim=-1)[0]  # (N, N), rows sum to 1
+    received = attn.T.contiguous().sum(dim=1) / n  # attention each token receives: column means
+    r1 = received.tolist()
     keep_a = sorted(force1) if force1 is not None else top_sorted(r1, keep1)
     projected = dict(zip(keep_a, image.project(keep_a), strict=True))
 
@@ -97,8 +101,12 @@ def reference_row(
         if handle is not None:
             handle.remove()
             probs = captured["probs"][0].float()  # (H, L1, L1)
-            after = probs[:, p + span1 :, p : p + span1]  # rows after the image, span columns
-            col = after.mean(dim=(0, 1)).tolist()
+            # attention the rows after the image pay each span column, averaged over heads and rows;
+            # summed like the graph (rows before the image weighted 0, each column a contiguous row)
+            rows = (torch.arange(length) >= p + span1).float()  # (L1,)
+            cols = probs[:, :, p : p + span1] * rows[None, :, None]  # (H, L1, span1)
+            total = cols.permute(2, 0, 1).contiguous().reshape(span1, -1).sum(dim=1)  # (span1,)
+            col = (total / (rows.sum() * probs.shape[0])).tolist()
             content = [j for j, (_, c) in enumerate(slots) if c is not None]  # structural always stay
             r2 = {slots[j][1]: col[j] for j in content}
             if force2 is None:

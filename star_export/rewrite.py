@@ -113,7 +113,8 @@ class StarPrefill(nn.Module):
 
     Outputs, in order (names in ``contract.prefill_contract``):
       logits (B, V) float32 at the last position, stage1_keep_idx (B, keep1),
-      stage2_keep_idx (B, keep2), then present.{i}.key / present.{i}.value for every layer.
+      stage2_keep_idx (B, keep2), stage1_margin / stage2_margin (B,) float32 (the keep-th minus
+      the next score), then present.{i}.key / present.{i}.value for every layer.
     ``run`` is the same computation with the scores returned and an optional forced selection.
     """
 
@@ -153,8 +154,18 @@ class StarPrefill(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        logits, keep1_idx, keep2_idx, presents, *_ = self._prefill(pixel_values, input_ids, attention_mask)
-        return (logits, keep1_idx, keep2_idx, *presents)
+        logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch = self._prefill(
+            pixel_values, input_ids, attention_mask
+        )
+        return (logits, keep1_idx, keep2_idx, *self.margins(scores1, scores2, span_patch), *presents)
+
+    def margins(self, scores1: torch.Tensor, scores2: torch.Tensor, span_patch: torch.Tensor):
+        """How close each cut was: (B,) stage-1 and stage-2 score margins (``star.cut_margin``); stage 2
+        over content tokens only (structural ones are never ranked)."""
+        if self.geo.n_fixed:
+            content = span_patch < self.geo.n_visual
+            scores2 = torch.where(content, scores2, torch.full_like(scores2, float("-inf")))
+        return star.cut_margin(scores1, self.cfg.keep1), star.cut_margin(scores2, self.cfg.keep2)
 
     def run(
         self,
@@ -171,10 +182,13 @@ class StarPrefill(nn.Module):
         logits, keep1, keep2, presents, scores1, scores2, span_patch = self._prefill(
             pixel_values, input_ids, attention_mask, force1, force2
         )
+        margin1, margin2 = self.margins(scores1, scores2, span_patch)
         return {
             "logits": logits,
             "stage1_keep_idx": keep1,
             "stage2_keep_idx": keep2,
+            "stage1_margin": margin1,
+            "stage2_margin": margin2,
             "presents": presents,
             "stage1_scores": scores1,
             "stage2_scores": _by_patch(scores2, span_patch, self.geo.n_visual),

@@ -73,19 +73,38 @@ class TorchBackend:
 
         family = family_of(geo)
         self._torch = torch
+        self._dtype = next(model.parameters()).dtype  # float inputs (pixels, pasts) are cast to it
         self._prefill = family.prefill_module(model, geo, cfg).eval()
         self._decode = family.decode_module(model, geo, cfg).eval()
         self._pc, self._dc = prefill, decode
+        self.forced: tuple[np.ndarray, np.ndarray] | None = None  # (stage1, stage2) indices to force
+
+    def _args(self, contract: GraphContract, feeds: dict[str, np.ndarray]) -> list:
+        torch = self._torch
+        args = [torch.as_tensor(np.ascontiguousarray(feeds[n])) for n in contract.input_names]
+        return [a.to(self._dtype) if a.is_floating_point() else a for a in args]
+
+    @staticmethod
+    def _numpy(t) -> np.ndarray:
+        import torch
+
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
 
     def _run(self, module, contract: GraphContract, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in contract.input_names]
-        with torch.no_grad():
-            outs = module(*args)
-        return {n: o.numpy() for n, o in zip(contract.output_names, outs, strict=True)}
+        with self._torch.no_grad():
+            outs = module(*self._args(contract, feeds))
+        return {n: self._numpy(o) for n, o in zip(contract.output_names, outs, strict=True)}
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._run(self._prefill, self._pc, feeds)
+        if self.forced is None:
+            return self._run(self._prefill, self._pc, feeds)
+        torch = self._torch
+        force1, force2 = (torch.from_numpy(np.asarray(f, dtype=np.int64)) for f in self.forced)
+        with torch.no_grad():
+            out = self._prefill.run(*self._args(self._pc, feeds), force1=force1, force2=force2)
+        names = ("logits", "stage1_keep_idx", "stage2_keep_idx", "stage1_margin", "stage2_margin")
+        flat = (*(out[n] for n in names), *out["presents"])
+        return {n: self._numpy(o) for n, o in zip(self._pc.output_names, flat, strict=True)}
 
     def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._run(self._decode, self._dc, feeds)
@@ -110,6 +129,8 @@ class GenerationResult:
     decode_steps: int = 0
     stage1_keep_idx: np.ndarray | None = None
     stage2_keep_idx: np.ndarray | None = None
+    stage1_margin: np.ndarray | None = None  # (B,) the keep1-th score minus the next
+    stage2_margin: np.ndarray | None = None  # (B,) the keep2-th score minus the next
     prefill_present_lengths: list[int] = field(default_factory=list)
     final_present_lengths: list[int] = field(default_factory=list)
 
@@ -144,8 +165,10 @@ def generate(
     cfg: StarConfig,
     gen: GenerationConfig,
     keep_logits: bool = False,
+    teacher: np.ndarray | None = None,
 ) -> GenerationResult:
-    """Prefill then decode up to ``gen.max_new_tokens`` tokens per row."""
+    """Prefill then decode up to ``gen.max_new_tokens`` tokens per row. ``teacher`` (B, steps): feed
+    these tokens instead of the chosen ones (teacher forcing: parity of another backend's run)."""
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     check_prompts(ids, mask, geo.image_token_id)
     batch, text_len = ids.shape
@@ -169,6 +192,8 @@ def generate(
         prefill_s=prefill_s,
         stage1_keep_idx=out["stage1_keep_idx"],
         stage2_keep_idx=out["stage2_keep_idx"],
+        stage1_margin=out.get("stage1_margin"),
+        stage2_margin=out.get("stage2_margin"),
         prefill_present_lengths=[out[f"present.{i}.key"].shape[2] for i in range(n_layers)],
     )
     logits = out["logits"]
@@ -178,7 +203,8 @@ def generate(
     for step in range(gen.max_new_tokens):
         if keep_logits:
             result.step_logits.append(logits.copy())
-        token = np.where(finished, gen.pad_token_id, _choose(logits, gen, rng))
+        chosen = _choose(logits, gen, rng) if teacher is None else np.asarray(teacher)[:, step]
+        token = np.where(finished, gen.pad_token_id, chosen)
         for b in np.flatnonzero(~finished):
             result.tokens[b].append(int(token[b]))
         finished |= np.isin(token, gen.stop_token_ids)

@@ -75,6 +75,16 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(key, k, dim=-1, largest=False, sorted=True).indices  # (B, k)
 
 
+def cut_margin(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest score minus the (k+1)-th: how close the selection was.  (B, n) -> (B,)
+
+    +inf when nothing is dropped (k == n); 0 at an exact tie across the cut (the tie rule decided).
+    """
+    padded = torch.cat([scores, torch.full_like(scores[:, :1], float("-inf"))], dim=1)  # (B, n + 1)
+    top = torch.topk(padded, k + 1, dim=-1).values  # (B, k + 1) descending, a literal K
+    return top[:, k - 1] - top[:, k]
+
+
 # ---------------------------------------------------------------------------- stage 1
 
 
@@ -232,7 +242,8 @@ def stage2_scores(probs: torch.Tensor, p: torch.Tensor, keep1: int) -> torch.Ten
     q = torch.arange(length, device=p.device).unsqueeze(0)  # (1, L1)
     after = (q >= (p + keep1).unsqueeze(1)).to(torch.float32)  # (B, L1) rows after the image
     cols = cols * after[:, None, :, None]  # rows before the image contribute exact zeros
-    total = cols.permute(0, 3, 1, 2).reshape(b, keep1, heads * length).sum(dim=-1)  # (B, keep1)
+    rows = cols.permute(0, 3, 1, 2).contiguous().reshape(b, keep1, heads * length)  # a copy: reshape alone
+    total = rows.sum(dim=-1)  # (B, keep1)                                     # may keep a strided view
     count = after.sum(dim=1, keepdim=True) * heads  # (B, 1) >= H: the runtime guarantees a query
     return total / count
 
@@ -282,6 +293,11 @@ def check_prompts(input_ids, attention_mask, image_token_id: int) -> None:
     if ids.dim() != 2 or ids.shape != mask.shape:
         raise UsageError(
             f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be [B, T]"
+        )
+    bad = mask[(mask != 0) & (mask != 1)]
+    if bad.numel():
+        raise UsageError(
+            f"attention_mask must hold only 0 (left padding) and 1 (real tokens), found {int(bad[0])}"
         )
     for b in range(ids.shape[0]):
         row, m = ids[b], mask[b]

@@ -1,109 +1,47 @@
-"""Stage 5: parity, measured in one run, reported as numbers.
+"""Stage 5: parity, measured in one run, reported as numbers (``parity.ParityReport``).
 
-Checks (STAR_SPEC.md, issue #2), on seeded random images and prompts, B = 2 with left padding:
-  1. onnxruntime vs the PyTorch static rewrite (through polygraphy's Comparator): kept indices
-     identical, logits max|diff| <= 1e-4 * max|logit|, presents reported the same way;
-  2. the static rewrite vs the dynamic reference (``reference.py``): indices identical, logits
-     within 1e-5 relative, presents compared on the real (non-padding) slots;
-  3. with keep1 = keep2 = N: the rewrite vs the unmodified LlavaForConditionalGeneration on the
-     expanded prompt, logits within 1e-5 relative;
-  4. a left-padded row vs the same prompt run alone, in PyTorch and in onnxruntime.
-Relative errors are max|a - b| / max|b| over the tensor (b the reference side).
+On seeded random images and prompts, B >= 2 with the last row left padded:
+
+1. **onnxruntime vs the PyTorch static rewrite** (polygraphy's ``Comparator.run``; fp32 also
+   ``compare_accuracy``), the batch and the padded row alone: kept indices by the selection rule
+   (``selection``: identical, or every disagreement within the dtype's margin of the cut), then
+   logits and presents, compared directly where the selections are identical and with the
+   rewrite FORCED to onnxruntime's indices where they differ;
+2. **the static rewrite vs the dynamic reference** (``reference.py``, fp32): the same selection rule,
+   logits within 1e-5 relative, presents on the real (non-padding) slots;
+3. **keep1 = keep2 = N: the rewrite vs the unmodified transformers model**, logits within 1e-5;
+4. **a left-padded row vs the same prompt alone**, in PyTorch and in onnxruntime;
+5. **greedy generation** through prefill + decode, onnxruntime vs the rewrite.
+
+fp32 exports: tolerances of ``contract.TOLERANCES``, margins of 8 ulps (the exact-index rule but
+for scores within rounding of the cut). fp16 exports run the same checks with the rewrite in fp16
+and in fp32 (``validate_half``): margins from the dtype and the score noise it measurably adds,
+forced-selection logits within 32 epsilons, teacher-forced generation. bf16 graphs do not run on
+onnxruntime's CPU provider: the report says so in a ``skipped`` row and checks the bf16 rewrite
+against fp32. Relative errors are max|a - b| / max|b| over the tensor (b the reference side).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from star_export import reference
+from star_export import reference, selection
 from star_export.contract import GraphContract
 from star_export.families import family_of
 from star_export.geometry import Geometry
+from star_export.parity import ParityReport, ParityRow  # noqa: F401  (ParityRow: part of this API)
 from star_export.runners import TorchRunner, onnxrt_runner
 from star_export.star import StarConfig
 
 INDEX_OUTPUTS = ("stage1_keep_idx", "stage2_keep_idx")
-
-
-@dataclass
-class ParityRow:
-    check: str
-    output: str
-    max_abs: float
-    max_rel: float  # max|diff| / max|reference|
-    tolerance: float  # bound on max_rel; 0 means exact equality
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class ParityReport:
-    rows: list[ParityRow] = field(default_factory=list)
-    inputs: dict[str, Any] = field(default_factory=dict)
-    graph_check: dict[str, Any] | None = None
-    comparator: dict[str, Any] | None = None  # polygraphy's compare_accuracy verdict
-    trt: list[dict[str, Any]] | None = None  # TensorRT engine vs onnxruntime rows (build.trt_parity)
-
-    @property
-    def passed(self) -> bool:
-        graph_ok = self.graph_check is None or self.graph_check.get("ok", False)
-        comparator_ok = self.comparator is None or self.comparator.get("passed", False)
-        trt_ok = self.trt is None or all(r.get("passed", False) for r in self.trt)
-        return graph_ok and comparator_ok and trt_ok and all(r.passed for r in self.rows)
-
-    def add(self, check: str, output: str, got: np.ndarray, ref: np.ndarray, tolerance: float) -> ParityRow:
-        got = np.asarray(got)
-        ref = np.asarray(ref)
-        if got.shape != ref.shape:
-            row = ParityRow(check, output, float("inf"), float("inf"), tolerance, False)
-        else:
-            diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-            max_abs = float(diff.max()) if diff.size else 0.0
-            scale = float(np.abs(ref.astype(np.float64)).max()) if ref.size else 0.0
-            max_rel = max_abs / scale if scale > 0 else max_abs
-            passed = max_abs == 0.0 if tolerance == 0 else max_rel <= tolerance
-            row = ParityRow(check, output, max_abs, max_rel, tolerance, passed)
-        self.rows.append(row)
-        return row
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "inputs": self.inputs,
-            "rows": [r.to_dict() for r in self.rows],
-            "graph_check": self.graph_check,
-            "comparator": self.comparator,
-            "tensorrt": self.trt,
-        }
-
-    def format(self) -> str:
-        lines = [f"{'check':<40} {'output':<22} {'max abs':>10} {'max rel':>10} {'tol':>8}  result"]
-        for r in self.rows:
-            tol = "exact" if r.tolerance == 0 else f"{r.tolerance:.0e}"
-            lines.append(
-                f"{r.check:<40} {r.output:<22} {r.max_abs:>10.2e} {r.max_rel:>10.2e} {tol:>8}  "
-                f"{'ok' if r.passed else 'FAIL'}"
-            )
-        if self.comparator is not None:
-            lines.append(
-                f"{'polygraphy compare_accuracy':<40} {'all outputs':<22} {'':>10} {'':>10} {'':>8}  "
-                f"{'ok' if self.comparator.get('passed') else 'FAIL'}"
-            )
-        if self.graph_check is not None:
-            g = self.graph_check
-            lines.append(
-                f"{'graph scan (TensorRT readiness)':<40} {'all graphs':<22} {'':>10} {'':>10} {'':>8}  "
-                f"{'ok' if g.get('ok') else 'FAIL'}"
-            )
-        lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
-        return "\n".join(lines)
+MARGIN_OUTPUTS = ("stage1_margin", "stage2_margin")
+MARGIN_ATOL = 1e-6  # the margins are differences of scores <= 1: absolute, in score units
+SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def make_inputs(
@@ -138,6 +76,92 @@ def row_alone(feeds: OrderedDict[str, np.ndarray], b: int) -> OrderedDict[str, n
     )
 
 
+def cast_pixels(feeds: dict[str, np.ndarray], dtype: str) -> OrderedDict[str, np.ndarray]:
+    """The feeds with pixel_values in ``dtype`` (numpy has no bfloat16: float32 stays)."""
+    out = OrderedDict(feeds)
+    if dtype != "bfloat16":
+        out["pixel_values"] = feeds["pixel_values"].astype(dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------- one side vs the rewrite
+
+
+class Rewrite:
+    """The PyTorch rewrite in one dtype, run with its scores (and forced selections) as numpy."""
+
+    def __init__(self, module: Any, dtype: str):
+        self.module, self.dtype = module, dtype
+
+    def run(self, feeds: dict[str, np.ndarray], force1=None, force2=None) -> dict[str, Any]:
+        tdtype = getattr(torch, self.dtype)
+        args = [
+            torch.from_numpy(np.ascontiguousarray(feeds[k]))
+            for k in ("pixel_values", "input_ids", "attention_mask")
+        ]
+        args[0] = args[0].to(tdtype)
+        force = [
+            None if f is None else torch.from_numpy(np.asarray(f, dtype=np.int64)) for f in (force1, force2)
+        ]
+        with torch.no_grad():
+            out = self.module.run(*args, force1=force[0], force2=force[1])
+        flat = {k: _np(v) for k, v in out.items() if k != "presents"}
+        for i, kv in enumerate(zip(out["presents"][0::2], out["presents"][1::2], strict=True)):
+            flat[f"present.{i}.key"], flat[f"present.{i}.value"] = _np(kv[0]), _np(kv[1])
+        return flat
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return (t.float() if t.is_floating_point() else t).numpy()
+
+
+def _worst_present(got: dict, ref: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The present tensor pair with the largest relative difference."""
+    best, best_rel = (np.zeros(1), np.zeros(1)), -1.0
+    for name in ref:
+        if not name.startswith("present."):
+            continue
+        g, r = got[name], ref[name]
+        rel = float(np.abs(g.astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-30))
+        if rel > best_rel:
+            best, best_rel = (g, r), rel
+    return best
+
+
+def check_side(
+    report: ParityReport,
+    check: str,
+    got: dict[str, np.ndarray],
+    ref: Rewrite,
+    feeds: dict[str, np.ndarray],
+    margins: tuple[float, float],
+    tolerance: float,
+    presents: bool = True,
+    rows: slice | None = None,
+) -> None:
+    """``got`` (a graph's outputs on ``feeds``) against the rewrite ``ref`` on the same feeds: both
+    selections by the margin rule (stage 2 scored by the rewrite forced to ``got``'s stage 1), then
+    logits (and presents) directly where the selections are identical, else forced to ``got``'s."""
+    rows = rows or slice(None)
+    g1, g2 = got["stage1_keep_idx"][rows], got["stage2_keep_idx"][rows]
+    base = ref.run(feeds)
+    a1 = selection.compare(g1, base["stage1_keep_idx"], base["stage1_scores"], margins[0])
+    report.add_selection(check, "stage1_keep_idx", a1)
+    scored = base if a1.identical else ref.run(feeds, force1=g1)
+    a2 = selection.compare(g2, scored["stage2_keep_idx"], scored["stage2_scores"], margins[1])
+    report.add_selection(check, "stage2_keep_idx", a2)
+    same = a1.identical and a2.identical
+    target = base if same else ref.run(feeds, force1=g1, force2=g2)
+    rule = "tol" if same else "forced"
+    report.add(check, "logits", got["logits"][rows], target["logits"], tolerance, rule)
+    if presents:
+        sub = {k: v[rows] for k, v in got.items() if k.startswith("present.")}
+        report.add(check, "present.* (worst)", *_worst_present(sub, target), tolerance, rule)
+
+
+# ---------------------------------------------------------------------------- fp32
+
+
 def validate(
     model: Any,
     geo: Geometry,
@@ -148,43 +172,46 @@ def validate(
     batch: int = 2,
     text_len: int = 24,
 ) -> ParityReport:
-    """All parity checks in one run. ``onnx_path=None`` skips the onnxruntime side."""
+    """All fp32 parity checks in one run. ``onnx_path=None`` skips the onnxruntime side."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
+    family = family_of(geo)
     report = ParityReport()
     feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
     padded_row = batch - 1
     alone = row_alone(feeds, padded_row)
-    report.inputs = {
-        "seed": seed,
-        "batch": batch,
-        "text_len": text_len,
-        "left_padding_per_row": [int((m == 0).sum()) for m in feeds["attention_mask"]],
-        "image_position_per_row": [int(np.argmax(r == geo.image_token_id)) for r in feeds["input_ids"]],
-    }
-    family = family_of(geo)
-    rewrite = family.prefill_module(model, geo, cfg).eval()
-    runners = [TorchRunner(rewrite, contract, name="torch-rewrite")]
-    if onnx_path is not None:
-        runners.append(onnxrt_runner(onnx_path, name="onnxruntime"))
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        results = Comparator.run(runners, data_loader=[feeds, alone])
-    torch_out = [dict(it) for it in results[0][1]]  # per iteration: {name: array}
+    report.inputs = _describe(feeds, geo, seed, text_len)
+    module = family.prefill_module(model, geo, cfg).eval()
+    rewrite = Rewrite(module, "float32")
+    tol = contract.tolerances
+    margin = selection.margin_for("float32")
 
-    # 1. onnxruntime vs torch rewrite: both iterations (the padded batch and the row alone)
     if onnx_path is not None:
+        # 1. onnxruntime vs torch rewrite through polygraphy (the padded batch and the row alone)
+        runners = [
+            TorchRunner(module, contract, name="torch-rewrite"),
+            onnxrt_runner(onnx_path, name="onnxruntime"),
+        ]
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            results = Comparator.run(runners, data_loader=[feeds, alone])
+        torch_out = [dict(it) for it in results[0][1]]
+        ort_out = [dict(it) for it in results[1][1]]
         # polygraphy's verdict, elementwise |diff| <= tol * max|torch| (indices: exact)
-        tol = contract.tolerances["onnx_vs_torch_logits_rel"]
         atol = {
             name: 0.0
             if name in INDEX_OUTPUTS
-            else tol * min(float(np.abs(it[name]).max()) for it in torch_out)
+            else MARGIN_ATOL
+            if name in MARGIN_OUTPUTS
+            else tol["onnx_vs_torch_logits_rel"] * min(float(np.abs(it[name]).max()) for it in torch_out)
             for name in contract.output_names
         }
         with G_LOGGER.verbosity(G_LOGGER.ERROR), np.errstate(invalid="ignore", divide="ignore"):
             accuracy = Comparator.compare_accuracy(
-                results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="elemwise")
+                results,
+                compare_func=SimpleCompareFunc(
+                    atol=atol, rtol=0.0, check_error_stat="elemwise", infinities_compare_equal=True
+                ),
             )
         report.comparator = {
             "passed": bool(accuracy),
@@ -192,32 +219,111 @@ def validate(
             "rtol": 0.0,
             "check_error_stat": "elemwise",
         }
-        ort_out = [dict(it) for it in results[1][1]]
-        for it, tag in ((0, "batch"), (1, "row alone")):
-            t, o = torch_out[it], ort_out[it]
-            check = f"onnxruntime vs torch ({tag})"
-            for name in INDEX_OUTPUTS:
-                report.add(check, name, o[name], t[name], 0)
-            report.add(
-                check, "logits", o["logits"], t["logits"], contract.tolerances["onnx_vs_torch_logits_rel"]
+        for it, (tag, f) in enumerate((("batch", feeds), ("row alone", alone))):
+            check_side(
+                report,
+                f"onnxruntime vs torch ({tag})",
+                ort_out[it],
+                rewrite,
+                f,
+                (margin, margin),
+                tol["onnx_vs_torch_logits_rel"],
             )
-            worst = _worst_present(contract, o, t)
-            report.add(check, "present.* (worst)", *worst, contract.tolerances["onnx_vs_torch_logits_rel"])
 
-    # 2. rewrite vs the dynamic reference, every row
-    pv, ids, mask = (torch.from_numpy(feeds[k]) for k in contract.input_names)
-    rows = reference.reference_batch(model, family, geo, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer)
-    check = "torch rewrite vs reference"
-    t = torch_out[0]
-    report.add(check, "stage1_keep_idx", t["stage1_keep_idx"], np.array([r.stage1_keep_idx for r in rows]), 0)
-    report.add(check, "stage2_keep_idx", t["stage2_keep_idx"], np.array([r.stage2_keep_idx for r in rows]), 0)
+    # 2. rewrite vs the dynamic reference, every row (fp32)
+    pv, ids, mask = (torch.from_numpy(feeds[k]) for k in ("pixel_values", "input_ids", "attention_mask"))
+    check_reference(report, model, family, geo, cfg, rewrite, feeds, tol["rewrite_vs_reference_logits_rel"])
+
+    # 3. keep1 = keep2 = N: the rewrite equals the unmodified model on the expanded prompt
+    full_cfg = StarConfig(keep2=geo.n_visual, keep1=geo.n_visual, layer=cfg.layer)
+    with torch.no_grad():
+        full_logits = family.prefill_module(model, geo, full_cfg).eval()(pv, ids, mask)[0]
+    hf = [
+        family.hf_unpruned_logits(
+            model, geo, pv[b], [int(x) for x, m in zip(ids[b], mask[b], strict=True) if m]
+        )
+        for b in range(batch)
+    ]
     report.add(
-        check,
+        "torch rewrite (keep=N) vs HF",
         "logits",
-        t["logits"],
-        torch.stack([r.logits for r in rows]).numpy(),
-        contract.tolerances["rewrite_vs_reference_logits_rel"],
+        full_logits.numpy(),
+        torch.stack(hf).numpy(),
+        tol["rewrite_vs_hf_logits_rel"],
     )
+
+    # 4. a left-padded row equals the same prompt alone
+    row = slice(padded_row, padded_row + 1)
+    batch_run = rewrite.run(feeds)
+    check_side(
+        report,
+        "padded row vs alone (torch)",
+        batch_run,
+        rewrite,
+        alone,
+        (margin, margin),
+        tol["padded_vs_alone_logits_rel"],
+        presents=False,
+        rows=row,
+    )
+    if onnx_path is not None:
+        check_side(
+            report,
+            "padded row vs alone (onnxruntime)",
+            ort_out[0],
+            Rewrite(module, "float32"),
+            alone,
+            (margin, margin),
+            tol["padded_vs_alone_logits_rel"],
+            presents=False,
+            rows=row,
+        )
+    return report
+
+
+def _describe(feeds: dict[str, np.ndarray], geo: Geometry, seed: int, text_len: int) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "batch": int(feeds["input_ids"].shape[0]),
+        "text_len": text_len,
+        "left_padding_per_row": [int((m == 0).sum()) for m in feeds["attention_mask"]],
+        "image_position_per_row": [int(np.argmax(r == geo.image_token_id)) for r in feeds["input_ids"]],
+    }
+
+
+def check_reference(
+    report: ParityReport,
+    model: Any,
+    family: Any,
+    geo: Geometry,
+    cfg: StarConfig,
+    rewrite: Rewrite,
+    feeds: dict[str, np.ndarray],
+    tolerance: float,
+) -> None:
+    """The fp32 rewrite vs the dynamic reference: selections (margin: 8 ulps), logits, presents on the
+    real slots; where a selection differs within the margin, the reference is forced to the rewrite's."""
+    pv, ids, mask = (torch.from_numpy(feeds[k]) for k in ("pixel_values", "input_ids", "attention_mask"))
+    t = rewrite.run(feeds)
+    args = (model, family, geo, pv, ids, mask, cfg.keep1, cfg.keep2, cfg.layer)
+    rows = reference.reference_batch(*args)
+    check, margin = "torch rewrite vs reference", selection.margin_for("float32")
+    scores1 = np.array([r.stage1_scores for r in rows])
+    a1 = selection.compare(t["stage1_keep_idx"], np.array([r.stage1_keep_idx for r in rows]), scores1, margin)
+    report.add_selection(check, "stage1_keep_idx", a1)
+    if not a1.identical:
+        rows = reference.reference_batch(*args, force1=t["stage1_keep_idx"])
+    scores2 = np.full((len(rows), geo.n_visual), np.nan)
+    for b, r in enumerate(rows):
+        for j, s in r.stage2_scores.items():
+            scores2[b, j] = s
+    a2 = selection.compare(t["stage2_keep_idx"], np.array([r.stage2_keep_idx for r in rows]), scores2, margin)
+    report.add_selection(check, "stage2_keep_idx", a2)
+    same = a1.identical and a2.identical
+    if not a2.identical:
+        rows = reference.reference_batch(*args, force1=t["stage1_keep_idx"], force2=t["stage2_keep_idx"])
+    rule = "tol" if same else "forced"
+    report.add(check, "logits", t["logits"], torch.stack([r.logits for r in rows]).numpy(), tolerance, rule)
     got_kv, ref_kv = [], []
     for b, r in enumerate(rows):
         n_pad = int((feeds["attention_mask"][b] == 0).sum())
@@ -228,53 +334,86 @@ def validate(
             ]
             ref_kv += [k.float().numpy().ravel(), v.float().numpy().ravel()]
     report.add(
-        check,
-        "present.* (real slots)",
-        np.concatenate(got_kv),
-        np.concatenate(ref_kv),
-        contract.tolerances["rewrite_vs_reference_logits_rel"],
+        check, "present.* (real slots)", np.concatenate(got_kv), np.concatenate(ref_kv), tolerance, rule
     )
 
-    # 3. keep1 = keep2 = N: the rewrite equals the unmodified model on the expanded prompt
-    full_cfg = StarConfig(keep2=geo.n_visual, keep1=geo.n_visual, layer=cfg.layer)
-    with torch.no_grad():
-        full_logits = family.prefill_module(model, geo, full_cfg).eval()(pv, ids, mask)[0]
-    hf = []
-    for b in range(batch):
-        real = [int(x) for x, m in zip(ids[b], mask[b], strict=True) if m]
-        hf.append(family.hf_unpruned_logits(model, geo, pv[b], real))
-    report.add(
-        "torch rewrite (keep=N) vs HF",
-        "logits",
-        full_logits.numpy(),
-        torch.stack(hf).numpy(),
-        contract.tolerances["rewrite_vs_hf_logits_rel"],
-    )
 
-    # 4. a left-padded row equals the same prompt alone (torch; onnxruntime below)
-    check = "padded row vs alone (torch)"
-    for name in (*INDEX_OUTPUTS, "logits"):
-        tol = 0 if name in INDEX_OUTPUTS else contract.tolerances["padded_vs_alone_logits_rel"]
-        report.add(check, name, torch_out[0][name][padded_row : padded_row + 1], torch_out[1][name], tol)
-    if onnx_path is not None:
-        check = "padded row vs alone (onnxruntime)"
-        for name in (*INDEX_OUTPUTS, "logits"):
-            tol = 0 if name in INDEX_OUTPUTS else contract.tolerances["padded_vs_alone_logits_rel"]
-            report.add(check, name, ort_out[0][name][padded_row : padded_row + 1], ort_out[1][name], tol)
+# ---------------------------------------------------------------------------- half precision
+
+
+def validate_half(
+    model: Any,
+    model32: Any,
+    geo: Geometry,
+    cfg: StarConfig,
+    contract: GraphContract,
+    onnx_path: str | None,
+    dtype: str,
+    seed: int = 0,
+    batch: int = 2,
+    text_len: int = 24,
+) -> ParityReport:
+    """A float16/bfloat16 export: the fp32 semantics (rewrite vs reference vs unmodified model), the
+    rewrite in ``dtype`` vs fp32, and the graph in onnxruntime vs the rewrite in ``dtype`` and in
+    fp32, by the selection-with-margin rule and forced-selection numerical parity."""
+    family = family_of(geo)
+    report = validate(model32, geo, cfg, contract, None, seed=seed, batch=batch, text_len=text_len)
+    feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
+    alone = row_alone(feeds, batch - 1)
+    low = Rewrite(family.prefill_module(model, geo, cfg).eval(), dtype)
+    full = Rewrite(family.prefill_module(model32, geo, cfg).eval(), "float32")
+    tolerance = selection.logits_tolerance(dtype, 0.0)
+    name = SHORT[dtype]
+
+    # the precision's own effect on the scores, measured on these inputs (the margins' floor)
+    r32, rlow = full.run(feeds), low.run(feeds)
+    noise1 = selection.noise(rlow["stage1_scores"], r32["stage1_scores"], cfg.keep1)
+    forced = low.run(feeds, force1=r32["stage1_keep_idx"])
+    noise2 = selection.noise(forced["stage2_scores"], r32["stage2_scores"], cfg.keep2)
+    margins = (selection.margin_for(dtype, noise1), selection.margin_for(dtype, noise2))
+    report.inputs["score_noise"] = {
+        "dtype": dtype,
+        "stage1": noise1,
+        "stage2": noise2,
+        "margins": list(margins),
+    }
+    check_side(report, f"torch {name} vs torch fp32 (batch)", rlow, full, feeds, margins, tolerance)
+
+    if onnx_path is None:
+        return report
+    if dtype == "bfloat16":
+        report.skip(
+            "onnxruntime bf16 vs torch",
+            "all outputs",
+            "not checkable on CPU: onnxruntime's CPU provider has no bfloat16 kernels (Conv, MatMul); "
+            "run `validate --trt` on a GPU host",
+        )
+        return report
+    session = onnxrt_runner(onnx_path, name="onnxruntime")
+    with session:
+        ort_batch = dict(session.infer(cast_pixels(feeds, dtype)))
+        ort_alone = dict(session.infer(cast_pixels(alone, dtype)))
+    for tag, got, f in (("batch", ort_batch, feeds), ("row alone", ort_alone, alone)):
+        check_side(report, f"onnxruntime {name} vs torch {name} ({tag})", got, low, f, margins, tolerance)
+    check_side(
+        report, f"onnxruntime {name} vs torch fp32 (batch)", ort_batch, full, feeds, margins, tolerance
+    )
+    row = slice(batch - 1, batch)
+    check_side(
+        report,
+        f"padded row vs alone (onnxruntime {name})",
+        ort_batch,
+        low,
+        alone,
+        margins,
+        tolerance,
+        presents=False,
+        rows=row,
+    )
     return report
 
 
-def _worst_present(contract: GraphContract, got: dict, ref: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The present tensor pair with the largest relative difference."""
-    best, best_rel = None, -1.0
-    for spec in contract.outputs:
-        if not spec.name.startswith("present."):
-            continue
-        g, r = got[spec.name], ref[spec.name]
-        rel = float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30))
-        if rel > best_rel:
-            best, best_rel = (g, r), rel
-    return best
+# ---------------------------------------------------------------------------- generation
 
 
 def validate_generation(
@@ -290,29 +429,79 @@ def validate_generation(
     batch: int = 2,
     text_len: int = 24,
     steps: int = 8,
+    dtype: str = "float32",
 ) -> None:
-    """Greedy generation through prefill.onnx + decode.onnx vs the PyTorch rewrite: tokens
-    identical, logits of every step within the onnxruntime tolerance, cache lengths L1/L2 + steps."""
-    from star_export.runtime import GenerationConfig, OnnxruntimeBackend, TorchBackend, generate
+    """Greedy generation through prefill.onnx + decode.onnx vs the PyTorch rewrite (in ``dtype``)."""
+    from star_export.runtime import OnnxruntimeBackend, TorchBackend
 
     feeds = dict(make_inputs(geo, batch=batch, text_len=text_len, seed=seed))
-    gen = GenerationConfig(max_new_tokens=steps)
-    got = generate(OnnxruntimeBackend(prefill_path, decode_path), feeds, geo, cfg, gen, keep_logits=True)
-    ref = generate(TorchBackend(model, geo, cfg, prefill, decode), feeds, geo, cfg, gen, keep_logits=True)
-    check = f"generate onnxruntime vs torch ({steps} greedy)"
-    report.add(check, "tokens", np.array(got.tokens), np.array(ref.tokens), 0)
-    report.add(
-        check,
-        "logits (every step)",
-        np.stack(got.step_logits),
-        np.stack(ref.step_logits),
+    generation_rows(
+        report,
+        "onnxruntime",
+        OnnxruntimeBackend(prefill_path, decode_path),
+        TorchBackend(model, geo, cfg, prefill, decode),
+        feeds,
+        geo,
+        cfg,
+        steps,
+        dtype,
         prefill.tolerances["onnx_vs_torch_logits_rel"],
     )
+
+
+def generation_rows(
+    report: ParityReport,
+    name: str,
+    got_backend: Any,
+    ref_backend: Any,
+    feeds: dict[str, np.ndarray],
+    geo: Geometry,
+    cfg: StarConfig,
+    steps: int,
+    dtype: str,
+    fp32_tolerance: float,
+) -> None:
+    """``got_backend`` (graphs or engines) vs the rewrite ``ref_backend`` (``runtime.TorchBackend``),
+    ``steps`` greedy tokens. fp32: tokens identical, logits of every step within ``fp32_tolerance``,
+    cache lengths L1/L2 + steps. Half precision: the rewrite is forced to the checked side's
+    selection and fed its tokens (teacher forcing); every step's logits within the dtype's
+    tolerance, and each chosen token within that tolerance of the rewrite's best logit."""
+    from star_export.runtime import GenerationConfig, generate
+
+    gen = GenerationConfig(max_new_tokens=steps)
+    cast = dict(cast_pixels(feeds, dtype))
+    got = generate(got_backend, cast, geo, cfg, gen, keep_logits=True)
+    if dtype == "float32":
+        check = f"generate {name} vs torch ({steps} greedy)"
+        ref = generate(ref_backend, feeds, geo, cfg, gen, keep_logits=True)
+        report.add(check, "tokens", np.array(got.tokens), np.array(ref.tokens), 0)
+        report.add(
+            check, "logits (every step)", np.stack(got.step_logits), np.stack(ref.step_logits), fp32_tolerance
+        )
+    else:
+        check = f"generate {name} vs torch {SHORT[dtype]} ({steps} steps, teacher-forced)"
+        ref_backend.forced = (got.stage1_keep_idx, got.stage2_keep_idx)
+        ref = generate(ref_backend, cast, geo, cfg, gen, keep_logits=True, teacher=np.array(got.tokens))
+        ref_backend.forced = None
+        tol = selection.logits_tolerance(dtype, fp32_tolerance)
+        r_logits = np.stack(ref.step_logits).astype(np.float64)  # (steps, B, V)
+        report.add(check, "logits (every step)", np.stack(got.step_logits), r_logits, tol, "forced")
+        chosen = np.take_along_axis(r_logits, np.array(got.tokens).T[:, :, None], axis=-1)[
+            ..., 0
+        ]  # (steps, B)
+        shortfall = (r_logits.max(axis=-1) - chosen) / np.abs(r_logits).max(
+            axis=-1
+        )  # 0: the rewrite's argmax
+        report.add(check, "tokens (logit shortfall)", np.array([shortfall.max()]), np.zeros(1), tol, "forced")
+    text_len = feeds["input_ids"].shape[1]
     expect = [
         text_len - 1 + geo.span(cfg.keep1 if i < cfg.layer else cfg.keep2) + steps - 1
         for i in range(geo.num_layers)
     ]
     report.add(check, "cache lengths L1/L2+t", np.array(got.final_present_lengths), np.array(expect), 0)
+
+
+# ---------------------------------------------------------------------------- an export, a directory
 
 
 def validate_export(
@@ -325,24 +514,43 @@ def validate_export(
     seed: int = 0,
     batch: int = 2,
     text_len: int = 24,
+    model32: Any = None,
 ) -> ParityReport:
-    """Every parity check of an export (``paths``: {"prefill": ..., "decode": ...} .onnx files)."""
-    report = validate(
-        model, geo, cfg, prefill, str(paths["prefill"]), seed=seed, batch=batch, text_len=text_len
-    )
-    validate_generation(
-        report,
-        model,
-        geo,
-        cfg,
-        prefill,
-        decode,
-        str(paths["prefill"]),
-        str(paths["decode"]),
-        seed=seed,
-        batch=batch,
-        text_len=text_len,
-    )
+    """Every parity check of an export (``paths``: {"prefill": ..., "decode": ...} .onnx files).
+    Half-precision exports need ``model32``, the same checkpoint in float32."""
+    dtype = prefill.inputs[0].dtype
+    if dtype == "float32":
+        report = validate(
+            model, geo, cfg, prefill, str(paths["prefill"]), seed=seed, batch=batch, text_len=text_len
+        )
+    else:
+        report = validate_half(
+            model,
+            model32,
+            geo,
+            cfg,
+            prefill,
+            str(paths["prefill"]),
+            dtype,
+            seed=seed,
+            batch=batch,
+            text_len=text_len,
+        )
+    if dtype != "bfloat16":
+        validate_generation(
+            report,
+            model,
+            geo,
+            cfg,
+            prefill,
+            decode,
+            str(paths["prefill"]),
+            str(paths["decode"]),
+            seed=seed,
+            batch=batch,
+            text_len=text_len,
+            dtype=dtype,
+        )
     return report
 
 
@@ -350,12 +558,9 @@ def validate_directory(
     directory: Any, trt: bool = False, batch: int = 2, text_len: int = 24, seed: int = 0
 ) -> ParityReport:
     """The parity checks of an export directory, from its manifest (the checkpoint it names is loaded
-    again); ``trt`` adds the TensorRT engines recorded in the manifest. Writes report.json."""
-    from pathlib import Path
-
-    from star_export.build import trt_parity, trt_status
+    again, in the export's dtype and, for half-precision exports, in fp32); ``trt`` adds the TensorRT
+    engines recorded in the manifest. Writes report.json."""
     from star_export.contract import contract_from_dict
-    from star_export.errors import MissingComponent, UsageError
     from star_export.load import load
     from star_export.manifest import read_manifest, star_config
     from star_export.outputs import write_json
@@ -366,41 +571,30 @@ def validate_directory(
     cfg = star_config(manifest, geo, f"--from {directory}")
     pc = contract_from_dict(manifest["graphs"]["prefill"])
     dc = contract_from_dict(manifest["graphs"]["decode"])
-    engines = manifest.get("engines") or {}
     if trt:
+        from star_export.build import trt_status
+
         ok, why = trt_status()
         if not ok:
+            from star_export.errors import MissingComponent
+
             raise MissingComponent(f"--trt: {why}; run this command on a GPU host with TensorRT")
-        if "prefill" not in engines:
-            raise UsageError(f"--from {directory}: no engines in the manifest; run `build` first")
     paths = {"prefill": directory / "prefill.onnx", "decode": directory / "decode.onnx"}
-    dtype = manifest["graphs"]["prefill"].get("dtype", "float32")
-    if dtype != "float32":
-        # reduced precision: no CPU reference of the same dtype; TensorRT vs onnxruntime only
-        if not trt:
-            raise UsageError(f"--from {directory}: a {dtype} export is validated against TensorRT: add --trt")
-        feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
-        feeds["pixel_values"] = feeds["pixel_values"].astype(dtype if dtype != "bfloat16" else "float32")
-        report = ParityReport(inputs={"seed": seed, "batch": batch, "text_len": text_len})
-        report.trt = trt_parity(
-            Path(engines["prefill"]["path"]),
-            paths["prefill"],
-            pc,
-            [feeds],
-            engines["prefill"].get("dtype", "fp16"),
-        )
-        write_json(directory / "report.json", report.to_dict())
-        return report
-    loaded = load(manifest["model"]["directory"], options=manifest.get("layout") or {})
-    report = validate_export(loaded.model, geo, cfg, pc, dc, paths, seed=seed, batch=batch, text_len=text_len)
+    dtype = pc.inputs[0].dtype
+    layout = manifest.get("layout") or {}
+    model_dir = manifest["model"]["directory"]
+    loaded = load(model_dir, dtype=getattr(torch, dtype), options=layout)
+    model32 = None if dtype == "float32" else load(model_dir, options=layout).model
+    report = validate_export(
+        loaded.model, geo, cfg, pc, dc, paths, seed=seed, batch=batch, text_len=text_len, model32=model32
+    )
     if trt:
+        from star_export.build.parity import trt_rows
+
         feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
-        report.trt = trt_parity(
-            Path(engines["prefill"]["path"]),
-            paths["prefill"],
-            pc,
-            [feeds, row_alone(feeds, batch - 1)],
-            engines["prefill"].get("dtype", "fp32"),
+        margins = report.inputs.get("score_noise", {}).get("margins") or [selection.margin_for("float32")] * 2
+        report.trt = trt_rows(
+            manifest, directory, loaded.model, [feeds, row_alone(feeds, batch - 1)], tuple(margins)
         )
     write_json(directory / "report.json", report.to_dict())
     return report

@@ -60,7 +60,10 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
         "L1": "text_len - 1 + 32",
         "L2": "text_len - 1 + 32",
         "present_length_per_layer": ["L1", "L1", "L1", "L2"],
+        "index_space": "patch index j in 0..575: the vision tower's 24x24 patch grid in raster order "
+        "(row j // 24, column j % 24)",
     }
+    assert manifest["image"]["kind"] == "processor" and manifest["layout"] == {}
     prefill = manifest["graphs"]["prefill"]
     names = [t["name"] for t in prefill["outputs"]]
     assert names[:3] == ["logits", "stage1_keep_idx", "stage2_keep_idx"] and names[-1] == "present.3.value"

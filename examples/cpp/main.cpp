@@ -60,6 +60,8 @@ constexpr TensorSpec kTensors[] = {
     {Graph::kPrefill, Mode::kOutput, "logits", DType::kFloat32},
     {Graph::kPrefill, Mode::kOutput, "stage1_keep_idx", DType::kInt64},
     {Graph::kPrefill, Mode::kOutput, "stage2_keep_idx", DType::kInt64},
+    {Graph::kPrefill, Mode::kOutput, "stage1_margin", DType::kFloat32},
+    {Graph::kPrefill, Mode::kOutput, "stage2_margin", DType::kFloat32},
     {Graph::kPrefill, Mode::kOutput, "present.{i}.key", DType::kFloat32},
     {Graph::kPrefill, Mode::kOutput, "present.{i}.value", DType::kFloat32},
     {Graph::kDecode, Mode::kInput, "input_ids", DType::kInt64},
@@ -271,6 +273,7 @@ int run(const Args& a) {
     DeviceBuffer d_pixels(pixels.size() * sizeof(float)), d_ids(ids.size() * 8), d_mask(mask.size() * 8);
     DeviceBuffer d_logits(B * kVocab * sizeof(float));
     DeviceBuffer d_keep1(B * star_model::kKeep1 * 8), d_keep2(B * star_model::kKeep2 * 8);
+    DeviceBuffer d_margin1(B * sizeof(float)), d_margin2(B * sizeof(float));  // how close each cut was
     DeviceBuffer d_token(B * 8), d_position(B * 8);
     DeviceBuffer d_mask_l1(B * (L1 + a.max_new_tokens) * 8), d_mask_l2(B * (L2 + a.max_new_tokens) * 8);
     std::vector<std::unique_ptr<DeviceBuffer>> cache[2];  // [set][2 * layer + (0 key, 1 value)]
@@ -297,6 +300,8 @@ int run(const Args& a) {
     prefill.bind("logits", d_logits.get());
     prefill.bind("stage1_keep_idx", d_keep1.get());
     prefill.bind("stage2_keep_idx", d_keep2.get());
+    prefill.bind("stage1_margin", d_margin1.get());
+    prefill.bind("stage2_margin", d_margin2.get());
     for (int i = 0; i < kNumLayers; ++i) {
         prefill.bind(layer_name("present.{i}.key", i), cache[0][2 * i]->get());
         prefill.bind(layer_name("present.{i}.value", i), cache[0][2 * i + 1]->get());

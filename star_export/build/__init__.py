@@ -7,7 +7,7 @@ One job per module:
 - :mod:`~star_export.build.precision`: strong typing and precision flags, TensorRT 10.x vs 11.x;
 - :mod:`~star_export.build.settings`: what a build is asked for, engine paths, the finish command;
 - :mod:`~star_export.build.engine`: one engine through polygraphy's loaders;
-- :mod:`~star_export.build.parity`: TensorRT engines vs onnxruntime (prefill, and greedy decode);
+- :mod:`~star_export.build.parity`: TensorRT engines vs the PyTorch rewrite (prefill, and greedy decode);
 - :mod:`~star_export.build.command`: the ``build`` command's flags and :func:`run_build`.
 
 TensorRT is imported lazily (inside the functions that need it), so this package, its pure
@@ -28,12 +28,9 @@ from star_export.build.command import (
 )
 from star_export.build.engine import build_engine, polygraphy_loaders, timing_cache_rejected
 from star_export.build.parity import (
-    INDEX_OUTPUTS,
     TRT_TOLERANCES,
     TrtBackend,
-    decode_parity,
-    trt_decode_parity,
-    trt_parity,
+    trt_rows,
 )
 from star_export.build.precision import (
     DTYPE_OF_ELEMENT,
@@ -65,7 +62,6 @@ __all__ = [
     "DTYPES",
     "DTYPE_OF_ELEMENT",
     "ELEMENT_OF_DTYPE",
-    "INDEX_OUTPUTS",
     "MIN_DIM_SIZE",
     "MIN_TENSORRT_MAJOR",
     "TRT_TOLERANCES",
@@ -81,7 +77,6 @@ __all__ = [
     "check_target",
     "contract_dtype",
     "contract_from_dict",
-    "decode_parity",
     "engine_paths",
     "finish_command",
     "graph_overrides",
@@ -97,7 +92,6 @@ __all__ = [
     "tensorrt_version",
     "timing_cache_rejected",
     "to_polygraphy_profiles",
-    "trt_decode_parity",
-    "trt_parity",
+    "trt_rows",
     "trt_status",
 ]

@@ -68,8 +68,11 @@ def _tensor_entries(entries: Iterable[tuple[str, str, list[int], bool]], indent:
             f"{indent}{{",
             f"{indent}  name: {_q(name)}",
             f"{indent}  data_type: {triton_dtype(dtype)}",
-            f"{indent}  dims: [ {', '.join(str(d) for d in dims)} ]",
+            # a tensor of shape [batch] only: Triton wants dims [ 1 ] reshaped to the batch dim alone
+            f"{indent}  dims: [ {', '.join(str(d) for d in dims) or '1'} ]",
         ]
+        if not dims:
+            lines.append(f"{indent}  reshape: {{ shape: [ ] }}")
         if optional:
             lines.append(f"{indent}  optional: true")
         lines.append(f"{indent}}}")
