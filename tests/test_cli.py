@@ -25,18 +25,24 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_dir, tmp_path, capsys):
     out = tmp_path / "run"
+    (out / "sub").mkdir(parents=True)  # the user's own files in --out stay, and are not listed as written
+    (out / "thesis.txt").write_text("mine")
     code = main(
         ["llava", "--model", str(gqa_dir), "--keep", "32", "--keep1", "32", "--layer", "3", "--out", str(out)]
     )
     assert code == 0
     printed = capsys.readouterr().out
     assert "overall: PASS" in printed and "onnxruntime vs torch (batch)" in printed
+    assert f"wrote {out}/: decode.onnx, manifest.json, prefill.onnx, processor, report.json\n" in printed
+    assert (out / "thesis.txt").read_text() == "mine" and (out / "sub").is_dir()
     assert sorted(p.name for p in out.iterdir()) == [
         "decode.onnx",
         "manifest.json",
         "prefill.onnx",
         "processor",
         "report.json",
+        "sub",
+        "thesis.txt",
     ]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["graph_check"]["ok"] and report["comparator"]["passed"]
@@ -155,9 +161,14 @@ def _not_llava(tmp_path: Path) -> Path:
         ),
         (["--keep", "8", "--grid", "2"], "expected ROWSxCOLS"),
         (["--keep", "8", "--model", "{qwen25}"], "architecture Qwen2_5_VLForConditionalGeneration"),
+        (["--keep", "8", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+        (["--keep", "8", "--min-batch", "4", "--max-batch", "2"], "--min-batch 4 > --max-batch 2"),
+        (["--keep", "8", "--out", "/proc/star_out"], "--out /proc/star_out: not writable"),
+        (["--keep", "8", "--model", "{notok}"], "--model {notok}: cannot encode prompts, missing tokenizer"),
+        (["--keep", "8", "--model", "{corrupt}"], "--model {corrupt}: cannot load the checkpoint"),
     ],
 )
-def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, args, message):
+def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, gqa_dir, args, message):
     file = tmp_path / "afile"
     file.write_text("x")
     bert = _not_llava(tmp_path)
@@ -166,7 +177,18 @@ def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, args, message):
     (qwen25 / "config.json").write_text(
         json.dumps({"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
     )
-    args = [a.format(tmp=tmp_path, file=file, bert=bert, qwen25=qwen25) for a in args]
+    import shutil
+
+    notok, corrupt = tmp_path / "notok", tmp_path / "corrupt"
+    if "{notok}" in args:  # a checkpoint without tokenizer files
+        shutil.copytree(gqa_dir, notok)
+        (notok / "tokenizer.json").unlink()
+    if "{corrupt}" in args:  # a .safetensors whose header is garbage
+        shutil.copytree(gqa_dir, corrupt)
+        (corrupt / "model.safetensors").write_bytes(b"\xff" * 64)
+    fmt = {"tmp": tmp_path, "file": file, "bert": bert, "qwen25": qwen25, "notok": notok, "corrupt": corrupt}
+    args = [a.format(**fmt) for a in args]
+    message = message.format(**fmt)
     out = tmp_path / "out"
     if "--out" not in args:
         args += ["--out", str(out)]
@@ -204,6 +226,63 @@ def test_help_runs(command):
 def test_check_command_exit_codes(tmp_path):
     r = run_cli("check", str(tmp_path / "nope.onnx"), timeout=60)
     assert r.returncode == 2 and "no such file" in r.stderr
+    notes, png = tmp_path / "notes.txt", tmp_path / "cat.png"
+    notes.write_text("a note, not a graph\n")
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    for path in (notes, png):
+        r = run_cli("check", str(path), timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "not an ONNX model" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_sigterm_during_an_export_leaves_nothing_behind(tmp_path):
+    """SIGTERM (a scheduler stopping the job) cleans up the staging directory like SIGINT does."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "star_export", "llava", "--keep", "8", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        for line in proc.stdout:  # wait until the export has started writing into the stage
+            if line.startswith("[2/"):
+                break
+        time.sleep(2.0)
+        assert list(tmp_path.glob(".star_export-*")), "the staging directory should exist mid-export"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".star_export-*"))
+
+
+@pytest.mark.skipif(trt_status()[0], reason="TensorRT is present here: the suggested commands would build")
+def test_every_command_the_tool_suggests_runs_as_printed(cli_export, tmp_path):
+    """The commands star_export prints as advice (help epilogs, error hints) parse and run: with no
+    TensorRT here they end in exit 3 (the documented 'missing component'), never in a usage error."""
+    import re
+
+    export = cli_export("llava-keep16", "--keep", "16")
+    hints: list[str] = []
+    for command in ("triton", "build"):
+        text = run_cli(command, "--help", timeout=60).stdout
+        hints += re.findall(r"python -m star_export (?:build|validate) [^`\n]*", text)
+    r = run_cli("triton", "--from", str(export), "--repo", str(tmp_path / "repo"), "--backend", "tensorrt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    hints += re.findall(r"python -m star_export (?:build|validate) [^`)\n]*", r.stderr)
+    hints = [h for h in hints if "[" not in h]  # usage synopses are not advice
+    assert len(hints) >= 2, hints
+    for hint in hints:
+        argv = hint.replace("star_out", str(export)).split()[3:]
+        done = run_cli(*argv, timeout=300)
+        assert done.returncode == 3 and "Traceback" not in done.stderr, (hint, done.stderr)
 
 
 @pytest.mark.parametrize(

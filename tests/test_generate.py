@@ -191,6 +191,11 @@ def test_generate_from_export_prints_answer_timings_and_counts(small_profile_exp
     assert res["runtime"] == "onnxruntime" and len(res["answers"]) == 1 and 1 <= len(res["tokens"][0]) <= 6
     assert res["visual_tokens"] == {"N": 576, "keep1": 32, "keep2": 16, "layer_K": 2}
     assert res["prefill_ms"] > 0
+    # both stages' kept indices, and how close each cut was (the keep-th score minus the next)
+    s1, s2 = np.array(res["stage1_keep_idx"]), np.array(res["stage2_keep_idx"])
+    assert s1.shape == (1, 32) and s2.shape == (1, 16) and set(s2[0]) <= set(s1[0])
+    assert len(res["stage1_margin"]) == 1 and 0 <= res["stage1_margin"][0] < 1
+    assert len(res["stage2_margin"]) == 1 and 0 <= res["stage2_margin"][0] < 1
     # the same prompt through the PyTorch rewrite of the same checkpoint: same tokens
     r2 = run_cli(
         "generate",
@@ -207,7 +212,9 @@ def test_generate_from_export_prints_answer_timings_and_counts(small_profile_exp
         "--json",
     )
     assert r2.returncode == 0, r2.stderr
-    assert json.loads(r2.stdout)["tokens"] == res["tokens"]
+    res2 = json.loads(r2.stdout)
+    assert res2["tokens"] == res["tokens"] and res2["stage2_keep_idx"] == res["stage2_keep_idx"]
+    assert np.allclose(res2["stage1_margin"], res["stage1_margin"], atol=1e-6)
 
 
 def test_generate_default_model_human_output(image):
@@ -219,12 +226,22 @@ def test_generate_default_model_human_output(image):
     assert "-> " in r.stdout and "prefill" in r.stdout and "ms/step" in r.stdout
 
 
-def _bad_manifest(tmp_path: Path, src: Path) -> Path:
+def _bad_manifest(tmp_path: Path, src: Path, star: dict | None = None, drop: str | None = None) -> Path:
+    """A copy of the export with an old manifest version, hand-edited STAR settings, or a file removed."""
+    import shutil
+
     d = tmp_path / "old"
-    d.mkdir()
+    if star is None and drop is None:
+        d.mkdir(parents=True)
+    else:
+        shutil.copytree(src, d)
     m = json.loads((src / "manifest.json").read_text())
-    m["manifest_version"] = 0
+    if star is None and drop is None:
+        m["manifest_version"] = 0
+    m["star"] |= star or {}
     (d / "manifest.json").write_text(json.dumps(m))
+    if drop:
+        (d / drop).unlink()
     return d
 
 
@@ -239,17 +256,28 @@ def _bad_manifest(tmp_path: Path, src: Path) -> Path:
         (["--image", "{img}", "--from", "{tmp}"], "no manifest.json"),
         (["--image", "{img}", "--from", "{old}"], "manifest version 0 is incompatible"),
         (["--image", "{img}", "--prompt", "two <image> here"], "<image>"),
+        (["--image", "{img}", "--from", "{badk}"], "manifest.json: --layer must be in 1..3"),
+        (["--image", "{img}", "--from", "{notok}"], "--from {notok}/processor: cannot encode prompts"),
+        (["--image", "{img}", "--from", "NONE", "--keep", "0"], "--keep must be in 1..576"),
+        (["--image", "{img}", "--from", "NONE", "--layer", "0"], "--layer must be in 1..3"),
     ],
 )
 def test_generate_bad_input_exits_2_with_one_line(tmp_path, image, small_profile_export, extra, message):
     textfile = tmp_path / "fake.png"
     textfile.write_text("not a picture")
     old = _bad_manifest(tmp_path, small_profile_export)
+    badk = _bad_manifest(tmp_path / "k", small_profile_export, star={"layer_K": 0})
+    notok = _bad_manifest(tmp_path / "t", small_profile_export, drop="processor/tokenizer.json")
     fmt = {"tmp": tmp_path, "textfile": textfile, "img": image, "old": old, "long": "word " * 40}
+    fmt |= {"badk": badk, "notok": notok}
     args = [a.format(**fmt) for a in extra]
+    message = message.format(**fmt)
     if "--prompt" not in args:
         args += ["--prompt", "What is it?"]
-    if "--from" not in args:
+    if "NONE" in args:  # the default model through the PyTorch rewrite: no --from
+        i = args.index("--from")
+        del args[i : i + 2]
+    elif "--from" not in args:
         args += ["--from", str(small_profile_export)]
     r = run_cli("generate", *args, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)

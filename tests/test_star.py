@@ -121,3 +121,18 @@ def test_check_prompts_accepts_left_padded_rows():
     star.check_prompts(
         torch.tensor([[0, 0, 9, 3], [1, 2, 9, 3]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), 9
     )
+
+
+def test_cut_margin_is_the_gap_at_the_cut():
+    scores = torch.tensor([[0.5, 0.1, 0.3, 0.3, 0.2], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    assert star.cut_margin(scores, 1).tolist() == pytest.approx([0.2, 0.0])  # 0.5 - 0.3
+    assert star.cut_margin(scores, 2).tolist() == pytest.approx([0.0, 0.0])  # 0.3 - 0.3: a tie at the cut
+    assert star.cut_margin(scores, 3).tolist() == pytest.approx([0.1, 0.0])  # 0.3 - 0.2
+    assert star.cut_margin(scores, 5).tolist() == [float("inf")] * 2  # nothing dropped
+
+
+def test_attention_mask_values_other_than_0_and_1_are_refused():
+    ids = torch.tensor([[4, 9, 5, 6]])
+    with pytest.raises(UsageError, match="only 0 .* and 1 .*found 2"):
+        star.check_prompts(ids, torch.tensor([[1, 1, 2, 1]]), 9)
+    star.check_prompts(ids, torch.tensor([[0, 1, 1, 1]]), 9)  # left padding is fine

@@ -9,11 +9,11 @@ Steps (each a ``python -m star_export`` subprocess, output streamed):
             decode engines (the export's dtype when ``--dtype`` is not given), reusing/updating
             the timing cache. On TensorRT 11 the engine's precision is the ONNX's (strong
             typing), which is why step 1 exports in ``D``;
-3. validate ``validate --from OUT --trt`` when the CLI has it; otherwise TensorRT vs onnxruntime
-            parity of the prefill engine (``star_export.build.trt_parity``) and of greedy decoding
-            through both engines (``trt_decode_parity``), written to ``OUT/trt_parity.json``;
-4. bench    ``bench --keep K --out OUT/bench [--model M | --recipe R]`` when the CLI has it: bench
-            exports and times its own graphs (it has no ``--from``).
+3. validate ``validate --from OUT --trt``: the engines against the PyTorch rewrite (prefill by the
+            selection-with-margin rule and forced-selection parity, then greedy decoding), next to
+            the CPU checks, into OUT/report.json;
+4. bench    ``bench --keep K --out OUT/bench [--model M | --recipe R]``: bench exports and times its
+            own graphs (it has no ``--from``).
 
 Then a summary table (step, exit code, seconds, result) and the engines recorded in the manifest.
 Exits non-zero when a step failed. :func:`plan` returns the commands without running anything;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -83,15 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def subcommands(python: str) -> set[str]:
-    """The commands ``python -m star_export --help`` lists (lines "    name   help" under COMMAND)."""
-    r = subprocess.run([python, "-m", "star_export", "--help"], capture_output=True, text=True)
-    return set(re.findall(r"^ {4}([a-z][\w-]*)(?: {2,}|$)", r.stdout, flags=re.M))
-
-
-def plan(args: argparse.Namespace, available: set[str] | None = None) -> list[Step]:
-    """The steps and their command lines, in order; runs nothing. ``available``: the subcommands
-    of the installed CLI (None: all). Exactly one step builds engines (``build``)."""
+def plan(args: argparse.Namespace) -> list[Step]:
+    """The steps and their command lines, in order; runs nothing. Exactly one step builds engines
+    (``build``)."""
     py, out = args.python, args.out
     engine = args.engine or out / "prefill.plan"
     cache = args.timing_cache or out / "timing.cache"
@@ -108,46 +101,13 @@ def plan(args: argparse.Namespace, available: set[str] | None = None) -> list[St
     if args.max_text_len is not None:
         build += ["--max-text-len", str(args.max_text_len)]
     steps = [Step("export", export), Step("build", build)]
-    if available is None or "validate" in available:
-        steps.append(Step("validate", [*base, "validate", "--from", str(out), "--trt"]))
-    else:
-        steps.append(
-            Step("validate", None, note="no `validate` command: TensorRT parity via build.trt_parity")
-        )
+    steps.append(Step("validate", [*base, "validate", "--from", str(out), "--trt"]))
     if args.skip_bench:
         steps.append(Step("bench", None, note="--skip-bench"))
-    elif available is None or "bench" in available:
+    else:
         bench = [*base, "bench", "--keep", str(args.keep), "--out", str(out / "bench"), *source]
         steps.append(Step("bench", bench))
-    else:
-        steps.append(Step("bench", None, note="`python -m star_export bench` does not exist yet: skipped"))
     return steps
-
-
-def parity_fallback(out: Path, engine: Path, dtype: str | None) -> tuple[int, str]:
-    """TensorRT prefill engine, then prefill + decode engines over 4 greedy steps, vs onnxruntime on
-    seeded inputs; rows written to OUT/trt_parity.json. ``dtype``: the engine's precision (None: as
-    recorded by ``build`` in the manifest)."""
-    from star_export.build import contract_from_dict, trt_decode_parity, trt_parity
-    from star_export.geometry import Geometry
-    from star_export.validate import make_inputs, row_alone
-
-    manifest = json.loads((out / "manifest.json").read_text())
-    dtype = dtype or manifest["engines"]["prefill"]["dtype"]
-    entry = manifest["graphs"]["prefill"]
-    contract = contract_from_dict(entry)
-    geo = Geometry.from_dict(manifest["model"]["geometry"])
-    feeds = make_inputs(geo, batch=2, text_len=24, seed=0)
-    onnx_path = out / entry.get("file", "prefill.onnx")
-    rows = trt_parity(engine, onnx_path, contract, [feeds, row_alone(feeds, 1)], dtype)
-    rows += trt_decode_parity(manifest, out, [feeds, row_alone(feeds, 1)], steps=4)
-    (out / "trt_parity.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    worst = max((r for r in rows if r["tolerance"] > 0), key=lambda r: r["max_rel"], default=None)
-    failed = [r for r in rows if not r["passed"]]
-    note = f"{len(rows)} rows, {len(failed)} failed"
-    if worst is not None:
-        note += f"; worst {worst['output']} max rel {worst['max_rel']:.2e} (tol {worst['tolerance']:.0e})"
-    return (0 if not failed else 1), note
 
 
 def summary(steps: list[Step], out: Path) -> str:
@@ -168,9 +128,8 @@ def summary(steps: list[Step], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    engine = args.engine or args.out / "prefill.plan"
     if args.dry_run:
-        for s in plan(args, subcommands(args.python)):
+        for s in plan(args):
             print(f"[{s.name}] {shlex.join(s.command) if s.command else s.note}")
         return 0
 
@@ -183,20 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             "gpu_pipeline: this host cannot build TensorRT engines; the build step will exit 3",
             file=sys.stderr,
         )
-    steps = plan(args, subcommands(args.python))
+    steps = plan(args)
     for s in steps:
-        if s.command is None and s.name != "validate":
+        if s.command is None:
             print(f"[{s.name}] {s.note}")
             continue
-        print(f"[{s.name}] {shlex.join(s.command) if s.command else s.note}", flush=True)
+        print(f"[{s.name}] {shlex.join(s.command)}", flush=True)
         t0 = time.perf_counter()
-        if s.command is not None:
-            s.rc = subprocess.run(s.command).returncode
-        else:
-            try:
-                s.rc, s.note = parity_fallback(args.out, engine, args.dtype)
-            except Exception as e:  # reported in the table, not hidden
-                s.rc, s.note = 1, f"{type(e).__name__}: {e}".splitlines()[0]
+        s.rc = subprocess.run(s.command).returncode
         s.seconds = time.perf_counter() - t0
         if s.rc != 0 and s.name in ("export", "build"):
             missing = "TensorRT or a CUDA GPU is missing (see above); " if s.rc == 3 else ""

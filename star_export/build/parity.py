@@ -118,17 +118,16 @@ def trt_rows(
     feeds_list: Sequence[Mapping[str, Any]],
     margins: tuple[float, float],
     steps: int = 4,
-    backend: Any = None,
 ) -> list[dict[str, Any]]:
     """The TensorRT prefill + decode engines recorded in ``manifest["engines"]`` against the PyTorch
     rewrite of ``model`` (the checkpoint in the export's dtype), by the criterion of every other
     parity check (``validate.check_side``, ``validate.generation_rows``): kept indices by the
     selection-with-margin rule (``margins``: stage 1, stage 2), logits and presents directly or with
     the rewrite forced to the engine's selection; then ``steps`` greedy decode steps (fp32: tokens
-    identical; fp16/bf16: teacher-forced). ``backend``: a stand-in for the engines (tests).
+    identical; fp16/bf16: teacher-forced).
 
-    Raises ``MissingComponent`` where TensorRT or a GPU is missing (unless ``backend`` is given),
-    ``UsageError`` where the manifest records no prefill/decode engine.
+    Raises ``MissingComponent`` where TensorRT or a GPU is missing, ``UsageError`` where the
+    manifest records no prefill/decode engine.
     """
     from star_export.families import family_of
     from star_export.geometry import Geometry
@@ -138,13 +137,12 @@ def trt_rows(
     from star_export.selection import logits_tolerance
     from star_export.validate import SHORT, Rewrite, check_side, generation_rows
 
-    if backend is None:
-        ok, why = status.trt_status()
-        if not ok:
-            raise MissingComponent(f"{why}; TensorRT parity runs only where TensorRT and a CUDA GPU exist")
+    ok, why = status.trt_status()
+    if not ok:
+        raise MissingComponent(f"{why}; TensorRT parity runs only where TensorRT and a CUDA GPU exist")
     engines, graphs = manifest.get("engines") or {}, manifest["graphs"]
     missing = [g for g in ("prefill", "decode") if g not in engines or g not in graphs]
-    if missing and backend is None:
+    if missing:
         raise UsageError(
             f"--from {from_dir}: no {' / '.join(missing)} engine in the manifest; run `build` first"
         )
@@ -157,19 +155,18 @@ def trt_rows(
     rewrite = Rewrite(family.prefill_module(model, geo, cfg).eval(), model_dtype)
     tol = logits_tolerance(dtype, TRT_TOLERANCES["fp32"])
     report = ParityReport()
-    if backend is None:
-        backend = TrtBackend(
-            _engine_path(from_dir, engines["prefill"]),
-            _engine_path(from_dir, engines["decode"]),
-            contracts["prefill"],
-            contracts["decode"],
-        )
+    backend = TrtBackend(
+        _engine_path(from_dir, engines["prefill"]),
+        _engine_path(from_dir, engines["decode"]),
+        contracts["prefill"],
+        contracts["decode"],
+    )
     with backend as got:
         name = f"{got.name} {SHORT[dtype]}"
         for i, feeds in enumerate(feeds_list):
             out = got.prefill(_feed(contracts["prefill"], feeds))
             check_side(
-                report, f"{name} vs torch {model_dtype} (feed {i})", out, rewrite, dict(feeds), margins, tol
+                report, f"{name} vs torch {SHORT[model_dtype]} (feed {i})", out, rewrite, dict(feeds), margins, tol
             )
         ref = TorchBackend(model, geo, cfg, contracts["prefill"], contracts["decode"])
         generation_rows(

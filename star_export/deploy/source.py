@@ -73,7 +73,7 @@ def check_min_batch(
             raise UsageError(
                 f"--backend tensorrt: the {g} engine's optimization profile 0 starts at batch {low}, but "
                 "Triton sends batches from 1 up (a single request is batch 1); rebuild with --min-batch 1 "
-                f"(python -m star_export build --from {from_dir} --min-batch 1 ...)"
+                f"(python -m star_export build --from {from_dir} --min-batch 1)"
             )
 
 
