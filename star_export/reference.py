@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from star_export.families import Family
+from star_export.families.base import RefSpan
 from star_export.geometry import Geometry
 
 
@@ -90,14 +91,11 @@ def reference_row(
 
     cache = DynamicCache(config=lm.config)
     keep_b, r2 = keep_a, {}
+    span = RefSpan(p, slots, image.extras)
     for i, layer in enumerate(lm.layers):
         length = h.shape[1]
-        causal = torch.full((length, length), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)[None, None]
-        cos_sin = lm.rotary_emb(h, pos[:, None, :] if pos.shape[0] > 1 else pos)
         handle = layer.self_attn.register_forward_hook(grab) if i == layer_k - 1 else None
-        h = layer(h, attention_mask=causal, cache=cache, use_cache=True, position_embeddings=cos_sin)
-        if isinstance(h, tuple):
-            h = h[0]
+        h = family.reference_layer(model, geo, i, layer, h, pos, cache, span)
         if handle is not None:
             handle.remove()
             probs = captured["probs"][0].float()  # (H, L1, L1)
@@ -118,6 +116,7 @@ def reference_row(
             seq = list(range(p)) + [p + j for j in sel] + list(range(p + span1, length))
             h = h[:, seq]
             pos = pos[:, seq]
+            span = RefSpan(p, [slots[j] for j in sel], image.extras)
 
     logits = model.lm_head(lm.norm(h[:, -1]))[0].float()
     presents = [(cache.layers[i].keys[0], cache.layers[i].values[0]) for i in range(len(lm.layers))]

@@ -17,6 +17,7 @@ Pruning ops: TopK with a literal K (``star.topk_sorted``) plus Gather/GatherElem
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,6 +97,41 @@ def bind_text(module: nn.Module, model: nn.Module, geometry: Geometry, cfg: Star
     module.cfg = cfg
 
 
+@dataclass
+class Span:
+    """The visual span inside the current sequence, as the layer hooks see it.
+
+    start: (B,) its first slot (the placeholder's index), length: its slots, patch: (B, length) the
+    patch index of each slot (N at structural slots), extras: what ``encode_image`` returned beside
+    the scored features (DeepStack levels, ...), indexed by patch like the features.
+    """
+
+    start: torch.Tensor
+    length: int
+    patch: torch.Tensor
+    extras: Any = None
+
+
+class TextLayers(nn.Module):
+    """The decoder-side hooks a family may override (shared by prefill and decode modules)."""
+
+    geo: Geometry
+
+    def run_layer(
+        self,
+        i: int,
+        layer: nn.Module,
+        h: torch.Tensor,
+        rope: Any,
+        mask: Any,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder layer ``i`` on h (B, L, D) with ``rope`` (from ``rotary``) and ``mask`` (from the
+        mask hooks): -> (h, key, value, probs). Default: a Llama-family pre-norm block."""
+        cos, sin = rope
+        return decoder_layer(layer, h, cos, sin, mask, self.geo.head_dim, past)
+
+
 def forced_slots(span_patch: torch.Tensor, force: torch.Tensor, is_visual: torch.Tensor | None, k: int):
     """Slots of a span whose patch index is in ``force`` (plus every structural slot), ascending.
 
@@ -108,7 +144,7 @@ def forced_slots(span_patch: torch.Tensor, force: torch.Tensor, is_visual: torch
     return star.topk_sorted(hit.to(torch.float32), k)
 
 
-class StarPrefill(nn.Module):
+class StarPrefill(TextLayers):
     """STAR-pruned prefill: (pixel_values, input_ids, attention_mask) -> logits, indices, presents.
 
     Outputs, in order (names in ``contract.prefill_contract``):
@@ -123,10 +159,15 @@ class StarPrefill(nn.Module):
         bind_text(self, model, geometry, cfg)
         self.fixed_offsets: tuple[int, ...] = ()  # structural tokens' offsets in the span (constants)
 
-    # ---- family hooks ---------------------------------------------------------------------------
+    # ---- family hooks: the image side ----------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """F: (B, *pixel_shape) -> (B, N, d), the features stage 1 scores, in index order."""
         raise NotImplementedError
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(F, extras): the scored features and anything else the image yields for the layer hooks
+        (``Span.extras``; DeepStack levels). Default: ``vision_features`` and None."""
+        return self.vision_features(pixel_values), None
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """The projector on the kept features: (B, n, d) -> (B, n, D)."""
@@ -149,6 +190,20 @@ class StarPrefill(nn.Module):
     def gather_positions(self, pos: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """The position ids of the stage-2 sequence: pos at the slots ``src`` (B, L2)."""
         return torch.gather(pos, 1, src)
+
+    # ---- family hooks: the text side ----------------------------------------------------------
+    def rotary(self, h: torch.Tensor, pos: torch.Tensor) -> Any:
+        """What ``run_layer`` takes as ``rope`` for the sequence's positions; default (cos, sin)."""
+        return self.rotary_emb(h, pos)
+
+    def attention_masks(self, valid: torch.Tensor, pos: torch.Tensor, span: Span) -> Any:
+        """What ``run_layer`` takes as ``mask``: default the causal + padding-key additive mask
+        (B, 1, L, L) float32 (families with bidirectional image attention or windows override)."""
+        return star.additive_mask(valid, torch.float32)
+
+    def after_layer(self, i: int, h: torch.Tensor, span: Span) -> torch.Tensor:
+        """h after decoder layer ``i`` (DeepStack injects visual features here); default unchanged."""
+        return h
 
     # ---- the STAR data flow ---------------------------------------------------------------------
     def forward(
@@ -196,10 +251,9 @@ class StarPrefill(nn.Module):
 
     def _prefill(self, pixel_values, input_ids, attention_mask, force1=None, force2=None) -> tuple:
         geo, cfg = self.geo, self.cfg
-        hd = geo.head_dim
 
         # ---- stage 1: score visual tokens by the self-attention they receive
-        feats = self.vision_features(pixel_values)  # (B, N, dv)
+        feats, extras = self.encode_image(pixel_values)  # (B, N, dv)
         scores1 = star.stage1_scores(feats)  # (B, N)
         keep1_idx = star.topk_sorted(scores1, cfg.keep1) if force1 is None else force1  # (B, keep1)
         image_embeds = self.project(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
@@ -218,8 +272,9 @@ class StarPrefill(nn.Module):
         text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
         pos, valid = self.positions(attention_mask, p, offsets)  # (B, L1) (M-RoPE: (3, B, L1))
-        mask = star.additive_mask(valid, torch.float32)  # (B, 1, L1, L1)
-        cos, sin = self.rotary_emb(h, pos)
+        span = Span(p, span1, span_patch, extras)
+        mask = self.attention_masks(valid, pos, span)
+        rope = self.rotary(h, pos)
 
         presents: list[torch.Tensor] = []
         keep2_idx = keep1_idx
@@ -232,9 +287,10 @@ class StarPrefill(nn.Module):
                 h = star.gather_rows(h, src)  # (B, L2, D)
                 pos = self.gather_positions(pos, src)
                 valid = torch.gather(valid, 1, src)
-                mask = star.additive_mask(valid, torch.float32)
-                cos, sin = self.rotary_emb(h, pos)
-            h, k, v, probs = decoder_layer(layer, h, cos, sin, mask, hd)
+                span = Span(p, geo.span(cfg.keep2), torch.gather(span_patch, 1, selected), extras)
+                mask = self.attention_masks(valid, pos, span)
+                rope = self.rotary(h, pos)
+            h, k, v, probs = self.run_layer(i, layer, h, rope, mask)
             presents += [k, v]
             if i == cfg.layer - 1:
                 scores2 = star.stage2_scores(probs, p, span1)  # (B, span1)
@@ -247,6 +303,7 @@ class StarPrefill(nn.Module):
                 if geo.n_fixed:  # drop the structural tokens' N: the keep2 smallest, ascending
                     smallest = torch.topk(keep2_idx.to(torch.float32), cfg.keep2, dim=-1, largest=False)
                     keep2_idx = smallest.values.to(torch.int64)  # exact: indices < 2**24
+            h = self.after_layer(i, h, span)
 
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
         return logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch
@@ -259,7 +316,7 @@ def _by_patch(scores: torch.Tensor, span_patch: torch.Tensor, n: int) -> torch.T
     return out[:, :n]
 
 
-class StarDecode(nn.Module):
+class StarDecode(TextLayers):
     """One decode step against per-layer pasts of different lengths (no further pruning).
 
     Inputs (names in ``contract.decode_contract``): input_ids (B, 1), position_ids (B, 1) the
@@ -273,9 +330,13 @@ class StarDecode(nn.Module):
         super().__init__()
         bind_text(self, model, geometry, cfg)
 
-    def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the new token's position (B, 1) -> (B, 1, hd) each."""
+    def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """``rope`` of the new token's position (B, 1): default cos/sin (B, 1, hd) each."""
         return self.rotary_emb(h, position_ids)
+
+    def decode_masks(self, mask_l1: torch.Tensor, mask_l2: torch.Tensor) -> tuple[Any, Any]:
+        """The ``mask`` of layers < K and >= K from the 0/1 inputs: default additive (B, 1, 1, P + 1)."""
+        return star.decode_mask(mask_l1, torch.float32), star.decode_mask(mask_l2, torch.float32)
 
     def forward(
         self,
@@ -286,16 +347,12 @@ class StarDecode(nn.Module):
         *pasts: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         h = self.embed_tokens(input_ids)  # (B, 1, D)
-        cos, sin = self.rotary(h, position_ids)
-        masks = [
-            star.decode_mask(m, torch.float32) for m in (attention_mask_l1, attention_mask_l2)
-        ]  # (B, 1, 1, P+1)
+        rope = self.rotary(h, position_ids)
+        masks = self.decode_masks(attention_mask_l1, attention_mask_l2)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             mask = masks[0] if i < self.cfg.layer else masks[1]
-            h, k, v, _ = decoder_layer(
-                layer, h, cos, sin, mask, self.geo.head_dim, (pasts[2 * i], pasts[2 * i + 1])
-            )
+            h, k, v, _ = self.run_layer(i, layer, h, rope, mask, (pasts[2 * i], pasts[2 * i + 1]))
             presents += [k, v]
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
         return (logits, *presents)

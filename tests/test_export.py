@@ -47,7 +47,7 @@ def test_exported_prefill_passes_every_parity_check(request, tmp_path, which, ke
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"NonZero", "NonMaxSuppression", "Unique", "Compress", "Loop", "Scan", "If"}
     ks = sorted(k for _, k in topk_nodes(model))
-    assert ks == sorted([cfg.keep1, cfg.keep2])
+    assert ks == sorted([cfg.keep1, cfg.keep2, cfg.keep1 + 1, cfg.keep2 + 1])  # + the cut margins
     scan = check_onnx(path, dynamic_inputs=contract.dynamic_axes())
     assert scan.ok, scan.format()
     dims = {
@@ -75,7 +75,7 @@ def test_one_graph_serves_other_batch_sizes_and_lengths(gqa, tmp_path):
         assert np.abs(got[0] - ref[0].numpy()).max() <= 1e-4 * np.abs(ref[0].numpy()).max()
         for i in range(gqa.geometry.num_layers):
             expect = text_len - 1 + (cfg.keep1 if i < cfg.layer else cfg.keep2)
-            assert got[3 + 2 * i].shape == (batch, gqa.geometry.num_kv_heads, expect, gqa.geometry.head_dim)
+            assert got[5 + 2 * i].shape == (batch, gqa.geometry.num_kv_heads, expect, gqa.geometry.head_dim)
 
 
 def test_external_data_is_written_and_loads(mha, tmp_path):

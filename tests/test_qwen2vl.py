@@ -161,7 +161,7 @@ def test_rewrite_matches_reference(qwen, keep, keep1, layer):
         for i in range(geo.num_layers):
             length = t - 1 + (cfg.keep1 if i < cfg.layer else cfg.keep2)
             for j in range(2):
-                got = out[3 + 2 * i + j]
+                got = out[5 + 2 * i + j]
                 assert got.shape == (2, geo.num_kv_heads, length, geo.head_dim)
                 assert rel(got[b, :, n_pad:], ref.presents[i][j]) <= 1e-5
     if cfg.keep2 < geo.n_visual:  # pruning must matter
@@ -196,7 +196,7 @@ def test_left_padded_row_equals_the_row_alone(qwen):
     assert both[1][1].tolist() == alone[1][0].tolist() and both[2][1].tolist() == alone[2][0].tolist()
     assert rel(both[0][1], alone[0][0]) <= 1e-5
     for i in range(2 * geo.num_layers):
-        assert rel(both[3 + i][1, :, 5:], alone[3 + i][0]) <= 1e-5
+        assert rel(both[5 + i][1, :, 5:], alone[5 + i][0]) <= 1e-5
 
 
 # ---------------------------------------------------------------------------- (d) ONNX
@@ -216,7 +216,9 @@ def test_onnx_export_matches_the_rewrite_and_is_static(qwen, tmp_path):
     graph = onnx.load(str(tmp_path / "prefill.onnx"), load_external_data=False)
     ops = {n.op_type for n in graph.graph.node}
     assert not ops & {"NonZero", "NonMaxSuppression", "Unique", "Compress", "Loop", "If", "Scan"}
-    assert sorted(k for _, k in topk_nodes(graph)) == sorted([cfg.keep1, cfg.keep2])
+    assert sorted(k for _, k in topk_nodes(graph)) == sorted(
+        [cfg.keep1, cfg.keep2, cfg.keep1 + 1, cfg.keep2 + 1]
+    )
     dims = {
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input
     }
@@ -241,7 +243,7 @@ def test_onnx_export_matches_the_rewrite_and_is_static(qwen, tmp_path):
             ref = pre(pv, ids, mask)
         assert np.array_equal(got[1], ref[1].numpy()) and np.array_equal(got[2], ref[2].numpy())
         assert rel(got[0], ref[0]) <= 1e-4
-        for g_, r_ in zip(got[3:], ref[3:], strict=True):
+        for g_, r_ in zip(got[5:], ref[5:], strict=True):
             assert g_.shape == tuple(r_.shape) and rel(g_, r_) <= 1e-4
         # one decode step on the prefill presents
         real = mask.sum(1)
@@ -257,7 +259,7 @@ def test_onnx_export_matches_the_rewrite_and_is_static(qwen, tmp_path):
                 [(torch.arange(l2)[None] >= pad[:, None]).long(), torch.ones(batch, 1, dtype=torch.long)], 1
             ),
         }
-        pasts = {f"past.{i // 2}.{('key', 'value')[i % 2]}": r_ for i, r_ in enumerate(ref[3:])}
+        pasts = {f"past.{i // 2}.{('key', 'value')[i % 2]}": r_ for i, r_ in enumerate(ref[5:])}
         dgot = dsess.run(None, {k: v.numpy() for k, v in {**feeds, **pasts}.items()})
         with torch.no_grad():
             dref = dec(*feeds.values(), *pasts.values())
@@ -285,7 +287,7 @@ def test_unpruned_greedy_generation_equals_hf_generate(qwen):
     tokens, step_logits = [], []
     with torch.no_grad():
         out = pre(pv, ids, mask)
-        logits, pasts = out[0], list(out[3:])
+        logits, pasts = out[0], list(out[5:])
         for step in range(steps):
             token = logits.argmax(-1)
             tokens.append(token)

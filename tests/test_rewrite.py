@@ -78,8 +78,8 @@ def test_present_lengths_are_l1_before_k_and_l2_from_k(request, which):
     assert out[1].shape == (3, 100) and out[2].shape == (3, 20)
     for i in range(g.num_layers):
         length = 17 - 1 + (100 if i < cfg.layer else 20)
-        assert out[3 + 2 * i].shape == (3, g.num_kv_heads, length, g.head_dim)
-        assert out[4 + 2 * i].shape == (3, g.num_kv_heads, length, g.head_dim)
+        assert out[5 + 2 * i].shape == (3, g.num_kv_heads, length, g.head_dim)
+        assert out[6 + 2 * i].shape == (3, g.num_kv_heads, length, g.head_dim)
     # kept indices ascending, stage 2 a subset of stage 1
     s1, s2 = out[1].numpy(), out[2].numpy()
     assert (np.diff(s1, axis=1) > 0).all() and (np.diff(s2, axis=1) > 0).all()

@@ -166,7 +166,13 @@ def trt_rows(
         for i, feeds in enumerate(feeds_list):
             out = got.prefill(_feed(contracts["prefill"], feeds))
             check_side(
-                report, f"{name} vs torch {SHORT[model_dtype]} (feed {i})", out, rewrite, dict(feeds), margins, tol
+                report,
+                f"{name} vs torch {SHORT[model_dtype]} (feed {i})",
+                out,
+                rewrite,
+                dict(feeds),
+                margins,
+                tol,
             )
         ref = TorchBackend(model, geo, cfg, contracts["prefill"], contracts["decode"])
         generation_rows(

@@ -45,6 +45,17 @@ class ImageSpan:
     slots: list[int | None]
     project: Any  # Callable[[list[int]], torch.Tensor]
     structural: torch.Tensor | None = None
+    extras: Any = None  # anything else the layers need per candidate (DeepStack levels)
+
+
+@dataclass
+class RefSpan:
+    """The visual span of one row inside the reference's current sequence: its first index, the
+    (offset in the unpruned span, candidate or None) of each slot, and ``ImageSpan.extras``."""
+
+    start: int
+    slots: list[tuple[int, int | None]]
+    extras: Any = None
 
 
 class Family:
@@ -109,6 +120,27 @@ class Family:
     ) -> torch.Tensor:
         """Last-position logits (V,) of the unmodified transformers model on the expanded prompt."""
         raise NotImplementedError
+
+    def reference_layer(
+        self,
+        model: Any,
+        geo: Geometry,
+        i: int,
+        layer: Any,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        cache: Any,
+        span: RefSpan,
+    ) -> torch.Tensor:
+        """The reference's decoder layer ``i`` on one row h (1, L, D) at positions ``pos`` (A, L), through
+        HF's own layer (its attention module is hooked for stage 2), with ``cache`` (a DynamicCache).
+        Default: a causal mask and the text model's rotary embedding."""
+        lm = model.model.language_model
+        length = h.shape[1]
+        causal = torch.full((length, length), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)[None, None]
+        cos_sin = lm.rotary_emb(h, pos[:, None, :] if pos.shape[0] > 1 else pos)
+        out = layer(h, attention_mask=causal, cache=cache, use_cache=True, position_embeddings=cos_sin)
+        return out[0] if isinstance(out, tuple) else out
 
     # ---- 5. pre-processing ------------------------------------------------------------------------
     def image_spec(self, model_dir: Path, geo: Geometry) -> dict[str, Any]:
