@@ -133,6 +133,6 @@ def test_cut_margin_is_the_gap_at_the_cut():
 
 def test_attention_mask_values_other_than_0_and_1_are_refused():
     ids = torch.tensor([[4, 9, 5, 6]])
-    with pytest.raises(UsageError, match="only 0 .* and 1 .*found 2"):
+    with pytest.raises(UsageError, match=r"only 0 .* and 1 .*found 2"):
         star.check_prompts(ids, torch.tensor([[1, 1, 2, 1]]), 9)
     star.check_prompts(ids, torch.tensor([[0, 1, 1, 1]]), 9)  # left padding is fine
