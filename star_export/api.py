@@ -147,7 +147,7 @@ def export(
     dtype: str | None = None,
     recipe: str | Path | None = None,
     grid: tuple[int, int] | None = None,
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
     validate: bool = True,
     batch_size: int = 2,
     text_len: int = 24,
@@ -191,6 +191,7 @@ def export(
     options = {**(rec.layout if rec else {}), **given}  # the flags override the recipe's layout
     # geometry and STAR settings from config.json alone: bad settings fail before weights load
     geo = geometry_of(family, auto_config(model_dir), options)
+    family.check_layout(model_dir, geo)
     cfg = StarConfig.resolve(
         keep=keep, keep1=keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
     )

@@ -63,6 +63,17 @@ def _grid(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def _size(text: str) -> int | tuple[int, int]:
+    """``--image-size``: PX or HxW."""
+    if "x" not in text.lower():
+        return _int(text)
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PX or HxW such as 336x448, got {text!r}") from None
+    return height, width
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (no usage dump) on a bad flag."""
 
@@ -153,11 +164,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--image-size",
-        type=_int,
+        type=_size,
         default=None,
-        metavar="PX",
-        help=f"the static image resolution (a multiple of patch*merge, 28 px for the real checkpoints; "
-        f"default 336); images are resized to it; families: {_takers('image_size')}",
+        metavar="PX|HxW",
+        help=f"the static image resolution, PX (square) or HxW (height x width: keep your images' aspect "
+        f"ratio, e.g. 336x448 for 3:4), multiples of patch*merge (28 px for the real checkpoints); default "
+        f"336; images are resized to it; families: {_takers('image_size')}",
     )
     from star_export.build import add_build_arguments
 

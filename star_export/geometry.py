@@ -18,7 +18,7 @@ class Geometry:
     """What the exporter needs to know about a checkpoint at one static layout."""
 
     n_visual: int  # N: content tokens per image that STAR ranks (LLaVA-1.5: 576)
-    image_size: int  # the family's image side (LLaVA: the vision tower's; Qwen: the static resolution)
+    image_size: int  # the family's image side (LLaVA: the vision tower's; Qwen: the static height)
     patch_size: int
     image_token_id: int
     num_layers: int
@@ -37,6 +37,7 @@ class Geometry:
     n_positions: int = 0  # positions the unpruned image occupies: text after it starts at s + n_positions
     grid: tuple[int, int] = (1, 1)  # the family's grid (NeXT: anyres tiles; Qwen: merged tokens rows x cols)
     position_axes: int = 1  # components of a position id (1: 1-D RoPE; 3: M-RoPE t/h/w)
+    image_hw: tuple[int, int] = ()  # the static resolution (height, width); () = image_size square
 
     def __post_init__(self) -> None:
         # JSON round trips (manifest.json) turn tuples into lists; old manifests lack the layout
@@ -44,6 +45,7 @@ class Geometry:
             self, "pixel_shape", tuple(self.pixel_shape) or (3, self.image_size, self.image_size)
         )
         object.__setattr__(self, "grid", tuple(self.grid))
+        object.__setattr__(self, "image_hw", tuple(self.image_hw) or (self.image_size, self.image_size))
         if not self.n_positions:
             object.__setattr__(self, "n_positions", self.n_visual + self.n_fixed)
 

@@ -152,7 +152,7 @@ def load_model(
     layer: int = 2,
     recipe: str | Path | None = None,
     grid: tuple[int, int] | None = None,
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
 ) -> Pipeline:
     """A checkpoint (directory, hub id, or None: the embedded llava-tiny) through the PyTorch rewrite."""
     from star_export.api import DEFAULT_RECIPE, quiet_libraries

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from star_export.check import check_onnx, topk_nodes
+from star_export.cli import main
 from star_export.contract import decode_contract, prefill_contract
 from star_export.encoding import patchify
 from star_export.errors import UsageError
@@ -411,3 +412,33 @@ def test_preprocessor_takes_the_processors_chat_template_json(qwen_dir, qwen, tm
     image = Image.new("RGB", (40, 30), "red")
     got, want = pre.encode([image], ["what is it?"]), ref.encode([image], ["what is it?"])
     np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+@pytest.mark.parametrize("size", [(112, 160), (160, 112)])
+def test_non_square_static_resolutions_pass_the_parity_checks(qwen_dir, size):
+    """--image-size HxW keeps the images' aspect ratio: a rows x cols merged grid with M-RoPE
+    rows/columns as HF's get_rope_index gives them; rewrite vs reference vs the unmodified model."""
+    from star_export.load import load
+    from star_export.validate import validate
+
+    loaded = load(qwen_dir, options={"image_size": size})
+    geo = loaded.geometry
+    rows, cols = size[0] // 16, size[1] // 16
+    assert geo.grid == (rows, cols) and geo.image_hw == size and geo.n_positions == max(rows, cols)
+    assert geo.pixel_shape == (rows * cols * 4, 384) and geo.n_visual == rows * cols
+    cfg = resolve(geo, 12, 30, 2)
+    report = validate(
+        loaded.model, geo, cfg, prefill_contract(geo, cfg, (1, 2, 8), (2, 24, 128)), None, seed=1
+    )
+    assert report.passed, report.format()
+
+
+def test_image_sizes_outside_the_processor_range_or_the_merge_grid_are_refused(qwen_dir, tmp_path, capsys):
+    for size, message in (
+        ("16x16", "outside the checkpoint's image processor range"),
+        ("112x100", "multiples of"),
+    ):
+        code = main(["llava", "--model", str(qwen_dir), "--image-size", size, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "o").exists()

@@ -93,6 +93,9 @@ class Family:
     def geometry(self, config: Any, **options: Any) -> Geometry:
         raise NotImplementedError
 
+    def check_layout(self, model_dir: Path, geo: Geometry) -> None:
+        """Refuse (UsageError) a static layout the checkpoint's processor files rule out; default none."""
+
     # ---- 3. the exported modules ----------------------------------------------------------------
     def prefill_module(self, model: Any, geo: Geometry, cfg: Any) -> torch.nn.Module:
         raise NotImplementedError

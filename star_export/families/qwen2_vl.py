@@ -3,10 +3,12 @@ Qwen2 decoder with M-RoPE, as static-shape modules.
 
 Fixed static resolution
 -----------------------
-Dynamic resolution becomes one static square resolution per export (``--image-size``, a multiple of
-``patch_size * spatial_merge_size``; default 336). Images are resized to it (bicubic, aspect not
-kept) and cut into the processor's patch layout (``encoding.patchify``): with P = patch_size,
-m = spatial_merge_size, Tp = temporal_patch_size, C = in_channels, gh = gw = image_size / P,
+Dynamic resolution becomes one static resolution per export (``--image-size PX`` or ``HxW``, both
+multiples of ``patch_size * spatial_merge_size``, within the processor's min/max pixels; default
+336x336): pick the aspect ratio of your images (448x336 for 4:3 photos). Images are resized to it
+(bicubic: what the processor's smart_resize gives an image of that aspect ratio) and cut into the
+processor's patch layout (``encoding.patchify``): with P = patch_size, m = spatial_merge_size,
+Tp = temporal_patch_size, C = in_channels, gh = H / P, gw = W / P,
 ``pixel_values [B, gh * gw, C * Tp * P * P]``, rows ordered block-major over m x m merge blocks. HF's
 vision tower runs over ``grid_thw`` / ``cu_seqlens`` with ``.tolist()`` splits, which do not export
 with static shapes, so its forward is written out here over the static grid (same math as HF's eager
@@ -62,22 +64,38 @@ from star_export.star import StarConfig
 DEFAULT_IMAGE_SIZE = 336  # 12 x 12 = 144 merged tokens at patch 14, merge 2
 
 
-def qwen_geometry(config: Any, image_size: int | None, arch: str, **overrides: Any) -> Geometry:
-    """Geometry of a Qwen-VL config at a fixed static ``image_size x image_size`` resolution."""
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def image_hw(image_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int]:
+    """``--image-size`` as (height, width): PX is PX x PX; default 336 x 336."""
+    if image_size is None:
+        return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = (int(v) for v in image_size)
+    return height, width
+
+
+def qwen_geometry(config: Any, image_size: Any, arch: str, **overrides: Any) -> Geometry:
+    """Geometry of a Qwen-VL config at one static resolution (``image_size``: PX or (H, W))."""
     vc, tc = config.vision_config, config.text_config
-    image_size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
+    height, width = image_hw(image_size)
     patch, merge, tp = int(vc.patch_size), int(vc.spatial_merge_size), int(vc.temporal_patch_size)
-    if image_size <= 0 or image_size % (patch * merge):
+    unit = patch * merge
+    if min(height, width) <= 0 or height % unit or width % unit:
         raise UsageError(
-            f"--image-size {image_size} must be a positive multiple of patch_size * spatial_merge_size "
-            f"= {patch * merge}"
+            f"--image-size {height}x{width}: height and width must be positive multiples of "
+            f"patch_size * spatial_merge_size = {unit}"
         )
     refuse_sliding_window(tc)
-    side = image_size // patch  # patches per side
-    rows = cols = side // merge
+    gh, gw = height // patch, width // patch  # patches down / across
+    rows, cols = gh // merge, gw // merge
     fields: dict[str, Any] = dict(
         n_visual=rows * cols,
-        image_size=image_size,
+        image_size=height,
+        image_hw=(height, width),
         patch_size=patch,
         image_token_id=int(config.image_token_id),
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
@@ -85,7 +103,7 @@ def qwen_geometry(config: Any, image_size: int | None, arch: str, **overrides: A
         select_strategy="full",  # no CLS token
         **text_geometry(tc),
         arch=arch,
-        pixel_shape=(side * side, int(vc.in_channels) * tp * patch * patch),
+        pixel_shape=(gh * gw, int(vc.in_channels) * tp * patch * patch),
         n_fixed=0,
         n_positions=max(rows, cols),
         grid=(rows, cols),
@@ -94,10 +112,10 @@ def qwen_geometry(config: Any, image_size: int | None, arch: str, **overrides: A
     return Geometry(**{**fields, **overrides})
 
 
-def vision_patch_positions(side: int, merge: int) -> torch.Tensor:
-    """(h, w) patch coordinates of every pixel row in processor order.  -> (side*side, 2) int64"""
-    h = torch.arange(side).view(side // merge, merge, 1, 1).expand(-1, -1, side // merge, merge)
-    w = torch.arange(side).view(1, 1, side // merge, merge).expand(side // merge, merge, -1, -1)
+def vision_patch_positions(gh: int, gw: int, merge: int) -> torch.Tensor:
+    """(h, w) patch coordinates of every pixel row in processor order.  -> (gh*gw, 2) int64"""
+    h = torch.arange(gh).view(gh // merge, merge, 1, 1).expand(-1, -1, gw // merge, merge)
+    w = torch.arange(gw).view(1, 1, gw // merge, merge).expand(gh // merge, merge, -1, -1)
     # processor order: (block row, block col, i, j)
     h = h.permute(0, 2, 1, 3).reshape(-1)
     w = w.permute(0, 2, 1, 3).reshape(-1)
@@ -176,8 +194,8 @@ class Qwen2VLPrefill(MRopePrefill):
         self.vision_heads = int(vc.num_heads)
         self.vision_dim = int(vc.embed_dim)
         self.merge = int(vc.spatial_merge_size)
-        side = geometry.grid[0] * self.merge
-        self.register_buffer("patch_pos", vision_patch_positions(side, self.merge), persistent=False)
+        gh, gw = geometry.grid[0] * self.merge, geometry.grid[1] * self.merge
+        self.register_buffer("patch_pos", vision_patch_positions(gh, gw, self.merge), persistent=False)
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """F: (B, gh*gw, C*Tp*P*P) -> (B, N, m*m*d_v), the merger's input per merged token (pre-ln_q)."""
@@ -214,8 +232,22 @@ class QwenVLFamily(Family):
     text_models = None  # its own decoder
 
     def grid_thw(self, geo: Geometry) -> torch.Tensor:
-        m = geo.image_size // geo.patch_size // geo.grid[0]  # spatial merge size
-        return torch.tensor([[1, geo.grid[0] * m, geo.grid[1] * m]])
+        height, width = geo.image_hw
+        return torch.tensor([[1, height // geo.patch_size, width // geo.patch_size]])
+
+    def check_layout(self, model_dir: Path, geo: Geometry) -> None:
+        """The static resolution within the image processor's min/max pixels (a checkpoint never saw
+        images outside them)."""
+        pre = read_json(Path(model_dir) / "preprocessor_config.json")
+        size = pre.get("size") or {}
+        low = pre.get("min_pixels") or size.get("shortest_edge")
+        high = pre.get("max_pixels") or size.get("longest_edge")
+        height, width = geo.image_hw
+        if (low and height * width < int(low)) or (high and height * width > int(high)):
+            raise UsageError(
+                f"--image-size {height}x{width}: {height * width} pixels is outside the checkpoint's "
+                f"image processor range {low}..{high} (min_pixels..max_pixels)"
+            )
 
     def decode_module(self, model: Any, geo: Geometry, cfg: StarConfig) -> StarDecode:
         return MRopeDecode(model, geo, cfg)
@@ -258,20 +290,20 @@ class QwenVLFamily(Family):
         return out.logits[0, -1].float()
 
     def image_spec(self, model_dir: Path, geo: Geometry) -> dict[str, Any]:
-        path = Path(model_dir) / "preprocessor_config.json"
-        pre = json.loads(path.read_text()) if path.is_file() else {}
+        pre = read_json(Path(model_dir) / "preprocessor_config.json")
         patch, tp, merge = (
             pre.get("patch_size", 14),
             pre.get("temporal_patch_size", 2),
             pre.get("merge_size", 2),
         )
-        size = geo.image_size
+        height, width = geo.image_hw
         return {
             "kind": "patches",
             "processor": "tokenizer",
             "image_token": "<|image_pad|>",
-            "size": [size, size],
-            "resize": f"bicubic to {size}x{size} (aspect ratio not kept: one static resolution)",
+            "size": [height, width],
+            "resize": f"bicubic to {height}x{width} (one static resolution: images of another aspect "
+            "ratio are stretched to it)",
             **normalisation(pre),
             "patch_size": patch,
             "temporal_patch_size": tp,
@@ -287,10 +319,12 @@ class QwenVLFamily(Family):
         from star_export.tiny import CHAT_TEMPLATE, tiny_tokenizer
 
         vc, size = recipe.config["vision_config"], recipe.image["size"]
+        unit = vc["patch_size"] * vc["spatial_merge_size"]
         pre = {
             "image_processor_type": self.image_processor_type,
             "do_resize": True,
-            "size": {"shortest_edge": size * size, "longest_edge": size * size},
+            # the processor's pixel range (real checkpoints: 56*56 .. 28*28*16384)
+            "size": {"shortest_edge": 4 * unit * unit, "longest_edge": 16 * size * size},
             **tiny_normalisation(recipe),
             "patch_size": vc["patch_size"],
             "temporal_patch_size": vc["temporal_patch_size"],
@@ -309,14 +343,15 @@ class QwenVLFamily(Family):
 
     def index_space(self, geo: Geometry) -> str:
         rows, cols = geo.grid
+        m = geo.image_size // geo.patch_size // rows
         return (
-            f"merged-token index j in 0..{geo.n_visual - 1}: the {rows}x{cols} grid of "
-            f"{geo.image_size // geo.patch_size // rows}x{geo.image_size // geo.patch_size // rows} patch blocks "
+            f"merged-token index j in 0..{geo.n_visual - 1}: the {rows}x{cols} grid of {m}x{m} patch blocks "
             f"in raster order (row j // {cols}, column j % {cols})"
         )
 
     def describe(self, geo: Geometry) -> str:
-        return f"N={geo.n_visual} ({geo.grid[0]}x{geo.grid[1]} merged tokens at {geo.image_size} px)"
+        height, width = geo.image_hw
+        return f"N={geo.n_visual} ({geo.grid[0]}x{geo.grid[1]} merged tokens at {height}x{width} px)"
 
 
 class Qwen2VL(QwenVLFamily):
