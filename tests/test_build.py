@@ -83,7 +83,7 @@ def test_prefill_profile_shapes(prefill):
     assert shapes["input_ids"] == ((1, 2), (2, 64), (8, 512))
     assert shapes["attention_mask"] == shapes["input_ids"]
     # derived output dims: L1 = text_len + 127 (layers < K), L2 = text_len + 63
-    assert prefill.outputs[3].shape[2] == "text_len + 127"
+    assert prefill.outputs[5].shape[2] == "text_len + 127"  # after logits, the indices and the margins
     outs = output_shapes(prefill)
     assert outs["present.0.key"] == ((1, 2, 129, 16), (2, 2, 191, 16), (8, 2, 639, 16))
     assert outs["present.3.value"] == ((1, 2, 65, 16), (2, 2, 127, 16), (8, 2, 575, 16))

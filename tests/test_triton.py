@@ -82,7 +82,15 @@ def expected_io(tensors: list[dict]) -> list[tuple[str, str, list[int]]]:
 
 
 def served_io(entries) -> list[tuple[str, str, list[int]]]:
-    return [(e.name, dtype_name(e.data_type), list(e.dims)) for e in entries]
+    """(name, TYPE_*, the dims the model sees): a [batch]-only tensor is served as dims [1] reshaped to []."""
+    out = []
+    for e in entries:
+        if e.HasField("reshape"):
+            assert list(e.dims) == [1] and list(e.reshape.shape) == []
+            out.append((e.name, dtype_name(e.data_type), list(e.reshape.shape)))
+        else:
+            out.append((e.name, dtype_name(e.data_type), list(e.dims)))
+    return out
 
 
 def batch_max(manifest: dict, graph: str) -> int:
