@@ -12,7 +12,9 @@ before any weight is read. Nothing is printed unless ``log`` is given (the CLI p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,12 @@ from star_export.progress import Log, Steps, heartbeat, quiet
 DEFAULT_RECIPE = "llava-tiny"
 GENERIC_PROFILE = {"batch": [1, 2, 8], "text_len": [2, 64, 512]}
 DTYPES = {"fp32": ("float32", "float32"), "fp16": ("float16", "float16"), "bf16": ("bfloat16", "bfloat16")}
-OUTPUTS = (  # what an export owns in --out: a re-run replaces these and drops stale ones
-    "prefill.onnx",
-    "prefill.onnx.data",
+OUTPUTS = (  # what an export owns in --out (names or patterns): a re-run replaces these, drops stale ones
+    "prefill*.onnx",
+    "prefill*.onnx.data",
     "decode.onnx",
     "decode.onnx.data",
+    "weights.onnx.data",
     "processor",
     "manifest.json",
     "report.json",
@@ -130,6 +133,13 @@ def _resolve_source(model: str | Path | None, recipe: str | Path | None):
     return model_dir, source, rec, family
 
 
+def _ints(value: int | Sequence[int] | None, default: list) -> list:
+    """A flag that takes one value or a list (``--keep 32,64``) as a list; ``default`` when None."""
+    if value is None:
+        return default
+    return [value] if isinstance(value, int) else list(value)
+
+
 def _range(name: str, values: list[int]) -> tuple[int, int, int]:
     lo, opt, hi = (int(v) for v in values)
     if not 1 <= lo <= opt <= hi:
@@ -140,8 +150,8 @@ def _range(name: str, values: list[int]) -> tuple[int, int, int]:
 def export(
     model: str | Path | None = None,
     *,
-    keep: int | None = None,
-    keep1: int | None = None,
+    keep: int | Sequence[int] | None = None,
+    keep1: int | Sequence[int] | None = None,
     layer: int | None = None,
     out: str | Path = "star_out",
     dtype: str | None = None,
@@ -155,11 +165,12 @@ def export(
     log: Log | None = None,
 ) -> ExportResult:
     """Export ``model`` (a checkpoint directory, a hub id, or None: the recipe, default the embedded
-    llava-tiny) with STAR pruning into ``out``: prefill.onnx + decode.onnx, processor/, manifest.json
-    and (``validate``) report.json.
+    llava-tiny) with STAR pruning into ``out``: a prefill graph per keep level, one decode graph, the
+    weights once (weights.onnx.data), processor/, manifest.json and (``validate``) report.json.
 
-    keep / keep1 / layer: keep2, keep1 (default min(N, 2*keep)) and K (default from the recipe, else
-    64 and 2). dtype: "fp32" | "fp16" | "bf16", default the checkpoint's own. grid / image_size: the
+    keep: keep2, one level or several (``[32, 64, 128]``: one prefill graph each, the first the
+    default; one decode graph serves them all); keep1: per level, default min(N, 2*keep); layer: K,
+    the same for every level (defaults from the recipe, else 64 and 2). dtype: "fp32" | "fp16" | "bf16", default the checkpoint's own. grid / image_size: the
     family's static layout (``families``). batch_size / text_len / seed: the validation inputs.
     """
     import time
@@ -182,7 +193,14 @@ def export(
     from star_export.star import StarConfig
 
     defaults = rec.star if rec else {}
-    keep = keep if keep is not None else int(defaults.get("keep", 64))
+    keeps = _ints(keep, [int(defaults.get("keep", 64))])
+    keep1s = _ints(keep1, [None] * len(keeps))
+    if len(keep1s) != len(keeps):
+        raise UsageError(
+            f"--keep1 lists {len(keep1s)} values for {len(keeps)} keep levels: give one per level"
+        )
+    if len(set(keeps)) != len(keeps):
+        raise UsageError(f"--keep {','.join(map(str, keeps))}: each keep level once")
     layer = layer if layer is not None else int(defaults.get("layer", 2))
     export_dtype = dtype or checkpoint_dtype(model_dir)
     torch_dtype = getattr(torch, DTYPES[export_dtype][0])
@@ -192,9 +210,10 @@ def export(
     # geometry and STAR settings from config.json alone: bad settings fail before weights load
     geo = geometry_of(family, auto_config(model_dir), options)
     family.check_layout(model_dir, geo)
-    cfg = StarConfig.resolve(
-        keep=keep, keep1=keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
-    )
+    levels = [
+        StarConfig.resolve(keep=k, keep1=k1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers)
+        for k, k1 in zip(keeps, keep1s, strict=True)
+    ]
     profile = rec.profile if rec and rec.profile else GENERIC_PROFILE
     b_lo, _, b_hi = _range("batch", profile["batch"])
     t_lo, t_opt, t_hi = _range("text_len", profile["text_len"])
@@ -208,40 +227,57 @@ def export(
     loaded = load(model_dir, source=source, dtype=torch_dtype, options=options)
     steps.done(
         f"{source}: {family.describe(geo)}, {geo.num_layers} layers, heads {geo.num_heads}/{geo.num_kv_heads} kv; "
-        f"keep1={cfg.keep1} keep2={cfg.keep2} K={cfg.layer}"
+        + "; ".join(f"keep1={c.keep1} keep2={c.keep2}" for c in levels)
+        + f"; K={layer}"
     )
 
     from star_export.check import check_onnx
     from star_export.contract import decode_contract, prefill_contract
-    from star_export.manifest import build_manifest
+    from star_export.manifest import build_manifest, prefill_graph
     from star_export.onnx_export import OPSET, example_decode_inputs, export_onnx
     from star_export.outputs import staged, write_json
+    from star_export.weights import share_weights
 
     text_range = (max(2, t_lo), t_opt, t_hi)
-    pc = prefill_contract(geo, cfg, batch, text_range, dtype=onnx_dtype, pixel_doc=family.pixel_doc(geo))
-    dc = decode_contract(geo, cfg, batch, text_range, max_new, dtype=onnx_dtype)
+    several = len(levels) > 1
+    pcs = [
+        dataclasses.replace(
+            prefill_contract(geo, c, batch, text_range, dtype=onnx_dtype, pixel_doc=family.pixel_doc(geo)),
+            graph=prefill_graph(c.keep2, several),
+        )
+        for c in levels
+    ]
+    dc = decode_contract(geo, levels, batch, text_range, max_new, dtype=onnx_dtype)
     result = ExportResult(out=out, written=[], manifest={})
     with staged(out, owned=OUTPUTS) as stage:
-        steps.step(f"exporting prefill.onnx and decode.onnx (torch.onnx dynamo exporter, opset {OPSET})")
-        paths = {"prefill": stage / "prefill.onnx", "decode": stage / "decode.onnx"}
-        with heartbeat("exporting prefill.onnx", log):
-            export_onnx(
-                family.prefill_module(loaded.model, geo, cfg).eval(), pc, paths["prefill"], geo.image_token_id
+        names = ", ".join(f"{c.graph}.onnx" for c in pcs)
+        steps.step(f"exporting {names} and decode.onnx (torch.onnx dynamo exporter, opset {OPSET})")
+        paths = {c.graph: stage / f"{c.graph}.onnx" for c in (*pcs, dc)}
+        for c, level in zip(pcs, levels, strict=True):
+            t0 = time.perf_counter()
+            with heartbeat(f"exporting {c.graph}.onnx", log):
+                module = family.prefill_module(loaded.model, geo, level).eval()
+                export_onnx(module, c, paths[c.graph], geo.image_token_id, external_data=True)
+            steps.done(
+                f"{c.graph}.onnx (keep1={level.keep1}, keep2={level.keep2}): batch, text_len dynamic",
+                since=t0,
             )
-        steps.done("prefill.onnx: batch, text_len dynamic")
         t0 = time.perf_counter()
         with heartbeat("exporting decode.onnx", log):
+            module = family.decode_module(loaded.model, geo, levels[0]).eval()
             export_onnx(
-                family.decode_module(loaded.model, geo, cfg).eval(),
-                dc,
-                paths["decode"],
-                example_args=example_decode_inputs(dc),
+                module, dc, paths["decode"], example_args=example_decode_inputs(dc), external_data=True
             )
-        steps.done("decode.onnx: batch, past_len dynamic", since=t0)
+        steps.done("decode.onnx (every level): batch, past_len_l1, past_len_l2 dynamic", since=t0)
+        shared = share_weights(list(paths.values()))
+        log(
+            f"      {shared.file}: {shared.tensors} tensors, {shared.bytes / 2**20:.1f} MiB, shared by "
+            f"{len(shared.graphs)} graphs (the per-graph files held {shared.replaced_bytes / 2**20:.1f} MiB)"
+        )
         tokenizer = copy_processor_files(loaded.model_dir, stage / "processor")
 
         steps.step("scanning the graphs (static shapes, TensorRT readiness)")
-        for c in (pc, dc):
+        for c in (*pcs, dc):
             result.scans[c.graph] = scan = check_onnx(paths[c.graph], dynamic_inputs=c.dynamic_axes())
             log(
                 f"      {paths[c.graph].name}: {'ok' if scan.ok else 'FAIL'}, {sum(scan.op_counts.values())} nodes, "
@@ -249,23 +285,23 @@ def export(
             )
 
         if validate:
-            from star_export.validate import validate_export
+            from star_export.validate import validate_levels
 
             half = export_dtype != "fp32"
             steps.step(
                 f"validating (B={max(2, batch_size)}, T={text_len}, left padding): onnxruntime vs torch rewrite"
                 + (f" ({export_dtype} and fp32)" if half else "")
                 + " vs reference vs unmodified model"
+                + (f", {len(levels)} keep levels" if several else "")
             )
             # a half-precision export is checked against the fp32 semantics too: the checkpoint in fp32
             model32 = load(model_dir, source=source, options=options).model if half else None
-            report = validate_export(
+            report = validate_levels(
                 loaded.model,
                 geo,
-                cfg,
-                pc,
+                list(zip(levels, pcs, strict=True)),
                 dc,
-                paths,
+                stage,
                 seed=seed,
                 batch=max(2, batch_size),
                 text_len=text_len,
@@ -277,10 +313,10 @@ def export(
             write_json(stage / "report.json", report.to_dict())
             result.report = report
 
-        files = sorted(f for f in stage.iterdir() if f.name.startswith(("prefill.onnx", "decode.onnx")))
+        files = sorted(f for f in stage.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
         result.manifest = build_manifest(
-            contracts=[pc, dc],
-            cfg=cfg,
+            contracts=[*pcs, dc],
+            levels=levels,
             geo=geo,
             family=family,
             model_dir=loaded.model_dir,

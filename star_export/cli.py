@@ -53,6 +53,11 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _ints(text: str) -> list[int]:
+    """``32`` or ``32,64,128``."""
+    return [_int(v) for v in text.split(",")]
+
+
 def _grid(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -92,17 +97,19 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``llava`` / ``export``."""
     p.add_argument(
         "--keep",
-        type=_int,
+        type=_ints,
         default=None,
-        metavar="K2",
-        help="visual tokens kept by stage 2 (keep2), 1..N; default from the recipe (64)",
+        metavar="K2[,K2...]",
+        help="visual tokens kept by stage 2 (keep2), 1..N; default from the recipe (64). Several levels "
+        "(32,64,128): one prefill graph each, the first the default, one decode graph and the weights "
+        "shared; a request picks its level (generate --keep, the Triton pipeline's keep input)",
     )
     p.add_argument(
         "--keep1",
-        type=_int,
+        type=_ints,
         default=None,
-        metavar="K1",
-        help="visual tokens kept by stage 1, keep..N; default min(N, 2*keep)",
+        metavar="K1[,K1...]",
+        help="visual tokens kept by stage 1, keep..N, one per keep level; default min(N, 2*keep)",
     )
     p.add_argument(
         "--layer",
@@ -322,7 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="extra stop token id (EOS always stops); repeatable",
     )
-    g.add_argument("--keep", type=_int, default=None, help="--model: keep2 (default 64)")
+    g.add_argument(
+        "--keep",
+        type=_int,
+        default=None,
+        help="keep2: with --from, one of the export's keep levels (default: its default level); "
+        "with --model, any (default 64)",
+    )
     g.add_argument("--keep1", type=_int, default=None, help="--model: keep1 (default min(N, 2*keep))")
     g.add_argument("--layer", type=_int, default=None, help="--model: K (default 2)")
     g.add_argument(
@@ -479,9 +492,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UsageError(f"--image {image}: no such file")
     runtime = args.runtime or ("onnxruntime" if args.from_dir else "torch")
     if args.from_dir is not None:
-        if args.keep is not None or args.keep1 is not None or args.layer is not None:
-            raise UsageError("--keep/--keep1/--layer are fixed by the exported graphs of --from")
+        if args.keep1 is not None or args.layer is not None:
+            raise UsageError(
+                "--keep1/--layer are fixed by the exported graphs of --from (--keep picks a level)"
+            )
         pipe = load_export(args.from_dir, runtime=runtime)
+        pipe.level(args.keep)  # a keep the export lacks: one line before any image is read
     else:
         if runtime == "onnxruntime":
             raise UsageError(
@@ -501,8 +517,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop or (),
+        keep=args.keep if args.from_dir is not None else None,
     )
-    geo, cfg, result = pipe.geo, pipe.cfg, out.result
+    geo, cfg, result = pipe.geo, out.cfg, out.result
     per_token = result.decode_s / max(result.decode_steps, 1)
     if args.json:
         print(

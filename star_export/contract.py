@@ -8,7 +8,7 @@ them (``text_len + 127``) for derived lengths such as L1 = T - 1 + keep1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,17 +163,21 @@ def prefill_contract(
 
 def decode_contract(
     geo: Geometry,
-    cfg: StarConfig,
+    cfg: StarConfig | Sequence[StarConfig],
     batch: tuple[int, int, int],
     text_len: tuple[int, int, int],
     max_new_tokens: int,
     dtype: str = "float32",
 ) -> GraphContract:
-    """One decode step. ``past_len`` is the stage-2 past length P2 (layers >= K); layers < K hold
-    P1 = past_len + (keep1 - keep2) entries. After prefill P1 = L1 and P2 = L2; each step adds one.
-    """
-    delta = cfg.keep1 - cfg.keep2
-    p1 = f"past_len + {delta}" if delta else "past_len"
+    """One decode step, shared by every keep level of an export (``cfg``: one level or several, all
+    with the same K). Layers < K hold ``past_len_l1`` past slots (P1), layers >= K hold
+    ``past_len_l2`` (P2): two independent dynamic lengths, so no keep count is baked in. After a
+    prefill of level (keep1, keep2): P1 = L1 = T - 1 + span1 and P2 = L2 = T - 1 + span2; each step
+    adds one to both. The ranges cover every level's prompts and ``max_new_tokens`` answers."""
+    levels = [cfg] if isinstance(cfg, StarConfig) else list(cfg)
+    layer = levels[0].layer
+    if any(c.layer != layer for c in levels):
+        raise UsageError("every keep level of one export uses the same --layer K")
     inputs = [
         TensorSpec("input_ids", "int64", ("batch", 1), "the token chosen at the previous step"),
         TensorSpec(
@@ -185,19 +189,19 @@ def decode_contract(
         TensorSpec(
             "attention_mask_l1",
             "int64",
-            ("batch", f"past_len + {delta + 1}"),
-            f"layers 0..{cfg.layer - 1}: 1 per valid past slot (0 at left padding), then 1 for the new token",
+            ("batch", "past_len_l1 + 1"),
+            f"layers 0..{layer - 1}: 1 per valid past slot (0 at left padding), then 1 for the new token",
         ),
         TensorSpec(
             "attention_mask_l2",
             "int64",
-            ("batch", "past_len + 1"),
-            f"layers {cfg.layer}..{geo.num_layers - 1}: 1 per valid past slot (0 at left padding), then 1",
+            ("batch", "past_len_l2 + 1"),
+            f"layers {layer}..{geo.num_layers - 1}: 1 per valid past slot (0 at left padding), then 1",
         ),
     ]
     outputs = [TensorSpec("logits", "float32", ("batch", geo.vocab_size), "next-token logits")]
     for i in range(geo.num_layers):
-        past = p1 if i < cfg.layer else "past_len"
+        past = "past_len_l1" if i < layer else "past_len_l2"
         for kind in ("key", "value"):
             inputs.append(
                 TensorSpec(
@@ -211,21 +215,29 @@ def decode_contract(
                 TensorSpec(
                     f"present.{i}.{kind}",
                     dtype,
-                    (
-                        "batch",
-                        geo.num_kv_heads,
-                        f"past_len + {delta + 1 if i < cfg.layer else 1}",
-                        geo.head_dim,
-                    ),
+                    ("batch", geo.num_kv_heads, f"{past} + 1", geo.head_dim),
                     f"layer {i} {kind}s with the new token appended",
                 )
             )
-    span2 = geo.span(cfg.keep2)
-    lo = max(2, text_len[0]) - 1 + span2
-    opt = text_len[1] - 1 + span2 + 16
-    hi = text_len[2] - 1 + span2 + max_new_tokens - 1
-    dims = (DynamicDim("batch", *batch), DynamicDim("past_len", lo, min(max(opt, lo), hi), hi))
-    return GraphContract("decode", tuple(inputs), tuple(outputs), dims, dict(TOLERANCES))
+    dims = [DynamicDim("batch", *batch)]
+    for name, keeps in (
+        ("past_len_l1", [c.keep1 for c in levels]),
+        ("past_len_l2", [c.keep2 for c in levels]),
+    ):
+        spans = [geo.span(k) for k in keeps]
+        lo = max(2, text_len[0]) - 1 + min(spans)
+        hi = text_len[2] - 1 + max(spans) + max_new_tokens - 1
+        opt = text_len[1] - 1 + spans[0] + 16  # the default level's typical length
+        dims.append(DynamicDim(name, lo, min(max(opt, lo), hi), hi))
+    return GraphContract("decode", tuple(inputs), tuple(outputs), tuple(dims), dict(TOLERANCES))
+
+
+def max_new_tokens(dims: Mapping[str, Mapping[str, Any]], text_len: int, span1: int, span2: int) -> int:
+    """The longest answer the decode graph's ranges allow after a prompt of ``text_len`` tokens
+    (``dims``: {name: {"max": ...}} of the decode graph's dynamic dims)."""
+    room1 = int(dims["past_len_l1"]["max"]) - (text_len - 1 + span1) + 1
+    room2 = int(dims["past_len_l2"]["max"]) - (text_len - 1 + span2) + 1
+    return min(room1, room2)
 
 
 def contract_from_dict(d: Mapping[str, Any]) -> GraphContract:

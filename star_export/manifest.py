@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from star_export.errors import UsageError
 from star_export.geometry import Geometry
 from star_export.star import StarConfig
 
-MANIFEST_VERSION = 2  # 2: family-written image section (kind), index_space, position_axes
+MANIFEST_VERSION = 2  # 2: family image section, index_space, keep levels, one decode graph, shared weights
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
 
 
@@ -41,10 +42,31 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def prefill_graph(keep2: int, several: bool) -> str:
+    """The prefill graph's name (and file stem) of a keep level: ``prefill`` when the export has one
+    level, ``prefill_k{keep2}`` when it has several."""
+    return f"prefill_k{keep2}" if several else "prefill"
+
+
+def _level(geo: Geometry, cfg: StarConfig, graph: str) -> dict[str, Any]:
+    return {
+        "keep1": cfg.keep1,
+        "keep2": cfg.keep2,
+        "layer_K": cfg.layer,
+        # visual-span lengths: kept tokens + always-kept structural ones (LLaVA-NeXT newlines)
+        "span1": geo.span(cfg.keep1),
+        "span2": geo.span(cfg.keep2),
+        "L1": f"text_len - 1 + {geo.span(cfg.keep1)}",
+        "L2": f"text_len - 1 + {geo.span(cfg.keep2)}",
+        "graph": graph,
+        "file": f"{graph}.onnx",
+    }
+
+
 def build_manifest(
     *,
     contracts: list[GraphContract],
-    cfg: StarConfig,
+    levels: list[StarConfig],
     geo: Geometry,
     family: Any,
     model_dir: Path,
@@ -56,9 +78,13 @@ def build_manifest(
     tokenizer: dict[str, Any] | None = None,
     layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``levels``: the export's keep levels, the first the default; ``contracts``: one prefill graph
+    per level (named by ``prefill_graph``) and the decode graph they share."""
     graphs = {
         c.graph: {**c.to_dict(), "file": f"{c.graph}.onnx", "opset": opset, "dtype": dtype} for c in contracts
     }
+    several = len(levels) > 1
+    cfg = levels[0]
     return {
         "manifest_version": MANIFEST_VERSION,
         "model": {"source": source, "directory": str(model_dir), "geometry": geo.to_dict()},
@@ -66,20 +92,21 @@ def build_manifest(
         "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in (layout or {}).items()},
         "star": {
             "N": geo.n_visual,
-            "keep1": cfg.keep1,
-            "keep2": cfg.keep2,
-            "layer_K": cfg.layer,
-            # visual-span lengths: kept tokens + always-kept structural ones (LLaVA-NeXT newlines)
             "n_fixed": geo.n_fixed,
-            "span1": geo.span(cfg.keep1),
-            "span2": geo.span(cfg.keep2),
             # positions the image occupies: the first new token sits at real tokens - 1 + n_positions
             "n_positions": geo.n_positions,
-            "L1": f"text_len - 1 + {geo.span(cfg.keep1)}",
-            "L2": f"text_len - 1 + {geo.span(cfg.keep2)}",
             "present_length_per_layer": ["L1" if i < cfg.layer else "L2" for i in range(geo.num_layers)],
             # what an index of stage1_keep_idx / stage2_keep_idx names (the family's index space)
             "index_space": family.index_space(geo),
+            # the default level (a request that names no keep gets it), flat for simple consumers
+            **{
+                k: v
+                for k, v in _level(geo, cfg, prefill_graph(cfg.keep2, several)).items()
+                if k not in ("graph", "file")
+            },
+            "default_keep": cfg.keep2,
+            # every keep level: its own prefill graph; all share the decode graph and the weights
+            "levels": [_level(geo, c, prefill_graph(c.keep2, several)) for c in levels],
         },
         "image_token_id": geo.image_token_id,
         "image": family.image_spec(model_dir, geo),
@@ -109,8 +136,9 @@ def build_manifest(
     }
 
 
-def read_manifest(directory: Path, graphs: tuple[str, ...] = ("prefill", "decode")) -> dict[str, Any]:
-    """manifest.json of an output directory, checked for a compatible version and its graphs' files."""
+def read_manifest(directory: Path, graphs: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """manifest.json of an output directory, checked for a compatible version and its graphs' files
+    (``graphs``: the graph names to check; default every graph of the manifest)."""
     if not directory.is_dir():
         raise UsageError(f"--from {directory}: no such directory")
     path = directory / "manifest.json"
@@ -128,27 +156,62 @@ def read_manifest(directory: Path, graphs: tuple[str, ...] = ("prefill", "decode
             f"--from {directory}: manifest version {version!r} is incompatible with this star_export "
             f"(expects {MANIFEST_VERSION}); re-export with `python -m star_export llava --out {directory}`"
         )
-    for graph in graphs:
+    for graph in graphs if graphs is not None else tuple(manifest.get("graphs", {})):
         entry = manifest.get("graphs", {}).get(graph)
         if entry is None or not (directory / entry.get("file", f"{graph}.onnx")).is_file():
             raise UsageError(f"--from {directory}: {graph}.onnx missing; re-export the directory")
     return manifest
 
 
-def star_config(manifest: dict[str, Any], geo: Geometry, where: str) -> StarConfig:
-    """The STAR settings of a manifest, checked by the same rules as the command line (a hand-edited
-    or foreign manifest with keep2 > keep1 or K outside 1..layers-1 is a UsageError, never a
-    silently skipped stage)."""
+@dataclass(frozen=True)
+class Level:
+    """One keep level of an export: its STAR settings and its prefill graph."""
+
+    cfg: StarConfig
+    graph: str
+    file: str
+
+
+def levels(manifest: dict[str, Any], geo: Geometry, where: str) -> list[Level]:
+    """Every keep level of a manifest (the default first), each checked by the command line's rules
+    (a hand-edited or foreign manifest with keep2 > keep1 or K outside 1..layers-1 is a UsageError,
+    never a silently skipped stage)."""
     try:
-        st = manifest["star"]
-        return StarConfig.resolve(
-            keep=int(st["keep2"]),
-            keep1=int(st["keep1"]),
-            layer=int(st["layer_K"]),
-            n_visual=geo.n_visual,
-            num_layers=geo.num_layers,
-        )
+        entries = manifest["star"]["levels"]
+        out = []
+        for e in entries:
+            cfg = StarConfig.resolve(
+                keep=int(e["keep2"]),
+                keep1=int(e["keep1"]),
+                layer=int(e["layer_K"]),
+                n_visual=geo.n_visual,
+                num_layers=geo.num_layers,
+            )
+            out.append(Level(cfg, str(e["graph"]), str(e["file"])))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{where}: manifest.json has no valid star settings ({e})") from None
     except UsageError as e:
         raise UsageError(f"{where}: manifest.json: {e}") from None
+    if not out:
+        raise UsageError(f"{where}: manifest.json lists no keep level")
+    return out
+
+
+def level(manifest: dict[str, Any], geo: Geometry, where: str, keep: int | None = None) -> Level:
+    """The level whose keep2 is ``keep`` (default: the manifest's default), or a one-line UsageError
+    listing the levels the export holds."""
+    all_levels = levels(manifest, geo, where)
+    if keep is None:
+        return all_levels[0]
+    for lv in all_levels:
+        if lv.cfg.keep2 == keep:
+            return lv
+    held = ", ".join(str(lv.cfg.keep2) for lv in all_levels)
+    raise UsageError(
+        f"--keep {keep}: this export holds keep levels {held}; re-export with --keep {held},{keep}"
+    )
+
+
+def star_config(manifest: dict[str, Any], geo: Geometry, where: str, keep: int | None = None) -> StarConfig:
+    """The STAR settings of one level (default: the manifest's default level)."""
+    return level(manifest, geo, where, keep).cfg

@@ -33,9 +33,14 @@ def example_inputs(contract: GraphContract, batch: int = 2, text_len: int = 16, 
     return pv, ids, mask
 
 
-def example_decode_inputs(contract: GraphContract, batch: int = 2, past_len: int | None = None):
-    """Decode tracing inputs of the contract's shapes (values do not matter for tracing)."""
-    sizes = {"batch": batch, "past_len": past_len or contract.dim("past_len").opt}
+def example_decode_inputs(contract: GraphContract, batch: int = 2):
+    """Decode tracing inputs of the contract's shapes (values do not matter for tracing). The two past
+    lengths get different sizes so that the exporter keeps them independent."""
+    p1, p2 = contract.dim("past_len_l1"), contract.dim("past_len_l2")
+    size1, size2 = p1.opt, p2.opt
+    if size1 == size2:  # equal examples could let the exporter tie the two dims together
+        size1 = size1 + 3 if size1 + 3 <= p1.max else size1 - 3
+    sizes = {"batch": batch, "past_len_l1": size1, "past_len_l2": size2}
     out = []
     for spec in contract.inputs:
         shape = spec.concrete(sizes)

@@ -4,6 +4,7 @@ only when the step succeeded, so a failure never leaves partial files in ``--out
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -32,9 +33,9 @@ def check_out_dir(out: Path) -> None:
 def staged(out: Path, owned: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging directory; on success move its entries into ``out`` (each by rename).
 
-    ``owned`` names entries this step produces; those left in ``out`` by an earlier run but not
-    produced now (say a report.json after ``--skip-validation``) are removed, so ``out`` never
-    mixes two runs.
+    ``owned`` names (or glob patterns of) entries this step produces; those left in ``out`` by an
+    earlier run but not produced now (say a report.json after ``--skip-validation``, or the
+    prefill graph of a keep level the new export lacks) are removed, so ``out`` never mixes two runs.
     """
     check_out_dir(out)
     parent = out.parent if not out.exists() else out
@@ -44,8 +45,9 @@ def staged(out: Path, owned: tuple[str, ...] = ()) -> Iterator[Path]:
         yield stage
         out.mkdir(parents=True, exist_ok=True)
         produced = {item.name for item in stage.iterdir()}
-        for name in set(owned) - produced:
-            _remove(out / name)
+        for item in list(out.iterdir()):
+            if item.name not in produced and any(fnmatch.fnmatchcase(item.name, pat) for pat in owned):
+                _remove(item)
         for item in sorted(stage.iterdir()):
             target = out / item.name
             if target.is_dir() and not target.is_symlink():

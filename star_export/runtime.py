@@ -35,11 +35,19 @@ class Backend(Protocol):
 
 
 class OnnxruntimeBackend:
-    """prefill.onnx + decode.onnx in onnxruntime (CPU provider unless told otherwise)."""
+    """A prefill graph + decode.onnx in onnxruntime (CPU provider unless told otherwise). ``decode``:
+    an existing decode session to share (every keep level of an export uses the same decode graph)."""
 
     name = "onnxruntime"
 
-    def __init__(self, prefill_path: Path, decode_path: Path, threads: int | None = None, providers=None):
+    def __init__(
+        self,
+        prefill_path: Path,
+        decode_path: Path,
+        threads: int | None = None,
+        providers=None,
+        decode: Any = None,
+    ):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -48,15 +56,17 @@ class OnnxruntimeBackend:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self._prefill = ort.InferenceSession(str(prefill_path), sess_options=opts, providers=providers)
-        self._decode = ort.InferenceSession(str(decode_path), sess_options=opts, providers=providers)
+        self.decode_session = decode or ort.InferenceSession(
+            str(decode_path), sess_options=opts, providers=providers
+        )
         self._prefill_out = [o.name for o in self._prefill.get_outputs()]
-        self._decode_out = [o.name for o in self._decode.get_outputs()]
+        self._decode_out = [o.name for o in self.decode_session.get_outputs()]
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._prefill_out, self._prefill.run(self._prefill_out, feeds), strict=True))
 
     def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._decode_out, self._decode.run(self._decode_out, feeds), strict=True))
+        return dict(zip(self._decode_out, self.decode_session.run(self._decode_out, feeds), strict=True))
 
 
 class TorchBackend:

@@ -1,14 +1,17 @@
 """Answer questions about images with a STAR-pruned model: an export (``load_export``) or a checkpoint
 run through the PyTorch rewrite (``load_model``), behind one ``Pipeline.generate``.
 
-    pipe = star_export.load_export("star_out")                  # prefill.onnx + decode.onnx, onnxruntime
-    out = pipe.generate(["cat.png"], ["What is in the image?"], max_new_tokens=32)
+    pipe = star_export.load_export("star_out")                  # prefill + decode graphs, onnxruntime
+    out = pipe.generate(["cat.png"], ["What is in the image?"], max_new_tokens=32, keep=64)
     out.answers, out.result.stage2_keep_idx, out.result.prefill_s
+
+An export with several keep levels (``--keep 32,64,128``) answers each request at the level it asks
+for (``keep=``, default the export's default); one decode graph serves every level.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,27 +27,59 @@ UNBOUNDED = 1 << 30
 class Answers:
     answers: list[str]
     result: Any  # runtime.GenerationResult: tokens, kept indices, margins, timings, cache lengths
+    cfg: StarConfig | None = None  # the keep level that answered
 
 
 class Pipeline:
-    """A pre-processor, a STAR configuration and a backend (onnxruntime graphs or the PyTorch rewrite)."""
+    """A pre-processor, the keep levels and a backend per level (onnxruntime graphs or the rewrite).
+
+    ``backend_for(cfg)`` builds the backend of one level; it is called on a level's first request and
+    kept. ``dims``: the decode graph's dynamic dims ({name: {"max": ...}}), None when unbounded."""
 
     def __init__(
         self,
-        backend: Any,
+        backend_for: Callable[[StarConfig], Any],
         pre: Any,
         geo: Geometry,
-        cfg: StarConfig,
+        levels: Sequence[StarConfig],
         where: str,
         text_max: int = UNBOUNDED,
-        past_max: int = UNBOUNDED,
+        dims: dict[str, Any] | None = None,
     ):
-        self.backend, self.pre, self.geo, self.cfg, self.where = backend, pre, geo, cfg, where
-        self.text_max, self.past_max = text_max, past_max
+        self._backend_for, self._backends = backend_for, {}
+        self.pre, self.geo, self.levels, self.where = pre, geo, list(levels), where
+        self.text_max, self.dims = text_max, dims
+
+    @property
+    def cfg(self) -> StarConfig:
+        """The default keep level."""
+        return self.levels[0]
+
+    @property
+    def keeps(self) -> list[int]:
+        return [c.keep2 for c in self.levels]
+
+    def level(self, keep: int | None = None) -> StarConfig:
+        """The level whose keep2 is ``keep`` (None: the default); a one-line UsageError otherwise."""
+        if keep is None:
+            return self.levels[0]
+        for cfg in self.levels:
+            if cfg.keep2 == keep:
+                return cfg
+        held = ",".join(map(str, self.keeps))
+        raise UsageError(
+            f"--keep {keep}: this export holds keep levels {held}; re-export with --keep {held},{keep}"
+        )
+
+    def backend(self, keep: int | None = None) -> Any:
+        cfg = self.level(keep)
+        if cfg.keep2 not in self._backends:
+            self._backends[cfg.keep2] = self._backend_for(cfg)
+        return self._backends[cfg.keep2]
 
     @property
     def runtime(self) -> str:
-        return self.backend.name
+        return self.backend().name
 
     def generate(
         self,
@@ -56,10 +91,14 @@ class Pipeline:
         top_p: float = 1.0,
         seed: int = 0,
         stop: Sequence[int] = (),
+        keep: int | None = None,
     ) -> Answers:
-        """One image per prompt (one image may serve all prompts); greedy unless ``temperature`` > 0."""
+        """One image per prompt (one image may serve all prompts); greedy unless ``temperature`` > 0;
+        ``keep``: the keep level to answer at (the export's default when None)."""
+        from star_export.contract import max_new_tokens as room
         from star_export.runtime import GenerationConfig, generate
 
+        cfg = self.level(keep)
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -77,13 +116,13 @@ class Pipeline:
             raise UsageError(
                 f"prompt is {text_len} tokens; the exported profile allows at most {self.text_max}"
             )
-        span2 = self.geo.span(self.cfg.keep2)
-        if text_len - 1 + span2 + max_new_tokens - 1 > self.past_max:
-            allowed = self.past_max - (text_len - 1 + span2) + 1
-            raise UsageError(
-                f"--max-new-tokens {max_new_tokens} exceeds the exported decode profile "
-                f"(at most {allowed} for this prompt)"
-            )
+        if self.dims is not None:
+            allowed = room(self.dims, text_len, self.geo.span(cfg.keep1), self.geo.span(cfg.keep2))
+            if max_new_tokens > allowed:
+                raise UsageError(
+                    f"--max-new-tokens {max_new_tokens} exceeds the exported decode profile "
+                    f"(at most {allowed} for this prompt)"
+                )
         stops = tuple(t for t in (self.pre.eos_token_id, *stop) if t is not None)
         gen = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -93,46 +132,55 @@ class Pipeline:
             stop_token_ids=stops,
             pad_token_id=self.pre.pad_token_id,
         )
-        result = generate(self.backend, feeds, self.geo, self.cfg, gen)
-        return Answers([self.pre.decode(t) for t in result.tokens], result)
-
-
-def _torch_backend(loaded: Any, geo: Geometry, cfg: StarConfig, pc: Any, dc: Any) -> Any:
-    from star_export.runtime import TorchBackend
-
-    return TorchBackend(loaded.model, geo, cfg, pc, dc)
+        result = generate(self.backend(cfg.keep2), feeds, self.geo, cfg, gen)
+        return Answers([self.pre.decode(t) for t in result.tokens], result, cfg)
 
 
 def load_export(directory: str | Path, runtime: str = "onnxruntime") -> Pipeline:
     """An export directory (``export``'s ``out``): its graphs in onnxruntime, or (``runtime="torch"``)
-    the PyTorch rewrite of the checkpoint its manifest names, with the same settings."""
+    the PyTorch rewrite of the checkpoint its manifest names, with the same levels."""
     from star_export.contract import contract_from_dict
-    from star_export.geometry import Geometry
-    from star_export.manifest import read_manifest, star_config
+    from star_export.manifest import levels, read_manifest
     from star_export.preprocess import Preprocessor
 
     directory = Path(directory)
     manifest = read_manifest(directory)
     geo = Geometry.from_dict(manifest["model"]["geometry"])
-    cfg = star_config(manifest, geo, f"--from {directory}")
-    dims = {d["name"]: d for g in manifest["graphs"].values() for d in g["dynamic_dims"]}
+    held = levels(manifest, geo, f"--from {directory}")
+    graphs = manifest["graphs"]
+    decode_dims = {d["name"]: d for d in graphs["decode"]["dynamic_dims"]}
+    text_max = next(d["max"] for d in graphs[held[0].graph]["dynamic_dims"] if d["name"] == "text_len")
     pre = Preprocessor.from_dir(directory / "processor", geometry=geo, flag="--from")
+    graph_of = {lv.cfg.keep2: lv for lv in held}
     if runtime == "onnxruntime":
         from star_export.runtime import OnnxruntimeBackend
 
-        backend = OnnxruntimeBackend(directory / "prefill.onnx", directory / "decode.onnx")
-        where = f"{directory}/ (prefill.onnx + decode.onnx)"
+        shared: dict[str, Any] = {}
+
+        def backend_for(cfg: StarConfig) -> Any:  # one decode session for every level
+            level = graph_of[cfg.keep2]
+            backend = OnnxruntimeBackend(
+                directory / level.file, directory / "decode.onnx", decode=shared.get("decode")
+            )
+            shared.setdefault("decode", backend.decode_session)
+            return backend
+
+        where = f"{directory}/ ({', '.join(lv.file for lv in held)} + decode.onnx)"
     elif runtime == "torch":
         from star_export.load import load
+        from star_export.runtime import TorchBackend
 
         loaded = load(manifest["model"]["directory"], options=_layout_options(geo, manifest))
-        graphs = manifest["graphs"]
-        pc, dc = contract_from_dict(graphs["prefill"]), contract_from_dict(graphs["decode"])
-        backend = _torch_backend(loaded, geo, cfg, pc, dc)
+        dc = contract_from_dict(graphs["decode"])
+
+        def backend_for(cfg: StarConfig) -> Any:
+            pc = contract_from_dict(graphs[graph_of[cfg.keep2].graph])
+            return TorchBackend(loaded.model, geo, cfg, pc, dc)
+
         where = f"PyTorch rewrite of {loaded.source}"
     else:
         raise UsageError(f"runtime must be onnxruntime or torch, got {runtime!r}")
-    return Pipeline(backend, pre, geo, cfg, where, dims["text_len"]["max"], dims["past_len"]["max"])
+    return Pipeline(backend_for, pre, geo, [lv.cfg for lv in held], where, text_max, decode_dims)
 
 
 def _layout_options(geo: Geometry, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -147,34 +195,40 @@ def _layout_options(geo: Geometry, manifest: dict[str, Any]) -> dict[str, Any]:
 def load_model(
     model: str | Path | None = None,
     *,
-    keep: int = 64,
+    keep: int | Sequence[int] = 64,
     keep1: int | None = None,
     layer: int = 2,
     recipe: str | Path | None = None,
     grid: tuple[int, int] | None = None,
     image_size: int | tuple[int, int] | None = None,
 ) -> Pipeline:
-    """A checkpoint (directory, hub id, or None: the embedded llava-tiny) through the PyTorch rewrite."""
+    """A checkpoint (directory, hub id, or None: the embedded llava-tiny) through the PyTorch rewrite;
+    ``keep``: one level or several (the first the default)."""
     from star_export.api import DEFAULT_RECIPE, quiet_libraries
     from star_export.contract import decode_contract, prefill_contract
     from star_export.load import load, load_recipe_model, resolve_model
     from star_export.preprocess import Preprocessor
     from star_export.recipes import load_recipe
+    from star_export.runtime import TorchBackend
 
     quiet_libraries()
-    options = {"grid": grid, "image_size": image_size}
     if model is None:
         loaded = load_recipe_model(load_recipe(recipe or DEFAULT_RECIPE))
     else:
         model_dir, source = resolve_model(model)
-        loaded = load(model_dir, source=source, options=options)
+        loaded = load(model_dir, source=source, options={"grid": grid, "image_size": image_size})
     geo = loaded.geometry
-    cfg = StarConfig.resolve(
-        keep=keep, keep1=keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
-    )
-    pc = prefill_contract(geo, cfg, (1, 1, UNBOUNDED), (2, 2, UNBOUNDED))
-    dc = decode_contract(geo, cfg, (1, 1, UNBOUNDED), (2, 2, UNBOUNDED), 1 << 20)
+    keeps = [keep] if isinstance(keep, int) else list(keep)
+    levels = [
+        StarConfig.resolve(keep=k, keep1=keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers)
+        for k in keeps
+    ]
+    dc = decode_contract(geo, levels, (1, 1, UNBOUNDED), (2, 2, UNBOUNDED), 1 << 20)
+
+    def backend_for(cfg: StarConfig) -> Any:
+        return TorchBackend(
+            loaded.model, geo, cfg, prefill_contract(geo, cfg, (1, 1, UNBOUNDED), (2, 2, UNBOUNDED)), dc
+        )
+
     pre = Preprocessor.from_dir(loaded.model_dir, geometry=geo)
-    return Pipeline(
-        _torch_backend(loaded, geo, cfg, pc, dc), pre, geo, cfg, f"PyTorch rewrite of {loaded.source}"
-    )
+    return Pipeline(backend_for, pre, geo, levels, f"PyTorch rewrite of {loaded.source}")

@@ -171,8 +171,10 @@ def validate(
     seed: int = 0,
     batch: int = 2,
     text_len: int = 24,
+    unpruned: bool = True,
 ) -> ParityReport:
-    """All fp32 parity checks in one run. ``onnx_path=None`` skips the onnxruntime side."""
+    """All fp32 parity checks in one run. ``onnx_path=None`` skips the onnxruntime side;
+    ``unpruned=False`` skips keep = N vs the unmodified model (it does not depend on the keep level)."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
@@ -231,26 +233,11 @@ def validate(
             )
 
     # 2. rewrite vs the dynamic reference, every row (fp32)
-    pv, ids, mask = (torch.from_numpy(feeds[k]) for k in ("pixel_values", "input_ids", "attention_mask"))
     check_reference(report, model, family, geo, cfg, rewrite, feeds, tol["rewrite_vs_reference_logits_rel"])
 
     # 3. keep1 = keep2 = N: the rewrite equals the unmodified model on the expanded prompt
-    full_cfg = StarConfig(keep2=geo.n_visual, keep1=geo.n_visual, layer=cfg.layer)
-    with torch.no_grad():
-        full_logits = family.prefill_module(model, geo, full_cfg).eval()(pv, ids, mask)[0]
-    hf = [
-        family.hf_unpruned_logits(
-            model, geo, pv[b], [int(x) for x, m in zip(ids[b], mask[b], strict=True) if m]
-        )
-        for b in range(batch)
-    ]
-    report.add(
-        "torch rewrite (keep=N) vs HF",
-        "logits",
-        full_logits.numpy(),
-        torch.stack(hf).numpy(),
-        tol["rewrite_vs_hf_logits_rel"],
-    )
+    if unpruned:
+        check_unpruned(report, model, family, geo, cfg.layer, feeds, tol["rewrite_vs_hf_logits_rel"])
 
     # 4. a left-padded row equals the same prompt alone
     row = slice(padded_row, padded_row + 1)
@@ -279,6 +266,28 @@ def validate(
             rows=row,
         )
     return report
+
+
+def check_unpruned(
+    report: ParityReport,
+    model: Any,
+    family: Any,
+    geo: Geometry,
+    layer: int,
+    feeds: dict[str, np.ndarray],
+    tolerance: float,
+) -> None:
+    """keep1 = keep2 = N: the rewrite's logits equal the unmodified transformers model's on the
+    expanded prompt (each row alone, its padding stripped)."""
+    pv, ids, mask = (torch.from_numpy(feeds[k]) for k in ("pixel_values", "input_ids", "attention_mask"))
+    full_cfg = StarConfig(keep2=geo.n_visual, keep1=geo.n_visual, layer=layer)
+    with torch.no_grad():
+        full_logits = family.prefill_module(model, geo, full_cfg).eval()(pv, ids, mask)[0]
+    rows = [[int(x) for x, m in zip(ids[b], mask[b], strict=True) if m] for b in range(ids.shape[0])]
+    hf = [family.hf_unpruned_logits(model, geo, pv[b], r) for b, r in enumerate(rows)]
+    report.add(
+        "torch rewrite (keep=N) vs HF", "logits", full_logits.numpy(), torch.stack(hf).numpy(), tolerance
+    )
 
 
 def _describe(feeds: dict[str, np.ndarray], geo: Geometry, seed: int, text_len: int) -> dict[str, Any]:
@@ -352,12 +361,15 @@ def validate_half(
     seed: int = 0,
     batch: int = 2,
     text_len: int = 24,
+    unpruned: bool = True,
 ) -> ParityReport:
     """A float16/bfloat16 export: the fp32 semantics (rewrite vs reference vs unmodified model), the
     rewrite in ``dtype`` vs fp32, and the graph in onnxruntime vs the rewrite in ``dtype`` and in
     fp32, by the selection-with-margin rule and forced-selection numerical parity."""
     family = family_of(geo)
-    report = validate(model32, geo, cfg, contract, None, seed=seed, batch=batch, text_len=text_len)
+    report = validate(
+        model32, geo, cfg, contract, None, seed=seed, batch=batch, text_len=text_len, unpruned=unpruned
+    )
     feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
     alone = row_alone(feeds, batch - 1)
     low = Rewrite(family.prefill_module(model, geo, cfg).eval(), dtype)
@@ -515,27 +527,16 @@ def validate_export(
     batch: int = 2,
     text_len: int = 24,
     model32: Any = None,
+    unpruned: bool = True,
 ) -> ParityReport:
-    """Every parity check of an export (``paths``: {"prefill": ..., "decode": ...} .onnx files).
+    """Every parity check of one keep level (``paths``: {"prefill": ..., "decode": ...} .onnx files).
     Half-precision exports need ``model32``, the same checkpoint in float32."""
     dtype = prefill.inputs[0].dtype
+    kwargs = {"seed": seed, "batch": batch, "text_len": text_len, "unpruned": unpruned}
     if dtype == "float32":
-        report = validate(
-            model, geo, cfg, prefill, str(paths["prefill"]), seed=seed, batch=batch, text_len=text_len
-        )
+        report = validate(model, geo, cfg, prefill, str(paths["prefill"]), **kwargs)
     else:
-        report = validate_half(
-            model,
-            model32,
-            geo,
-            cfg,
-            prefill,
-            str(paths["prefill"]),
-            dtype,
-            seed=seed,
-            batch=batch,
-            text_len=text_len,
-        )
+        report = validate_half(model, model32, geo, cfg, prefill, str(paths["prefill"]), dtype, **kwargs)
     if dtype != "bfloat16":
         validate_generation(
             report,
@@ -554,22 +555,60 @@ def validate_export(
     return report
 
 
+def validate_levels(
+    model: Any,
+    geo: Geometry,
+    levels: list[tuple[StarConfig, GraphContract]],
+    decode: GraphContract,
+    directory: Path,
+    seed: int = 0,
+    batch: int = 2,
+    text_len: int = 24,
+    model32: Any = None,
+) -> ParityReport:
+    """Every keep level of an export in ``directory`` (its prefill graph ``<graph>.onnx`` and the
+    shared decode.onnx), the model loaded once: one report, a row group per level (rows prefixed
+    ``keep K2:`` when there are several); keep = N vs the unmodified model runs once."""
+    several = len(levels) > 1
+    merged = ParityReport()
+    for i, (cfg, pc) in enumerate(levels):
+        paths = {"prefill": Path(directory) / f"{pc.graph}.onnx", "decode": Path(directory) / "decode.onnx"}
+        report = validate_export(
+            model, geo, cfg, pc, decode, paths, seed, batch, text_len, model32=model32, unpruned=i == 0
+        )
+        for row in report.rows:
+            if several:
+                row.check = f"keep {cfg.keep2}: {row.check}"
+            merged.rows.append(row)
+        if i == 0:
+            merged.inputs = dict(report.inputs)
+        if "score_noise" in report.inputs:
+            merged.inputs.setdefault("score_noise_per_keep", {})[cfg.keep2] = report.inputs["score_noise"]
+        if report.comparator is not None:
+            comparators = merged.comparator or {"passed": True, "per_keep": {}}
+            comparators["passed"] = comparators["passed"] and report.comparator["passed"]
+            comparators["per_keep"][cfg.keep2] = report.comparator
+            merged.comparator = comparators
+    return merged
+
+
 def validate_directory(
     directory: Any, trt: bool = False, batch: int = 2, text_len: int = 24, seed: int = 0
 ) -> ParityReport:
-    """The parity checks of an export directory, from its manifest (the checkpoint it names is loaded
-    again, in the export's dtype and, for half-precision exports, in fp32); ``trt`` adds the TensorRT
-    engines recorded in the manifest. Writes report.json."""
+    """The parity checks of an export directory, every keep level, from its manifest (the checkpoint
+    it names is loaded once, in the export's dtype and, for half-precision exports, in fp32); ``trt``
+    adds the TensorRT engines recorded in the manifest. Writes report.json."""
     from star_export.contract import contract_from_dict
     from star_export.load import load
-    from star_export.manifest import read_manifest, star_config
+    from star_export.manifest import levels as manifest_levels
+    from star_export.manifest import read_manifest
     from star_export.outputs import write_json
 
     directory = Path(directory)
     manifest = read_manifest(directory)
     geo = Geometry.from_dict(manifest["model"]["geometry"])
-    cfg = star_config(manifest, geo, f"--from {directory}")
-    pc = contract_from_dict(manifest["graphs"]["prefill"])
+    held = manifest_levels(manifest, geo, f"--from {directory}")
+    pcs = [(lv.cfg, contract_from_dict(manifest["graphs"][lv.graph])) for lv in held]
     dc = contract_from_dict(manifest["graphs"]["decode"])
     if trt:
         from star_export.build import trt_status
@@ -579,20 +618,20 @@ def validate_directory(
             from star_export.errors import MissingComponent
 
             raise MissingComponent(f"--trt: {why}; run this command on a GPU host with TensorRT")
-    paths = {"prefill": directory / "prefill.onnx", "decode": directory / "decode.onnx"}
-    dtype = pc.inputs[0].dtype
+    dtype = pcs[0][1].inputs[0].dtype
     layout = manifest.get("layout") or {}
     model_dir = manifest["model"]["directory"]
     loaded = load(model_dir, dtype=getattr(torch, dtype), options=layout)
     model32 = None if dtype == "float32" else load(model_dir, options=layout).model
-    report = validate_export(
-        loaded.model, geo, cfg, pc, dc, paths, seed=seed, batch=batch, text_len=text_len, model32=model32
+    report = validate_levels(
+        loaded.model, geo, pcs, dc, directory, seed=seed, batch=batch, text_len=text_len, model32=model32
     )
     if trt:
         from star_export.build.parity import trt_rows
 
         feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
-        margins = report.inputs.get("score_noise", {}).get("margins") or [selection.margin_for("float32")] * 2
+        noise = report.inputs.get("score_noise_per_keep") or {}
+        margins = next(iter(noise.values()), {}).get("margins") or [selection.margin_for("float32")] * 2
         report.trt = trt_rows(
             manifest, directory, loaded.model, [feeds, row_alone(feeds, batch - 1)], tuple(margins)
         )
