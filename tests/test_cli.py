@@ -33,7 +33,10 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
     assert code == 0
     printed = capsys.readouterr().out
     assert "overall: PASS" in printed and "onnxruntime vs torch (batch)" in printed
-    assert f"wrote {out}/: decode.onnx, manifest.json, prefill.onnx, processor, report.json\n" in printed
+    assert (
+        f"wrote {out}/: decode.onnx, manifest.json, prefill.onnx, processor, report.json, weights.onnx.data\n"
+        in printed
+    )
     assert (out / "thesis.txt").read_text() == "mine" and (out / "sub").is_dir()
     assert sorted(p.name for p in out.iterdir()) == [
         "decode.onnx",
@@ -43,6 +46,7 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
         "report.json",
         "sub",
         "thesis.txt",
+        "weights.onnx.data",
     ]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["graph_check"]["ok"] and report["comparator"]["passed"]
@@ -68,6 +72,20 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
         "present_length_per_layer": ["L1", "L1", "L1", "L2"],
         "index_space": "patch index j in 0..575: the vision tower's 24x24 patch grid in raster order "
         "(row j // 24, column j % 24)",
+        "default_keep": 32,
+        "levels": [
+            {
+                "keep1": 32,
+                "keep2": 32,
+                "layer_K": 3,
+                "span1": 32,
+                "span2": 32,
+                "L1": "text_len - 1 + 32",
+                "L2": "text_len - 1 + 32",
+                "graph": "prefill",
+                "file": "prefill.onnx",
+            }
+        ],
     }
     assert manifest["image"]["kind"] == "processor" and manifest["layout"] == {}
     prefill = manifest["graphs"]["prefill"]

@@ -436,7 +436,7 @@ def test_non_square_static_resolutions_pass_the_parity_checks(qwen_dir, size):
 def test_image_sizes_outside_the_processor_range_or_the_merge_grid_are_refused(qwen_dir, tmp_path, capsys):
     for size, message in (
         ("16x16", "outside the checkpoint's image processor range"),
-        ("112x100", "multiples of"),
+        ("112x100", "multiple of"),
     ):
         code = main(["llava", "--model", str(qwen_dir), "--image-size", size, "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()

@@ -86,7 +86,7 @@ def qwen_geometry(config: Any, image_size: Any, arch: str, **overrides: Any) -> 
     unit = patch * merge
     if min(height, width) <= 0 or height % unit or width % unit:
         raise UsageError(
-            f"--image-size {height}x{width}: height and width must be positive multiples of "
+            f"--image-size {height}x{width}: height and width must each be a positive multiple of "
             f"patch_size * spatial_merge_size = {unit}"
         )
     refuse_sliding_window(tc)
