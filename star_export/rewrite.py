@@ -311,7 +311,7 @@ class StarPrefill(TextLayers):
 
 def _by_patch(scores: torch.Tensor, span_patch: torch.Tensor, n: int) -> torch.Tensor:
     """Span-slot scores (B, span1) -> (B, N) by patch index, NaN where no stage-1 token sits."""
-    out = torch.full((scores.shape[0], n + 1), float("nan"), dtype=torch.float32)
+    out = torch.full((scores.shape[0], n + 1), float("nan"), dtype=torch.float32, device=scores.device)
     out.scatter_(1, span_patch, scores.to(torch.float32))
     return out[:, :n]
 

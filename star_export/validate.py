@@ -35,7 +35,6 @@ from star_export.contract import GraphContract
 from star_export.families import family_of
 from star_export.geometry import Geometry
 from star_export.parity import ParityReport, ParityRow  # noqa: F401  (ParityRow: part of this API)
-from star_export.runners import TorchRunner, onnxrt_runner
 from star_export.star import StarConfig
 
 INDEX_OUTPUTS = ("stage1_keep_idx", "stage2_keep_idx")
@@ -88,20 +87,24 @@ def cast_pixels(feeds: dict[str, np.ndarray], dtype: str) -> OrderedDict[str, np
 
 
 class Rewrite:
-    """The PyTorch rewrite in one dtype, run with its scores (and forced selections) as numpy."""
+    """The PyTorch rewrite in one dtype, run with its scores (and forced selections) as numpy.
 
-    def __init__(self, module: Any, dtype: str):
-        self.module, self.dtype = module, dtype
+    ``device``: where the module's weights live (the feeds go there, the outputs come back as numpy).
+    """
+
+    def __init__(self, module: Any, dtype: str, device: str | torch.device = "cpu"):
+        self.module, self.dtype, self.device = module, dtype, torch.device(device)
 
     def run(self, feeds: dict[str, np.ndarray], force1=None, force2=None) -> dict[str, Any]:
         tdtype = getattr(torch, self.dtype)
         args = [
-            torch.from_numpy(np.ascontiguousarray(feeds[k]))
+            torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device)
             for k in ("pixel_values", "input_ids", "attention_mask")
         ]
         args[0] = args[0].to(tdtype)
         force = [
-            None if f is None else torch.from_numpy(np.asarray(f, dtype=np.int64)) for f in (force1, force2)
+            None if f is None else torch.from_numpy(np.asarray(f, dtype=np.int64)).to(self.device)
+            for f in (force1, force2)
         ]
         with torch.no_grad():
             out = self.module.run(*args, force1=force[0], force2=force[1])
@@ -112,7 +115,7 @@ class Rewrite:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return (t.float() if t.is_floating_point() else t).numpy()
+    return (t.float() if t.is_floating_point() else t).cpu().numpy()
 
 
 def _worst_present(got: dict, ref: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +180,8 @@ def validate(
     ``unpruned=False`` skips keep = N vs the unmodified model (it does not depend on the keep level)."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
+
+    from star_export.runners import TorchRunner, onnxrt_runner
 
     family = family_of(geo)
     report = ParityReport()
@@ -350,6 +355,20 @@ def check_reference(
 # ---------------------------------------------------------------------------- half precision
 
 
+def score_noise(
+    low: Rewrite, full: Rewrite, feeds: dict[str, np.ndarray], cfg: StarConfig
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The precision's own effect on the scores, measured on ``feeds`` (the margins' floor): the
+    rewrite in ``low.dtype`` against the fp32 rewrite ``full`` (stage 2 with stage 1 forced to
+    fp32's choice). Returns ({"dtype", "stage1", "stage2", "margins"}, the low-precision run)."""
+    r32, rlow = full.run(feeds), low.run(feeds)
+    noise1 = selection.noise(rlow["stage1_scores"], r32["stage1_scores"], cfg.keep1)
+    forced = low.run(feeds, force1=r32["stage1_keep_idx"])
+    noise2 = selection.noise(forced["stage2_scores"], r32["stage2_scores"], cfg.keep2)
+    margins = [selection.margin_for(low.dtype, noise1), selection.margin_for(low.dtype, noise2)]
+    return {"dtype": low.dtype, "stage1": noise1, "stage2": noise2, "margins": margins}, rlow
+
+
 def validate_half(
     model: Any,
     model32: Any,
@@ -377,18 +396,9 @@ def validate_half(
     tolerance = selection.logits_tolerance(dtype, 0.0)
     name = SHORT[dtype]
 
-    # the precision's own effect on the scores, measured on these inputs (the margins' floor)
-    r32, rlow = full.run(feeds), low.run(feeds)
-    noise1 = selection.noise(rlow["stage1_scores"], r32["stage1_scores"], cfg.keep1)
-    forced = low.run(feeds, force1=r32["stage1_keep_idx"])
-    noise2 = selection.noise(forced["stage2_scores"], r32["stage2_scores"], cfg.keep2)
-    margins = (selection.margin_for(dtype, noise1), selection.margin_for(dtype, noise2))
-    report.inputs["score_noise"] = {
-        "dtype": dtype,
-        "stage1": noise1,
-        "stage2": noise2,
-        "margins": list(margins),
-    }
+    noise, rlow = score_noise(low, full, feeds, cfg)
+    report.inputs["score_noise"] = noise
+    margins = tuple(noise["margins"])
     check_side(report, f"torch {name} vs torch fp32 (batch)", rlow, full, feeds, margins, tolerance)
 
     if onnx_path is None:
@@ -401,6 +411,8 @@ def validate_half(
             "run `validate --trt` on a GPU host",
         )
         return report
+    from star_export.runners import onnxrt_runner
+
     session = onnxrt_runner(onnx_path, name="onnxruntime")
     with session:
         ort_batch = dict(session.infer(cast_pixels(feeds, dtype)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -28,6 +29,21 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("STAR_EXPORT_CACHE", None)
     else:
         os.environ["STAR_EXPORT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tool(request):
+    """The script named by the test module's ``TOOL`` (a path under tools/) imported as a module,
+    registered in sys.modules while the module's tests run (dataclasses look their module up there)."""
+    path = Path(request.module.TOOL)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="session")

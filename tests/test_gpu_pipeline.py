@@ -4,7 +4,6 @@ command line parses with the real CLI parser."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,15 +18,8 @@ TOOL = ROOT / "tools" / "gpu_pipeline.py"
 
 
 @pytest.fixture(scope="module")
-def pipeline():
-    spec = importlib.util.spec_from_file_location("gpu_pipeline", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def pipeline(tool):  # conftest's ``tool``: TOOL imported as a module
+    return tool
 
 
 def _commands(pipeline, *argv: str) -> dict[str, list[str]]:

@@ -96,13 +96,11 @@ def _processor_files(directory: Path, cache: Path) -> None:
         shutil.copy2(f, directory / f.name)
 
 
-def build_checkpoint(directory: Path, layers: int, processor_cache: Path) -> dict:
-    """Save a random fp16 LLaVA-1.5-7b-wide checkpoint with ``layers`` decoder layers (sharded safetensors)."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def llava_7b_config(layers: int = 32):
+    """A ``LlavaConfig`` at llava-hf/llava-1.5-7b-hf's widths with ``layers`` decoder layers (32: the real one)."""
+    from transformers import LlavaConfig
 
-    torch_dtype = torch.float16  # as llava-hf ships it
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=dict(VISION),
         text_config=dict(TEXT_7B, num_hidden_layers=layers),
         image_token_id=IMAGE_TOKEN_ID,
@@ -113,6 +111,15 @@ def build_checkpoint(directory: Path, layers: int, processor_cache: Path) -> dic
         pad_token_id=32001,
         tie_word_embeddings=False,
     )
+
+
+def build_checkpoint(directory: Path, layers: int, processor_cache: Path) -> dict:
+    """Save a random fp16 LLaVA-1.5-7b-wide checkpoint with ``layers`` decoder layers (sharded safetensors)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch_dtype = torch.float16  # as llava-hf ships it
+    config = llava_7b_config(layers)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     # created directly in the checkpoint dtype: no fp32 copy of the weights
