@@ -72,12 +72,12 @@ from star_export.star import StarConfig
 
 # the real Gemma 3 tokenizer's image tokens (tokenizer_config.json names them; these are the defaults)
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-ROPE_TYPES = frozenset(
-    {"default", "linear"}
-)  # static inverse frequencies (real Gemma 3: linear on full layers)
+# RoPE types with constant inverse frequencies (real Gemma 3: linear scaling on the global layers)
+ROPE_TYPES = frozenset({"default", "linear"})
 
-# Gemma 3's chat template (the one in google/gemma-3-*-it's tokenizer_config.json): the image is
-# written as <start_of_image>, which Gemma3Processor expands.
+# Gemma 3's chat template as google/gemma-3-*-it publish it (and transformers' Gemma 3 processor
+# tests quote it), the whitespace between its tags dropped: the image is written as
+# <start_of_image>, which Gemma3Processor expands.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- if messages[0]['role'] == 'system' -%}"
