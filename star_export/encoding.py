@@ -20,9 +20,9 @@ tokenizer has none). Prompts follow the export's rules: exactly ONE image placeh
 expanded), LEFT padding, at least one token after the placeholder.
 
 ``"image_marker": {"marker": M, "text": X}`` (optional) is for chat templates that write a marker M for
-the image where the processor writes more text around its placeholder (Gemma 3: the template writes
-``<start_of_image>``, the processor the image tokens between start/end markers): the chat-templated
-text gets every M replaced by X, which holds ``image_token`` (the spec's, not the processor's) once.
+the image where the processor writes more text around its placeholder (say, image tokens between
+start/end-of-image tokens): the chat-templated text gets every M replaced by X, which holds
+``image_token`` (the spec's, not the processor's) once.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Family:
     def check_profile(self, config: Any, geo: Geometry, longest: int) -> None:
         """Refuse (UsageError) an export profile the graphs cannot serve exactly; ``longest`` is the
         longest sequence it admits in original positions (text_len max - 1 + n_positions +
-        max_new_tokens). Default none (Gemma 3: a sliding window the decode graph does not apply)."""
+        max_new_tokens), e.g. one beyond a sliding window the decode graph does not apply. Default none."""
 
     # ---- 3. the exported modules ----------------------------------------------------------------
     def prefill_module(self, model: Any, geo: Geometry, cfg: Any) -> torch.nn.Module:
