@@ -208,7 +208,8 @@ def export(
     given = {k: v for k, v in {"grid": grid, "image_size": image_size}.items() if v is not None}
     options = {**(rec.layout if rec else {}), **given}  # the flags override the recipe's layout
     # geometry and STAR settings from config.json alone: bad settings fail before weights load
-    geo = geometry_of(family, auto_config(model_dir), options)
+    config = auto_config(model_dir)
+    geo = geometry_of(family, config, options)
     family.check_layout(model_dir, geo)
     levels = [
         StarConfig.resolve(keep=k, keep1=k1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers)
@@ -221,6 +222,7 @@ def export(
         raise UsageError(f"--text-len must be in 5..{t_hi} (the profile's max text length), got {text_len}")
     batch = (b_lo, batch_size, max(b_hi, batch_size))
     max_new = int(profile.get("max_new_tokens", 256))
+    family.check_profile(config, geo, t_hi - 1 + geo.n_positions + max_new)
 
     steps = Steps(4 if validate else 3, log)
     steps.step(f"loading {source}")

@@ -18,6 +18,11 @@ The ``image`` section (written by the model family at export) says how pixels ar
 or only the tokenizer (with the chat template from ``chat_template.jinja`` / ``.json`` where the
 tokenizer has none). Prompts follow the export's rules: exactly ONE image placeholder per row (never
 expanded), LEFT padding, at least one token after the placeholder.
+
+``"image_marker": {"marker": M, "text": X}`` (optional) is for chat templates that write a marker M for
+the image where the processor writes more text around its placeholder (say, image tokens between
+start/end-of-image tokens): the chat-templated text gets every M replaced by X, which holds
+``image_token`` (the spec's, not the processor's) once.
 """
 
 from __future__ import annotations
@@ -144,13 +149,23 @@ class Processor:
     """The tokenizer, chat template and (``kind: processor``) image processor of ``processor/``."""
 
     def __init__(
-        self, tokenizer: Any, chat_template: str | None, image_processor: Any, owner: Any, image_token: str
+        self,
+        tokenizer: Any,
+        chat_template: str | None,
+        image_processor: Any,
+        owner: Any,
+        image_token: str,
+        image_marker: dict[str, str] | None = None,
     ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_processor = image_processor
         self._render = owner.apply_chat_template  # the processor's, or the tokenizer's
-        self.image_token = getattr(owner, "image_token", None) or image_token
+        # with a marker the placeholder is the one its replacement text holds (the spec's image_token)
+        self.image_marker = (image_marker["marker"], image_marker["text"]) if image_marker else None
+        self.image_token = (
+            image_token if self.image_marker else (getattr(owner, "image_token", None) or image_token)
+        )
 
     def render(self, prompt: str) -> str:
         """The chat-templated text of one user turn (one image, then ``prompt``), ready for the answer."""
@@ -174,13 +189,14 @@ def load_processor(directory: str | os.PathLike, spec: dict[str, Any]) -> Proces
     ``spec["image_token"]`` is the placeholder where the processor does not name one."""
     directory = Path(directory)
     image_token = spec.get("image_token", "<image>")
+    marker = spec.get("image_marker")
     try:
         if spec.get("processor", "auto") == "tokenizer":
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             template = getattr(tokenizer, "chat_template", None) or _template_file(directory)
-            return Processor(tokenizer, template, None, tokenizer, image_token)
+            return Processor(tokenizer, template, None, tokenizer, image_token, marker)
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(directory, local_files_only=True, backend="pil")
@@ -197,7 +213,7 @@ def load_processor(directory: str | os.PathLike, spec: dict[str, Any]) -> Proces
         or getattr(tokenizer, "chat_template", None)
         or _template_file(directory)
     )
-    return Processor(tokenizer, template, image_processor, processor, image_token)
+    return Processor(tokenizer, template, image_processor, processor, image_token, marker)
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -232,6 +248,8 @@ def encode_prompts(
                 "leave it out, the chat template places the image"
             )
         text = processor.render(prompt)
+        if processor.image_marker:  # the template's image marker -> the text around one placeholder
+            text = text.replace(*processor.image_marker)
         # A template that writes the BOS itself must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))
         ids = [int(t) for t in tokenizer(text, add_special_tokens=add_special)["input_ids"]]

@@ -76,6 +76,7 @@ def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: P
     config = model_cls.config_class(**copy.deepcopy(cfg_dict))
     torch.manual_seed(recipe.seed)
     model = model_cls(config).eval()
+    family.tiny_weights(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}-", dir=root))
     try:
         model.save_pretrained(tmp)

@@ -96,6 +96,11 @@ class Family:
     def check_layout(self, model_dir: Path, geo: Geometry) -> None:
         """Refuse (UsageError) a static layout the checkpoint's processor files rule out; default none."""
 
+    def check_profile(self, config: Any, geo: Geometry, longest: int) -> None:
+        """Refuse (UsageError) an export profile the graphs cannot serve exactly; ``longest`` is the
+        longest sequence it admits in original positions (text_len max - 1 + n_positions +
+        max_new_tokens), e.g. one beyond a sliding window the decode graph does not apply. Default none."""
+
     # ---- 3. the exported modules ----------------------------------------------------------------
     def prefill_module(self, model: Any, geo: Geometry, cfg: Any) -> torch.nn.Module:
         raise NotImplementedError
@@ -153,6 +158,11 @@ class Family:
     def write_tiny_processor(self, directory: Path, recipe: Any) -> None:
         """Processor files of an embedded recipe's checkpoint (preprocessor config, tokenizer)."""
         raise NotImplementedError
+
+    def tiny_weights(self, model: Any) -> None:
+        """Seeded values, for an embedded recipe's random model, where transformers initialises
+        weights to constants that would make a tiny model degenerate (runs under the recipe's seed,
+        before ``save_pretrained``). Default: nothing."""
 
     # ---- 6. documentation ---------------------------------------------------------------------------
     def pixel_doc(self, geo: Geometry) -> str:
