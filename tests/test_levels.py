@@ -16,21 +16,19 @@ KEEPS = (8, 16, 32)
 
 
 @pytest.fixture(scope="module")
-def levels_export(tmp_path_factory):
-    """``llava --keep 8,16,32`` on the default model, validated (every level), once per module."""
-    out = tmp_path_factory.mktemp("levels") / "out"
-    code = main(["llava", "--keep", ",".join(map(str, KEEPS)), "--out", str(out)])
-    assert code == 0
-    return out
+def levels_export(cli_export):
+    """``llava --keep 8,16,32`` on the default model (the session's shared several-level export)."""
+    return cli_export("llava-levels", "--keep", ",".join(map(str, KEEPS)))
 
 
-def test_three_prefill_graphs_one_decode_graph_all_pass_parity(levels_export):
+def test_three_prefill_graphs_one_decode_graph_all_pass_parity(levels_export, capsys):
     out = levels_export
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != "report.json")
     assert names == sorted(
-        ["decode.onnx", "manifest.json", "processor", "report.json", "weights.onnx.data"]
+        ["decode.onnx", "manifest.json", "processor", "weights.onnx.data"]
         + [f"prefill_k{k}.onnx" for k in KEEPS]
     )
+    assert main(["validate", "--from", str(out)]) == 0, capsys.readouterr().out  # every level, one report
     manifest = json.loads((out / "manifest.json").read_text())
     star = manifest["star"]
     assert star["default_keep"] == KEEPS[0] and [lv["keep2"] for lv in star["levels"]] == list(KEEPS)
