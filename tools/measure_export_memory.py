@@ -173,12 +173,11 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def run_export(model_dir: Path, out_dir: Path, dtype: str, timeout: float) -> dict:
-    """Export under /usr/bin/time -v; RSS of the exporter sampled every 0.2 s and split by stage."""
-    cmd = [sys.executable, "-m", "star_export", "llava", "--model", str(model_dir), "--keep", "64"]
-    cmd += ["--dtype", dtype, "--out", str(out_dir)]
-    if dtype == "fp32":
-        cmd.append("--skip-validation")  # export only: fp32 CPU validation would add a torch+ort run
+def run_export(model_dir: Path, out_dir: Path, dtype: str, timeout: float, keep: str = "64") -> dict:
+    """Export under /usr/bin/time -v; RSS of the exporter sampled every 0.2 s and split by stage.
+    Export only (--skip-validation): the CPU parity run of a 7B-wide model is another measurement."""
+    cmd = [sys.executable, "-m", "star_export", "llava", "--model", str(model_dir), "--keep", keep]
+    cmd += ["--dtype", dtype, "--out", str(out_dir), "--skip-validation"]
     time_log = out_dir.parent / f".time-{out_dir.name}.txt"
     # GNU time's "Maximum resident set size" where it exists, else the peak of the sampled VmRSS
     gnu_time = shutil.which("time", path="/usr/bin")
@@ -278,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/star_export_memory"))
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "export_memory.json")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per export run")
+    p.add_argument("--keep", default="64", help="the export's --keep: one level (64) or several (32,64,128)")
     args = p.parse_args(argv)
     fp32_layers = [min(args.layers)] if args.fp32_layers is None else args.fp32_layers
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.workdir / f"out-{layers}L-{dtype}"
                 shutil.rmtree(out, ignore_errors=True)
                 try:
-                    run = run_export(ckpt, out, dtype, args.timeout)
+                    run = run_export(ckpt, out, dtype, args.timeout, args.keep)
                 finally:
                     shutil.rmtree(out, ignore_errors=True)
                 row = {"layers": layers, "dtype": dtype, **info, **run}
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     doc = {
-        "what": "peak RSS and wall time of `python -m star_export llava --model DIR --keep 64 --dtype DTYPE`",
+        "what": f"peak RSS and wall time of `python -m star_export llava --model DIR --keep {args.keep} "
+        "--dtype DTYPE --skip-validation`",
         "host": {
             "cpus": os.cpu_count(),
             "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
