@@ -41,7 +41,10 @@ STAR for Qwen3-VL
   frequencies (frequency j takes h where j % 3 == 1 and j < 3 * mrope_section[1], w where
   j % 3 == 2 and j < 3 * mrope_section[2], t elsewhere) instead of Qwen2-VL's contiguous chunks;
   with equal components every frequency gets the same position, so the decode graph's scalar
-  ``position_ids [B, 1]`` (``qwen2_vl.MRopeDecode``) is still 1-D RoPE.
+  ``position_ids [B, 1]`` (``Qwen3VLDecode``, an ``MRopeDecode``) is still 1-D RoPE. The
+  interleaving is written as a Gather of each frequency's component (``interleaved_rope``, bit-equal
+  to HF's module), since HF's in-place slice writes export as ScatterND. Rope types that recompute
+  their frequencies from the sequence length (``dynamic``, ``longrope``) are refused.
 - Decoder: ``Qwen3VLTextAttention`` applies per-head RMSNorms ``q_norm`` / ``k_norm`` (eps
   ``rms_norm_eps``, over ``head_dim`` = ``config.head_dim``, which need not be hidden / heads) to the
   projections before RoPE, scaling ``head_dim ** -0.5``: ``rewrite.decoder_attention`` calls the
@@ -72,6 +75,7 @@ from star_export.rewrite import Span, StarDecode, StarPrefill
 from star_export.star import StarConfig
 
 DEFAULT_IMAGE_SIZE = 384  # 12 x 12 = 144 merged tokens at patch 16, merge 2 (as Qwen2-VL's 336 at 14)
+DYNAMIC_ROPE = frozenset({"dynamic", "longrope"})  # rope types whose frequencies change at run time
 
 
 def position_interpolation(visual: nn.Module, gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +101,11 @@ def frequency_axes(mrope_section: list[int], half: int) -> list[int]:
         for j in range(axis, min(3 * int(mrope_section[axis]), half), 3):
             axes[j] = axis
     return axes
+
+
+def rope_axes(rotary_emb: nn.Module) -> torch.Tensor:
+    """``frequency_axes`` of a ``Qwen3VLTextRotaryEmbedding`` as an int64 tensor (a graph constant)."""
+    return torch.tensor(frequency_axes(rotary_emb.mrope_section, rotary_emb.inv_freq.shape[0]))
 
 
 def interleaved_rope(
@@ -181,11 +190,6 @@ class Qwen3VLPrefill(MRopePrefill):
         return add_at_span(h, star.gather_rows(span.extras[i], span.patch), span.start)
 
 
-def rope_axes(rotary_emb: nn.Module) -> torch.Tensor:
-    """``frequency_axes`` of a ``Qwen3VLTextRotaryEmbedding`` as an int64 tensor (a graph constant)."""
-    return torch.tensor(frequency_axes(rotary_emb.mrope_section, rotary_emb.inv_freq.shape[0]))
-
-
 class Qwen3VLDecode(MRopeDecode):
     """One decode step: the scalar position of the new text token as three equal components."""
 
@@ -196,10 +200,6 @@ class Qwen3VLDecode(MRopeDecode):
     def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids.unsqueeze(0).expand(3, -1, -1)  # (3, B, 1): equal components = 1-D RoPE
         return interleaved_rope(self.rotary_emb, self.freq_axes, h, pos)
-
-
-# rope types whose frequencies change with the sequence length at run time (not static)
-DYNAMIC_ROPE = frozenset({"dynamic", "longrope"})
 
 
 class Qwen3VL(QwenVLFamily):
