@@ -175,8 +175,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PX|HxW",
         help=f"the static image resolution, PX (square) or HxW (height x width: keep your images' aspect "
-        f"ratio, e.g. 336x448 for 3:4), multiples of patch*merge (28 px for the real checkpoints); default "
-        f"336; images are resized to it; families: {_takers('image_size')}",
+        f"ratio, e.g. 336x448 for 3:4), multiples of the checkpoint's patch size x merge size, within its "
+        f"processor's min/max pixels; default: the family's; images are resized to it; families: "
+        f"{_takers('image_size')}",
     )
     from star_export.build import add_build_arguments
 
