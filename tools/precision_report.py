@@ -22,7 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("llava-tiny", "llava-next-tiny", "qwen2-vl-tiny")
-CHECKS = ("torch fp16 vs torch fp32 (batch)", "onnxruntime fp16 vs torch fp16 (batch)", "onnxruntime fp16 vs torch fp32 (batch)")
+CHECKS = (
+    "torch fp16 vs torch fp32 (batch)",
+    "onnxruntime fp16 vs torch fp16 (batch)",
+    "onnxruntime fp16 vs torch fp32 (batch)",
+)
 
 
 def summarise(rows: list[dict], checks: tuple[str, ...]) -> list[dict]:
@@ -74,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                     results.append({"recipe": recipe, "seed": seed, **line})
         if args.bf16:
             results += bf16_rows(recipe, args.keep, args.seeds)
-    print(f"{'recipe':<16} {'seed':>4} {'comparison':<40} {'s1 ovl':>6} {'s1 gap/margin':>15} "
-          f"{'s2 ovl':>6} {'s2 gap/margin':>15} {'logits rel':>10} rule")
+    print(
+        f"{'recipe':<16} {'seed':>4} {'comparison':<40} {'s1 ovl':>6} {'s1 gap/margin':>15} "
+        f"{'s2 ovl':>6} {'s2 gap/margin':>15} {'logits rel':>10} rule"
+    )
     for r in results:
         print(
             f"{r['recipe']:<16} {r['seed']:>4} {r['check']:<40} {r['stage1_overlap']:>6.3f} "
