@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from star_export.errors import UsageError
-from star_export.families import llava, llava_next, qwen2_vl
+from star_export.families import llava, llava_next, qwen2_5_vl, qwen2_vl
 from star_export.families.base import Family, ImageSpan
 from star_export.geometry import Geometry
 
-FAMILIES: tuple[Family, ...] = (llava.FAMILY, llava_next.FAMILY, qwen2_vl.FAMILY)
+FAMILIES: tuple[Family, ...] = (llava.FAMILY, llava_next.FAMILY, qwen2_vl.FAMILY, qwen2_5_vl.FAMILY)
 
 __all__ = [
     "FAMILIES",
