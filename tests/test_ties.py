@@ -84,6 +84,7 @@ EXPORTS = {
     "llava-tiny": ("llava-keep16", "--keep", "16"),
     "llava-next-tiny": ("llava-next-tiny-keep8", "--recipe", "llava-next-tiny", "--keep", "8"),
     "qwen2-vl-tiny": ("qwen2-vl-tiny-keep8", "--recipe", "qwen2-vl-tiny", "--keep", "8"),
+    "qwen2.5-vl-tiny": ("qwen2.5-vl-tiny-keep8", "--recipe", "qwen2.5-vl-tiny", "--keep", "8"),
 }
 
 
@@ -185,8 +186,16 @@ def qwen_tiny(_isolated_cache):
     return load_recipe_model(load_recipe("qwen2-vl-tiny"))
 
 
+@pytest.fixture(scope="module")
+def qwen25_tiny(_isolated_cache):
+    from star_export.load import load_recipe_model
+    from star_export.recipes import load_recipe
+
+    return load_recipe_model(load_recipe("qwen2.5-vl-tiny"))
+
+
 @pytest.mark.parametrize(
-    "which", ["mha", "gqa", "mistral", "qwen2", "next_llama", "next_mistral", "qwen_tiny"]
+    "which", ["mha", "gqa", "mistral", "qwen2", "next_llama", "next_mistral", "qwen_tiny", "qwen25_tiny"]
 )
 def test_test_models_have_score_gaps_well_above_fp32_noise(request, which):
     """With degenerate scores (every stage-1 score exactly 1/N) the tie rule alone would pick the

@@ -695,7 +695,12 @@ def test_prefill_model_answers_like_onnxruntime(http, local, images):
 
 
 @pytest.mark.parametrize(
-    ("recipe", "pixel_shape"), [("llava-next-tiny", (5, 3, 112, 112)), ("qwen2-vl-tiny", (196, 384))]
+    ("recipe", "pixel_shape"),
+    [
+        ("llava-next-tiny", (5, 3, 112, 112)),
+        ("qwen2-vl-tiny", (196, 384)),
+        ("qwen2.5-vl-tiny", (196, 384)),
+    ],
 )
 def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     tmp_path_factory, cli_export, images, recipe, pixel_shape
