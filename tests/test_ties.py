@@ -86,6 +86,7 @@ EXPORTS = {
     "qwen2-vl-tiny": ("qwen2-vl-tiny-keep8", "--recipe", "qwen2-vl-tiny", "--keep", "8"),
     "gemma3-tiny": ("gemma3-tiny-keep8", "--recipe", "gemma3-tiny", "--keep", "8"),
     "qwen3-vl-tiny": ("qwen3-vl-tiny-keep8", "--recipe", "qwen3-vl-tiny", "--keep", "8"),
+    "qwen2.5-vl-tiny": ("qwen2.5-vl-tiny-keep8", "--recipe", "qwen2.5-vl-tiny", "--keep", "8"),
 }
 
 
@@ -191,6 +192,7 @@ def test_black_letterboxed_and_repeated_images_keep_the_same_tokens_everywhere(e
         "qwen2-vl-tiny",
         "qwen3-vl-tiny",
         "gemma3-tiny",
+        "qwen2.5-vl-tiny",
     ],
 )
 def test_test_models_have_score_gaps_well_above_fp32_noise(request, which):

@@ -701,6 +701,7 @@ def test_prefill_model_answers_like_onnxruntime(http, local, images):
         ("qwen2-vl-tiny", (196, 384)),
         ("qwen3-vl-tiny", (196, 384)),
         ("gemma3-tiny", (3, 64, 64)),
+        ("qwen2.5-vl-tiny", (196, 384)),
     ],
 )
 def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from star_export.errors import UsageError
-from star_export.families import gemma3, llava, llava_next, qwen2_vl, qwen3_vl
+from star_export.families import gemma3, llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl
 from star_export.families.base import Family, ImageSpan
 from star_export.geometry import Geometry
 
@@ -18,6 +18,7 @@ FAMILIES: tuple[Family, ...] = (
     llava.FAMILY,
     llava_next.FAMILY,
     qwen2_vl.FAMILY,
+    qwen2_5_vl.FAMILY,
     qwen3_vl.FAMILY,
     gemma3.FAMILY,
 )

@@ -128,12 +128,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def vision_block(
-    blk: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+    blk: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    mask: torch.Tensor | None = None,
+    centred: bool = False,
 ) -> torch.Tensor:
-    """One Qwen2VLVisionBlock over (B, n, E) with full attention within each image.
+    """One Qwen-VL vision block (norm1, qkv + 2-D RoPE, proj, norm2, mlp) over (B, n, E) with full
+    attention within each of the B sequences.
 
-    cos/sin: (n, head_dim) from the static patch grid. Same math as HF's eager path
-    (RoPE in float32, softmax in float32) with the batch as a tensor dim instead of cu_seqlens.
+    cos/sin: (n, head_dim) from the static patch grid, or (B, n, head_dim) when the B sequences sit
+    at different positions (Qwen2.5-VL's windows); ``mask``: None, or additive float32 broadcast to
+    the scores (B, Hv, n, n) (padding keys). Same math as HF's eager path (RoPE in float32, softmax
+    in float32) with the batch as a tensor dim instead of cu_seqlens. ``centred``: the weighted sum
+    as ``v0 + probs @ (v - v0)`` with v0 the first value of each sequence (equal as a sum of
+    probabilities that is 1): patches with equal values (a uniform image) then get bit-equal
+    outputs in every backend, whatever the rounding of their RoPE-dependent probabilities.
     """
     b, n, e = x.shape
     attn = blk.attn
@@ -141,12 +153,18 @@ def vision_block(
     qkv = attn.qkv(h).reshape(b, n, 3, num_heads, e // num_heads).permute(2, 0, 3, 1, 4)  # (3,B,Hv,n,hd)
     q, k, v = qkv.unbind(0)
     dtype = q.dtype
-    c, s = cos.float()[None, None], sin.float()[None, None]  # (1, 1, n, hd)
+    c, s = cos.float().unsqueeze(-3), sin.float().unsqueeze(-3)  # (1, n, hd) or (B, 1, n, hd)
     q = (q.float() * c + _rotate_half(q.float()) * s).to(dtype)
     k = (k.float() * c + _rotate_half(k.float()) * s).to(dtype)
     scores = (q @ k.transpose(2, 3)) * attn.scaling  # (B, Hv, n, n)
+    if mask is not None:
+        scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, e)
+    if centred:
+        v0 = v[:, :, :1]  # (B, Hv, 1, hd)
+        out = (probs @ (v - v0) + v0).transpose(1, 2).reshape(b, n, e)
+    else:
+        out = (probs @ v).transpose(1, 2).reshape(b, n, e)
     x = x + attn.proj(out)
     return x + blk.mlp(blk.norm2(x))
 
@@ -192,7 +210,7 @@ class Qwen2VLPrefill(MRopePrefill):
         self.blocks = visual.blocks
         self.merger = visual.merger
         self.vision_heads = int(vc.num_heads)
-        self.vision_dim = int(vc.embed_dim)
+        self.vision_dim = int(visual.patch_embed.embed_dim)  # the tower's width (vc.embed_dim here)
         self.merge = int(vc.spatial_merge_size)
         gh, gw = geometry.grid[0] * self.merge, geometry.grid[1] * self.merge
         self.register_buffer("patch_pos", vision_patch_positions(gh, gw, self.merge), persistent=False)
