@@ -240,7 +240,7 @@ def test_bad_layouts_and_configs_are_refused_in_one_line(q25_dir, tmp_path, caps
     for model, flags, message in (
         (q25_dir, ["--image-size", "16x16"], "outside the checkpoint's image processor range"),
         (q25_dir, ["--image-size", "1024x1024"], "outside the checkpoint's image processor range"),
-        (q25_dir, ["--image-size", "112x100"], "multiples of"),
+        (q25_dir, ["--image-size", "112x100"], "multiple of"),
         (q25_dir, ["--grid", "2x2"], "does not apply to qwen2_5_vl"),
         (bad, [], "window_size 8"),
     ):
