@@ -143,7 +143,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="also build TensorRT engines at PATH (+ PATH's .decode.plan; needs TensorRT and a CUDA GPU)",
+        help="also build TensorRT engines at PATH (+ PATH's .decode.plan; several keep levels: PATH's "
+        ".k32.plan, .k64.plan, ... + .decode.plan; needs TensorRT and a CUDA GPU)",
     )
     p.add_argument(
         "--batch-size",
@@ -220,10 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         "build",
         help="build TensorRT engines from an exported directory (needs TensorRT + a CUDA GPU)",
         description="Check every graph of --from for TensorRT readiness, then build the prefill engine at "
-        "--engine (default DIR/prefill.plan) and the decode engine beside it (out.plan -> out.decode.plan) "
-        "through polygraphy's "
-        "TensorRT loaders, with optimization profiles from the manifest (or the --min/opt/max flags), "
-        "the precision of --dtype and a reusable --timing-cache; records both in manifest.json. "
+        "--engine (default DIR/prefill.plan) and the decode engine beside it (out.plan -> out.decode.plan; "
+        "an export with several keep levels: one prefill engine per level, out.k32.plan, out.k64.plan, ..., "
+        "and one decode engine) through polygraphy's "
+        "TensorRT loaders, with optimization profiles from the manifest (or the --min/opt/max flags; the "
+        "decode profile covers both past lengths of every level), "
+        "the precision of --dtype and a reusable --timing-cache; records each in manifest.json. "
         "Exits 3 with the exact command to run on a GPU host when TensorRT or a GPU is missing.",
     )
     b.add_argument(
@@ -444,7 +447,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.engine is not None:
         from star_export.build import run_build
 
-        print("[build] TensorRT engines (prefill + decode)")
+        print("[build] TensorRT engines (a prefill engine per keep level + decode)")
         return run_build(args, args.out)
     return 0
 

@@ -642,10 +642,13 @@ def validate_directory(
         from star_export.build.parity import trt_rows
 
         feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
+        # each level's engine is judged with the margins measured for that level (half precision)
         noise = report.inputs.get("score_noise_per_keep") or {}
-        margins = next(iter(noise.values()), {}).get("margins") or [selection.margin_for("float32")] * 2
+        margins = {int(k): tuple(v["margins"]) for k, v in noise.items()} or (
+            (selection.margin_for("float32"),) * 2
+        )
         report.trt = trt_rows(
-            manifest, directory, loaded.model, [feeds, row_alone(feeds, batch - 1)], tuple(margins)
+            manifest, directory, loaded.model, [feeds, row_alone(feeds, batch - 1)], margins
         )
     write_json(directory / "report.json", report.to_dict())
     return report

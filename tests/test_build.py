@@ -5,7 +5,9 @@ is absent (with the reason from ``trt_status()``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from star_export.build import (
     add_build_arguments,
     build_engine,
     contract_from_dict,
+    engine_files,
     engine_paths,
     finish_command,
     graph_overrides,
@@ -33,7 +36,7 @@ from star_export.build import (
 from star_export.contract import decode_contract, prefill_contract
 from star_export.errors import MissingComponent, UsageError
 from star_export.geometry import Geometry
-from star_export.manifest import MANIFEST_VERSION
+from star_export.manifest import MANIFEST_VERSION, prefill_graph
 from star_export.star import StarConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +56,8 @@ GEO = Geometry(
     select_strategy="default",
     text_model_type="llama",
 )
-CFG = StarConfig(keep2=64, keep1=128, layer=2)  # L1 = text_len + 127; decode masks past_len + 65
+CFG = StarConfig(keep2=64, keep1=128, layer=2)  # L1 = text_len + 127, L2 = text_len + 63
+LEVELS = [StarConfig(keep2=32, keep1=64, layer=2), CFG]  # a two-level export: keep 32 (default), 64
 BATCH, TEXT, MAX_NEW = (1, 2, 8), (2, 64, 512), 256
 
 
@@ -92,27 +96,45 @@ def test_prefill_profile_shapes(prefill):
 
 
 def test_decode_profile_shapes_evaluate_derived_dims(decode):
-    past = decode.dim("past_len")
+    """Two independent past lengths: past_len_l1 (layers < K) and past_len_l2 (layers >= K)."""
+    p1, p2 = decode.dim("past_len_l1"), decode.dim("past_len_l2")
     shapes = profile_shapes(decode)
     assert set(shapes) == set(decode.input_names)
-    corners = [(b, p) for b, p in zip(BATCH, (past.min, past.opt, past.max), strict=True)]
-    assert decode.inputs[2].shape == ("batch", "past_len + 65")
-    assert shapes["attention_mask_l1"] == tuple((b, p + 65) for b, p in corners)
-    assert shapes["attention_mask_l2"] == tuple((b, p + 1) for b, p in corners)
-    assert shapes["past.0.key"] == tuple((b, 2, p + 64, 16) for b, p in corners)  # layers < K: P1
-    assert shapes["past.3.value"] == tuple((b, 2, p, 16) for b, p in corners)  # layers >= K: P2
+    corners = list(
+        zip(BATCH, (p1.min, p1.opt, p1.max), (p2.min, p2.opt, p2.max), strict=True)
+    )  # (batch, P1, P2) at min / opt / max
+    assert decode.inputs[2].shape == ("batch", "past_len_l1 + 1")
+    assert shapes["attention_mask_l1"] == tuple((b, a + 1) for b, a, _ in corners)
+    assert shapes["attention_mask_l2"] == tuple((b, c + 1) for b, _, c in corners)
+    assert shapes["past.0.key"] == tuple((b, 2, a, 16) for b, a, _ in corners)  # layers < K: P1
+    assert shapes["past.3.value"] == tuple((b, 2, c, 16) for b, _, c in corners)  # layers >= K: P2
     assert shapes["input_ids"] == ((1, 1), (2, 1), (8, 1))
+    # one level: P1 - P2 = keep1 - keep2 at every corner (the ranges come from the same prompts)
+    assert (p1.min - p2.min, p1.max - p2.max) == (64, 64)
     # the manifest's per-profile output shapes are read back from the input shapes
     assert build.outputs_for_profile(decode, shapes) == output_shapes(decode)
-    assert output_shapes(decode)["present.0.key"][2] == (8, 2, past.max + 65, 16)
+    assert output_shapes(decode)["present.0.key"][2] == (8, 2, p1.max + 1, 16)
+    assert output_shapes(decode)["present.3.key"][2] == (8, 2, p2.max + 1, 16)
+
+
+def test_decode_profile_of_several_levels_covers_every_level():
+    """One decode engine serves every keep level: its ranges reach from the smallest span at the
+    shortest prompt to the largest span at the longest prompt and answer."""
+    decode = decode_contract(GEO, LEVELS, BATCH, TEXT, MAX_NEW)
+    p1, p2 = decode.dim("past_len_l1"), decode.dim("past_len_l2")
+    assert (p1.min, p1.max) == (TEXT[0] - 1 + 64, TEXT[2] - 1 + 128 + MAX_NEW - 1)
+    assert (p2.min, p2.max) == (TEXT[0] - 1 + 32, TEXT[2] - 1 + 64 + MAX_NEW - 1)
+    shapes = profile_shapes(decode)
+    assert shapes["past.1.value"][0] == (1, 2, p1.min, 16) and shapes["past.2.key"][2] == (8, 2, p2.max, 16)
 
 
 def test_overrides_replace_a_dims_range(prefill, decode):
     shapes = profile_shapes(prefill, {"batch": (2, 4, 16), "text_len": (8, 32, 128)})
     assert shapes["pixel_values"] == ((2, 3, 336, 336), (4, 3, 336, 336), (16, 3, 336, 336))
     assert shapes["input_ids"] == ((2, 8), (4, 32), (16, 128))
-    shapes = profile_shapes(decode, {"past_len": (100, 200, 300)})
-    assert shapes["attention_mask_l1"] == ((1, 165), (2, 265), (8, 365))
+    shapes = profile_shapes(decode, {"past_len_l1": (100, 200, 300), "past_len_l2": (40, 50, 60)})
+    assert shapes["attention_mask_l1"] == ((1, 101), (2, 201), (8, 301))
+    assert shapes["past.3.key"] == ((1, 2, 40, 16), (2, 2, 50, 16), (8, 2, 60, 16))
 
 
 @pytest.mark.parametrize(
@@ -265,6 +287,23 @@ def test_engine_paths():
     assert engine_paths(Path("dir/engine")) == (Path("dir/engine"), Path("dir/engine.decode"))
 
 
+def test_engine_files_one_per_level_and_one_decode():
+    assert engine_files(Path("out.plan"), ["prefill", "decode"]) == {
+        "prefill": Path("out.plan"),
+        "decode": Path("out.decode.plan"),
+    }
+    several = ["prefill_k32", "prefill_k64", "prefill_k128", "decode"]
+    assert engine_files(Path("e/out.plan"), several) == {
+        "prefill_k32": Path("e/out.k32.plan"),
+        "prefill_k64": Path("e/out.k64.plan"),
+        "prefill_k128": Path("e/out.k128.plan"),
+        "decode": Path("e/out.decode.plan"),
+    }
+    assert engine_files(Path("dir/engine"), ["prefill_k8"]) == {"prefill_k8": Path("dir/engine.k8")}
+    with pytest.raises(UsageError, match="no engine name"):
+        engine_files(Path("out.plan"), ["scoring"])
+
+
 def test_contract_round_trip(prefill, decode):
     for c in (prefill, decode):
         d = json.loads(json.dumps({**c.to_dict(), "file": f"{c.graph}.onnx", "opset": 18}))
@@ -334,22 +373,60 @@ def _onnx_for(contract, path: Path, broken: bool = False) -> None:
     onnx.save(model, path)
 
 
-def _out_dir(tmp_path: Path, contracts, broken: bool = False) -> Path:
+def _star(levels: list[StarConfig]) -> dict:
+    """The manifest's ``star`` section of these keep levels (as ``manifest.build_manifest`` writes it)."""
+    several = len(levels) > 1
+    entries = [
+        {
+            "keep1": c.keep1,
+            "keep2": c.keep2,
+            "layer_K": c.layer,
+            "span1": GEO.span(c.keep1),
+            "span2": GEO.span(c.keep2),
+            "graph": prefill_graph(c.keep2, several),
+            "file": f"{prefill_graph(c.keep2, several)}.onnx",
+        }
+        for c in levels
+    ]
+    return {
+        **{k: entries[0][k] for k in ("keep1", "keep2", "layer_K")},
+        "default_keep": levels[0].keep2,
+        "levels": entries,
+    }
+
+
+def _out_dir(tmp_path: Path, contracts, broken: bool = False, levels: list[StarConfig] | None = None) -> Path:
     out = tmp_path / "star_out"
     out.mkdir()
     graphs = {}
-    for c in contracts:
-        _onnx_for(c, out / f"{c.graph}.onnx", broken=broken and c.graph == "prefill")
+    for i, c in enumerate(contracts):
+        _onnx_for(c, out / f"{c.graph}.onnx", broken=broken and i == 0)
         graphs[c.graph] = {**c.to_dict(), "file": f"{c.graph}.onnx", "opset": 18, "dtype": "float32"}
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"geometry": GEO.to_dict()},
-        "star": {"keep1": CFG.keep1, "keep2": CFG.keep2, "layer_K": CFG.layer},
+        "star": _star(levels or [CFG]),
         "decoding": {"max_new_tokens": MAX_NEW},
         "graphs": graphs,
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+@pytest.fixture
+def level_contracts():
+    """A two-level export's graphs: prefill_k32, prefill_k64 and the decode graph they share."""
+    pcs = [
+        dataclasses.replace(prefill_contract(GEO, c, BATCH, TEXT), graph=prefill_graph(c.keep2, True))
+        for c in LEVELS
+    ]
+    return [*pcs, decode_contract(GEO, LEVELS, BATCH, TEXT, MAX_NEW)]
+
+
+def _past_ranges(decode) -> dict:
+    return {
+        n: (decode.dim(n).min, decode.dim(n).opt, decode.dim(n).max) for n in ("past_len_l1", "past_len_l2")
+    }
 
 
 def test_graph_overrides_resize_decode_past_len(tmp_path, prefill, decode):
@@ -361,13 +438,12 @@ def test_graph_overrides_resize_decode_past_len(tmp_path, prefill, decode):
 
     over, flags = graph_overrides(manifest, contracts, _parse("--max-text-len", "128", "--max-batch", "4"))
     assert over["prefill"] == {"batch": (1, 2, 4), "text_len": (2, 64, 128)}
-    want = decode_contract(GEO, CFG, (1, 2, 4), (2, 64, 128), MAX_NEW).dim("past_len")
-    assert over["decode"] == {"batch": (1, 2, 4), "past_len": (want.min, want.opt, want.max)}
+    want = decode_contract(GEO, CFG, (1, 2, 4), (2, 64, 128), MAX_NEW)
+    assert over["decode"] == {"batch": (1, 2, 4), **_past_ranges(want)}
     assert flags == ["--max-batch", "4", "--max-text-len", "128"]
 
     over, flags = graph_overrides(manifest, contracts, _parse("--max-new-tokens", "16"))
-    want = decode_contract(GEO, CFG, BATCH, TEXT, 16).dim("past_len")
-    assert over["decode"]["past_len"] == (want.min, want.opt, want.max)
+    assert over["decode"] == _past_ranges(decode_contract(GEO, CFG, BATCH, TEXT, 16))
     assert flags == ["--max-new-tokens", "16"]
 
     # a lower max drags opt with it; an explicit opt outside the range is an error
@@ -394,6 +470,99 @@ def test_run_build_checks_then_reports_missing_tensorrt(tmp_path, prefill, decod
     printed = capsys.readouterr().out
     assert "[check] prefill.onnx" in printed and "[check] decode.onnx" in printed
     assert "engines" not in json.loads((out / "manifest.json").read_text())
+
+
+def test_graph_overrides_of_several_levels(tmp_path, level_contracts):
+    """Every level's prefill graph takes the same batch/text_len overrides; the ONE decode graph's two
+    past lengths are recomputed over ALL levels (decode_contract with manifest.levels)."""
+    out = _out_dir(tmp_path, level_contracts, levels=LEVELS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    contracts = {c.graph: c for c in level_contracts}
+    over, flags = graph_overrides(
+        manifest, contracts, _parse("--max-text-len", "128", "--max-new-tokens", "16")
+    )
+    assert set(over) == {"prefill_k32", "prefill_k64", "decode"}
+    assert over["prefill_k32"] == over["prefill_k64"] == {"text_len": (2, 64, 128)}
+    assert over["decode"] == _past_ranges(decode_contract(GEO, LEVELS, BATCH, (2, 64, 128), 16))
+    assert over["decode"] != _past_ranges(
+        decode_contract(GEO, CFG, BATCH, (2, 64, 128), 16)
+    )  # not one level's
+    assert flags == ["--max-text-len", "128", "--max-new-tokens", "16"]
+
+
+def test_run_build_several_levels_missing_tensorrt_runs_as_printed(tmp_path, level_contracts, capsys):
+    """Without TensorRT: every graph is checked, then the command to finish on a GPU host is printed;
+    run as printed, it checks the same graphs and prints the same command (one --engine for all)."""
+    why = _no_trt()
+    out = _out_dir(tmp_path, level_contracts, levels=LEVELS)
+    engine = tmp_path / "e" / "out.plan"
+    with pytest.raises(MissingComponent) as e:
+        run_build(_parse("--engine", str(engine), "--max-new-tokens", "16"), out)
+    msg = str(e.value)
+    command = msg.split(" run: ", 1)[1]
+    assert msg.startswith(why) and "\n" not in msg
+    assert (
+        command
+        == f"python -m star_export build --from {out} --engine {engine} --dtype fp32 --max-new-tokens 16"
+    )
+    printed = capsys.readouterr().out
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith("[check]")] == [
+        "prefill_k32.onnx",
+        "prefill_k64.onnx",
+        "decode.onnx",
+    ]
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert command in r.stderr and r.stdout.count("[check]") == 3
+    assert "engines" not in json.loads((out / "manifest.json").read_text())
+
+
+def test_run_build_records_one_engine_per_level(tmp_path, level_contracts, monkeypatch, capsys):
+    """run_build's plumbing with build_engine replaced by a recorder (NO engine is built; the files
+    are stand-ins): one prefill engine per level named from --engine, one decode engine, each with
+    its own profile, recorded under manifest["engines"] by graph name."""
+    from star_export.build import command, status
+
+    out = _out_dir(tmp_path, level_contracts, levels=LEVELS)
+    calls = {}
+
+    def recorder(onnx_path, engine_path, contract, settings, log=print, *, finish=None):
+        Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(engine_path).write_bytes(b"stand-in, not an engine\n")
+        calls[contract.graph] = (Path(onnx_path).name, Path(engine_path), settings.profiles[0], finish)
+        return {
+            "path": str(engine_path),
+            "graph": contract.graph,
+            "bytes": 1,
+            "sha256": "0" * 64,
+            "tensorrt": "fake",
+        }
+
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in)"))
+    monkeypatch.setattr(command, "build_engine", recorder)
+    engine = tmp_path / "e" / "out.plan"
+    assert run_build(_parse("--engine", str(engine), "--max-new-tokens", "16", "--max-batch", "4"), out) == 0
+    assert {g: (c[0], c[1]) for g, c in calls.items()} == {
+        "prefill_k32": ("prefill_k32.onnx", tmp_path / "e" / "out.k32.plan"),
+        "prefill_k64": ("prefill_k64.onnx", tmp_path / "e" / "out.k64.plan"),
+        "decode": ("decode.onnx", tmp_path / "e" / "out.decode.plan"),
+    }
+    assert all(
+        c[3].endswith(f"--engine {engine} --dtype fp32 --max-batch 4 --max-new-tokens 16")
+        for c in calls.values()
+    )
+    want = decode_contract(GEO, LEVELS, (1, 2, 4), TEXT, 16)
+    decode_profile = calls["decode"][2]
+    p1, p2 = want.dim("past_len_l1"), want.dim("past_len_l2")
+    assert decode_profile["past.0.key"] == ((1, 2, p1.min, 16), (2, 2, p1.opt, 16), (4, 2, p1.max, 16))
+    assert decode_profile["past.3.key"] == ((1, 2, p2.min, 16), (2, 2, p2.opt, 16), (4, 2, p2.max, 16))
+    assert calls["prefill_k64"][2]["input_ids"] == ((1, 2), (2, 64), (4, 512))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["engines"]) == ["decode", "prefill_k32", "prefill_k64"]
+    assert manifest["engines"]["prefill_k32"]["path"] == str(tmp_path / "e" / "out.k32.plan")
+    assert "engine prefill_k64:" in capsys.readouterr().out
 
 
 def test_run_build_fails_readiness_before_anything_else(tmp_path, prefill, capsys):

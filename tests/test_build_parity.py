@@ -195,28 +195,31 @@ def test_trt_backend_with_a_fake_trt_runner(monkeypatch, tmp_path):
 # -------------------------------------------------------------- trt_rows, end to end-ish
 
 
-def test_trt_rows_plumbing_on_a_real_export(cli_export, monkeypatch):
-    """Manifest, contracts, feeds and engine paths reach the backends; onnxruntime stands in for
-    the engines and is judged by the same criterion as everything else (selections, forced logits,
-    generation) against the PyTorch rewrite. NOT TensorRT."""
+@pytest.mark.parametrize("keeps", ["16", "8,16"])
+def test_trt_rows_plumbing_on_a_real_export(cli_export, monkeypatch, keeps):
+    """Manifest, contracts, feeds and engine paths reach the backends, for every keep level (its
+    own prefill engine, the shared decode engine); onnxruntime stands in for the engines and is
+    judged by the same criterion as everything else (selections, forced logits, generation)
+    against the PyTorch rewrite. NOT TensorRT."""
     import json
 
     from star_export.load import load
     from star_export.runtime import OnnxruntimeBackend
 
-    export = cli_export("llava-keep16", "--keep", "16")
+    export = cli_export(f"llava-keep{keeps.replace(',', '-')}", "--keep", keeps)
     manifest = json.loads((export / "manifest.json").read_text())
-    manifest["engines"] = {
-        g: {"path": f"{g}.plan", "dtype": "fp32", "graph": g} for g in ("prefill", "decode")
-    }
+    graphs = [lv["graph"] for lv in manifest["star"]["levels"]]
+    manifest["engines"] = {g: {"path": f"{g}.plan", "dtype": "fp32", "graph": g} for g in (*graphs, "decode")}
     seen: list[tuple[Path, Path]] = []
 
     class OnnxruntimeAsEngines:
         def __init__(self, prefill_engine, decode_engine, prefill, decode):
             seen.append((Path(prefill_engine), Path(decode_engine)))  # never opened: not built
+            assert prefill.graph == Path(prefill_engine).stem and decode.graph == "decode"
+            self.graph = prefill.graph
 
         def __enter__(self):
-            return OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx")
+            return OnnxruntimeBackend(export / f"{self.graph}.onnx", export / "decode.onnx")
 
         def __exit__(self, *exc):
             return None
@@ -226,14 +229,39 @@ def test_trt_rows_plumbing_on_a_real_export(cli_export, monkeypatch):
     geo = Geometry.from_dict(manifest["model"]["geometry"])
     model = load(manifest["model"]["directory"]).model
     feeds = [make_inputs(geo, batch=b, text_len=20, seed=b) for b in (2, 1)]
-    rows = trt_rows(manifest, export, model, feeds, (1e-6, 1e-6), steps=3)
-    assert seen == [(export / "prefill.plan", export / "decode.plan")]
+    keep2s = [lv["keep2"] for lv in manifest["star"]["levels"]]
+    margins = {k: (1e-6, 1e-6) for k in keep2s} if len(keep2s) > 1 else (1e-6, 1e-6)
+    rows = trt_rows(manifest, export, model, feeds, margins, steps=3)
+    assert seen == [(export / f"{g}.plan", export / "decode.plan") for g in graphs]
     assert rows and all(r["passed"] for r in rows), rows
+    prefixes = [f"keep {k}: " for k in keep2s] if len(keep2s) > 1 else [""]
     checks = {r["check"] for r in rows}
-    assert {f"onnxruntime fp32 vs torch fp32 (feed {i})" for i in (0, 1)} <= checks
-    assert "generate onnxruntime fp32 vs torch (3 greedy)" in checks
-    outputs = {r["output"] for r in rows}
-    assert {"stage1_keep_idx", "stage2_keep_idx", "logits", "tokens", "cache lengths L1/L2+t"} <= outputs
+    for prefix in prefixes:  # every level: prefill rows per feed and its own generation
+        assert {f"{prefix}onnxruntime fp32 vs torch fp32 (feed {i})" for i in (0, 1)} <= checks
+        assert f"{prefix}generate onnxruntime fp32 vs torch (3 greedy)" in checks
+        outputs = {r["output"] for r in rows if r["check"].startswith(prefix)}
+        assert {"stage1_keep_idx", "stage2_keep_idx", "logits", "tokens", "cache lengths L1/L2+t"} <= outputs
+    if len(keep2s) > 1:
+        kept = {r["check"].split(":")[0]: r for r in rows if r["output"] == "stage2_keep_idx"}
+        assert set(kept) == {f"keep {k}" for k in keep2s}
+        with pytest.raises(UsageError, match="no selection margins for keep level 16"):
+            trt_rows(manifest, export, model, feeds, {8: (1e-6, 1e-6)}, steps=1)
+
+
+def _manifest(levels: list[StarConfig], engines: dict) -> dict:
+    several = len(levels) > 1
+    names = [f"prefill_k{c.keep2}" if several else "prefill" for c in levels]
+    return {
+        "model": {"geometry": GEO.to_dict()},
+        "star": {
+            "levels": [
+                {"keep1": c.keep1, "keep2": c.keep2, "layer_K": c.layer, "graph": g, "file": f"{g}.onnx"}
+                for c, g in zip(levels, names, strict=True)
+            ]
+        },
+        "graphs": {g: {} for g in (*names, "decode")},
+        "engines": engines,
+    }
 
 
 def test_trt_rows_usage(monkeypatch, tmp_path):
@@ -243,10 +271,7 @@ def test_trt_rows_usage(monkeypatch, tmp_path):
             trt_rows({"graphs": {}}, tmp_path, None, [], (0.0, 0.0))
     monkeypatch.setattr(status, "trt_status", lambda: (True, "stand-in"))
     with pytest.raises(UsageError, match="no decode engine"):
-        trt_rows(
-            {"graphs": {"prefill": {}, "decode": {}}, "engines": {"prefill": {}}},
-            tmp_path,
-            None,
-            [],
-            (0.0, 0.0),
-        )
+        trt_rows(_manifest([CFG], {"prefill": {}}), tmp_path, None, [], (0.0, 0.0))
+    two = [StarConfig(keep2=2, keep1=4, layer=1), CFG]
+    with pytest.raises(UsageError, match="no prefill_k4 engine"):  # every level needs its own engine
+        trt_rows(_manifest(two, {"prefill_k2": {}, "decode": {}}), tmp_path, None, [], (0.0, 0.0))

@@ -1,12 +1,14 @@
 """examples/cpp: the tensors the C++ example binds are the manifest's, name for name and dtype for dtype.
 
 TensorRT and CUDA headers are not obtainable on the development machines, so the example is
-never compiled for real, linked or run here. What IS checked: the tensor table in main.cpp
-against a fresh ``python -m star_export llava`` export, every name main.cpp passes to
-set_shape/bind, the generated star_model.h, and ``g++ -fsyntax-only`` of main.cpp against the
-STUB headers below (declarations of the TensorRT 10 / CUDA runtime subset the example calls,
-transcribed from the TensorRT 10 API documentation). The stub proves the C++ is well-formed and
-consistent with those declarations, not that it builds against the real headers.
+never compiled against them, linked with them or run with an engine here. What IS checked: the
+tensor table in main.cpp against fresh ``python -m star_export llava`` exports (one keep level, and
+two: ``--keep 8,16``, every level's prefill graph), every name main.cpp passes to set_shape/bind,
+the generated star_model.h (its keep levels and two past lengths), ``g++ -fsyntax-only`` of
+main.cpp against the STUB headers below (declarations of the TensorRT 10 / CUDA runtime subset the
+example calls, transcribed from the TensorRT 10 API documentation), and main.cpp's command line
+(--keep) linked against STUB definitions that abort if called: the stubs prove the C++ is
+well-formed and consistent with those declarations, not that it builds against the real headers.
 """
 
 from __future__ import annotations
@@ -96,6 +98,33 @@ const char* cudaGetErrorString(cudaError_t error);
 """
 
 
+STUB_DEFINITIONS = """\
+// STUB definitions for a link test of main.cpp's command line only: every call aborts. NOT TensorRT.
+#include <NvInferRuntime.h>
+#include <cstdlib>
+namespace nvinfer1 {
+bool IExecutionContext::setInputShape(char const*, Dims const&) noexcept { std::abort(); }
+bool IExecutionContext::setTensorAddress(char const*, void*) noexcept { std::abort(); }
+bool IExecutionContext::allInputDimensionsSpecified() const noexcept { std::abort(); }
+bool IExecutionContext::enqueueV3(cudaStream_t) noexcept { std::abort(); }
+int32_t ICudaEngine::getNbIOTensors() const noexcept { std::abort(); }
+char const* ICudaEngine::getIOTensorName(int32_t) const noexcept { std::abort(); }
+TensorIOMode ICudaEngine::getTensorIOMode(char const*) const noexcept { std::abort(); }
+DataType ICudaEngine::getTensorDataType(char const*) const noexcept { std::abort(); }
+IExecutionContext* ICudaEngine::createExecutionContext() noexcept { std::abort(); }
+ICudaEngine* IRuntime::deserializeCudaEngine(void const*, std::size_t) noexcept { std::abort(); }
+IRuntime* createInferRuntime(ILogger&) noexcept { std::abort(); }
+}  // namespace nvinfer1
+cudaError_t cudaMalloc(void**, size_t) { std::abort(); }
+cudaError_t cudaFree(void*) { std::abort(); }
+cudaError_t cudaMemcpyAsync(void*, const void*, size_t, cudaMemcpyKind, cudaStream_t) { std::abort(); }
+cudaError_t cudaStreamCreate(cudaStream_t*) { std::abort(); }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { std::abort(); }
+cudaError_t cudaStreamDestroy(cudaStream_t) { std::abort(); }
+const char* cudaGetErrorString(cudaError_t) { std::abort(); }
+"""
+
+
 @pytest.fixture(scope="module")
 def export(cli_export) -> Path:
     """``python -m star_export llava --keep 16`` once per test session (shared with the C++/Triton tests)."""
@@ -103,8 +132,20 @@ def export(cli_export) -> Path:
 
 
 @pytest.fixture(scope="module")
+def levels_export(cli_export) -> Path:
+    """``python -m star_export llava --keep 8,16``: two keep levels, once per test session (shared
+    with the Triton tests)."""
+    return cli_export("llava-keep8-16", "--keep", "8,16")
+
+
+@pytest.fixture(scope="module")
 def manifest(export) -> dict:
     return json.loads((export / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module", params=["one level", "two levels"])
+def any_export(request) -> Path:
+    return request.getfixturevalue("export" if request.param == "one level" else "levels_export")
 
 
 def source() -> str:
@@ -127,16 +168,26 @@ def expand(name: str, layers: int) -> list[str]:
     return [name.replace("{i}", str(i)) for i in range(layers)] if "{i}" in name else [name]
 
 
-def test_tensor_table_is_exactly_the_manifest(manifest):
+def test_tensor_table_is_exactly_the_manifest(any_export):
+    """The table's prefill rows are EVERY keep level's prefill graph (they differ in shapes only);
+    its decode rows are the one decode graph."""
+    manifest = json.loads((any_export / "manifest.json").read_text())
     layers = manifest["model"]["geometry"]["num_layers"]
     in_cpp = {(g, m, n, d) for g, m, pattern, d in table() for n in expand(pattern, layers)}
-    in_manifest = {
-        (graph, side[:-1], t["name"], t["dtype"])
-        for graph in ("prefill", "decode")
-        for side in ("inputs", "outputs")
-        for t in manifest["graphs"][graph][side]
-    }
-    assert in_cpp == in_manifest, (sorted(in_cpp - in_manifest), sorted(in_manifest - in_cpp))
+    graphs = [(lv["graph"], "prefill") for lv in manifest["star"]["levels"]] + [("decode", "decode")]
+    assert len(graphs) == len(manifest["graphs"])
+    for graph, role in graphs:
+        in_manifest = {
+            (role, side[:-1], t["name"], t["dtype"])
+            for side in ("inputs", "outputs")
+            for t in manifest["graphs"][graph][side]
+        }
+        in_table = {row for row in in_cpp if row[0] == role}
+        assert in_table == in_manifest, (
+            graph,
+            sorted(in_table - in_manifest),
+            sorted(in_manifest - in_table),
+        )
 
 
 def test_every_name_main_binds_is_in_the_table_and_every_tensor_is_bound():
@@ -160,32 +211,60 @@ def header_constants(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"constexpr int(?:32|64)_t (k\w+) = (-?\d+);", text)}
 
 
-def test_generated_header_matches_the_manifest(export, manifest, tmp_path):
-    path = deploy.write_cpp_header(export, tmp_path / "star_model.h")
-    consts = header_constants(path.read_text())
-    geo, star = manifest["model"]["geometry"], manifest["star"]
-    dims = {d["name"]: d["max"] for g in manifest["graphs"].values() for d in g["dynamic_dims"]}
+def header_levels(text: str) -> list[tuple[int, int, int, int, str]]:
+    """(keep1, keep2, span1, span2, engine file) rows of kLevels."""
+    body = text[text.index("kLevels[] = {") : text.index("};", text.index("kLevels[] = {"))]
+    rows = re.findall(r'\{(\d+), (\d+), (\d+), (\d+), "([^"]+)"\}', body)
+    return [(int(a), int(b), int(c), int(d), e) for a, b, c, d, e in rows]
+
+
+def test_generated_header_matches_the_manifest(any_export, tmp_path):
+    manifest = json.loads((any_export / "manifest.json").read_text())
+    path = deploy.write_cpp_header(any_export, tmp_path / "star_model.h")
+    text = path.read_text()
+    consts = header_constants(text)
+    geo, star, graphs = manifest["model"]["geometry"], manifest["star"], manifest["graphs"]
+    decode = {d["name"]: d["max"] for d in graphs["decode"]["dynamic_dims"]}
+    levels = star["levels"]
+    prefill = {d["name"]: d["max"] for d in graphs[levels[0]["graph"]]["dynamic_dims"]}
     assert consts == {
         "kNumLayers": geo["num_layers"],
         "kLayerK": star["layer_K"],
         "kNVisual": star["N"],
-        "kKeep1": star["keep1"],
-        "kKeep2": star["keep2"],
         "kImageSize": geo["image_size"],
         "kVocab": geo["vocab_size"],
         "kKvHeads": geo["num_kv_heads"],
         "kHeadDim": geo["head_dim"],
         "kImageTokenId": manifest["image_token_id"],
-        "kMaxBatch": dims["batch"],
-        "kMaxTextLen": dims["text_len"],
-        "kMaxPastLen": dims["past_len"],
+        "kMaxBatch": min(prefill["batch"], decode["batch"]),
+        "kMaxTextLen": prefill["text_len"],
+        "kMaxPastLenL1": decode["past_len_l1"],
+        "kMaxPastLenL2": decode["past_len_l2"],
+        "kDefaultKeep": star["default_keep"],
+        "kNumLevels": len(levels),
     }
+    # one row per level, the default first; the engine names `build --from DIR` writes by default
+    several = len(levels) > 1
+    assert header_levels(text) == [
+        (
+            lv["keep1"],
+            lv["keep2"],
+            lv["span1"],
+            lv["span2"],
+            f"prefill.k{lv['keep2']}.plan" if several else "prefill.plan",
+        )
+        for lv in levels
+    ]
+    assert header_levels(text)[0][1] == consts["kDefaultKeep"]
+    assert 'kDecodeEngine = "prefill.decode.plan";' in text
     committed = header_constants((EXAMPLE / "star_model.h").read_text())
     assert set(committed) == set(consts)  # the committed header (default export) has every constant
+    assert len(header_levels((EXAMPLE / "star_model.h").read_text())) == committed["kNumLevels"]
     used = set(re.findall(r"star_model::(k\w+)", source())) | set(
         re.findall(r"using star_model::(k\w+)", source())
     )
-    assert used <= set(consts)
+    assert used <= set(consts) | {"kLevels", "kDecodeEngine"}
+    assert {"kLevels", "kDecodeEngine", "kMaxPastLenL1", "kMaxPastLenL2", "kDefaultKeep"} <= used
 
 
 def _with(manifest: dict, graph: str = "", tensor: str = "", shape: list | None = None, **geometry) -> dict:
@@ -223,22 +302,86 @@ def test_header_refuses_layouts_main_cpp_does_not_drive(manifest, change, why):
     assert deploy.cpp_header(_with(manifest, arch="some_other_family")) == deploy.cpp_header(manifest)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
-@pytest.mark.parametrize("header", ["committed", "generated"])
-def test_main_cpp_is_well_formed_against_stub_headers(export, tmp_path, header):
+def test_header_names_the_engines_build_recorded(levels_export):
+    manifest = json.loads((levels_export / "manifest.json").read_text())
+    manifest["engines"] = {
+        "prefill_k8": {"path": "/gpu/engines/star.k8.plan"},
+        "prefill_k16": {"path": "star.k16.plan"},
+        "decode": {"path": "/gpu/engines/star.decode.plan"},
+    }
+    text = deploy.cpp_header(manifest)
+    assert [row[4] for row in header_levels(text)] == ["star.k8.plan", "star.k16.plan"]
+    assert 'kDecodeEngine = "star.decode.plan";' in text
+
+
+def _sources(tmp_path: Path, header: str, export: Path | None) -> Path:
+    """main.cpp beside the star_model.h to compile it with (``#include "star_model.h"`` looks in the
+    source file's own directory first, so the generated header must sit next to a copy of main.cpp)."""
     stubs = tmp_path / "stubs"
-    stubs.mkdir()
+    stubs.mkdir(exist_ok=True)
     (stubs / "NvInferRuntime.h").write_text(STUB_NVINFER)
     (stubs / "cuda_runtime_api.h").write_text(STUB_CUDA)
-    include = EXAMPLE
-    if header == "generated":
-        include = tmp_path / "generated"
-        deploy.write_cpp_header(export, include / "star_model.h")
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror"]
+    if export is None:
+        return MAIN
+    src = tmp_path / header
+    deploy.write_cpp_header(export, src / "star_model.h")
+    shutil.copy2(MAIN, src / "main.cpp")
+    return src / "main.cpp"
+
+
+GXX = ["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror"]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+@pytest.mark.parametrize("header", ["committed", "generated", "generated-levels"])
+def test_main_cpp_is_well_formed_against_stub_headers(request, tmp_path, header):
+    export = {"committed": None, "generated": "export", "generated-levels": "levels_export"}[header]
+    main = _sources(tmp_path, header, request.getfixturevalue(export) if export else None)
     proc = subprocess.run(
-        [*cmd, f"-I{stubs}", f"-I{include}", str(MAIN)], capture_output=True, text=True, timeout=120
+        [*GXX, "-fsyntax-only", f"-I{tmp_path / 'stubs'}", str(main)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+def test_main_cpp_keep_flag_picks_the_level_or_exits_2(levels_export, tmp_path):
+    """main.cpp's command line, linked against STUB definitions that abort if called (no TensorRT
+    call is reached: the run stops at the missing input files). --keep picks the level's prefill
+    engine (default: the default level); a keep the header lacks is one line and exit code 2."""
+    main = _sources(tmp_path, "levels", levels_export)
+    (tmp_path / "stub_definitions.cpp").write_text(STUB_DEFINITIONS)
+    binary = tmp_path / "star_greedy"
+    stubs = f"-I{tmp_path / 'stubs'}"
+    proc = subprocess.run(
+        [*GXX, stubs, str(main), str(tmp_path / "stub_definitions.cpp"), "-o", str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    inputs = ["--pixels", str(tmp_path / "none.f32"), "--ids", "i", "--mask", "m", "--text-len", "20"]
+
+    def star_greedy(*flags: str) -> tuple[int, list[str]]:
+        r = subprocess.run([str(binary), *flags, *inputs], capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    code, err = star_greedy("--keep", "12")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("star_greedy: --keep 12: the engines hold keep levels 8, 16"), err
+    code, err = star_greedy("--keep", "16", "--engine-dir", "/engines")
+    assert code == 1, err  # past the command line: the (missing) pixels file stops it
+    assert (
+        err[0]
+        == "star_greedy: keep1=32 keep2=16: prefill /engines/prefill.k16.plan, decode /engines/prefill.decode.plan"
+    )
+    assert err[1] == f"star_greedy: {tmp_path / 'none.f32'}: cannot open"
+    code, err = star_greedy()
+    assert code == 1 and err[0].startswith("star_greedy: keep1=16 keep2=8: prefill prefill.k8.plan, decode ")
+    code, err = star_greedy("--max-new-tokens", "100000")
+    assert code == 2 and len(err) == 1 and "--max-new-tokens must be in 1.." in err[0]
 
 
 def test_cmake_project_names_the_source_and_tensorrt():

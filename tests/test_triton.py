@@ -1,9 +1,12 @@
 """Triton model repositories (star_export.deploy): every config.pbtxt against Triton's own protobuf
-schema, the repository layout, usage errors, and a REAL tritonserver answering over HTTP and gRPC.
+schema, the repository layout (one prefill model per keep level, one decode model, the shared
+weights hard-linked), usage errors, and a REAL tritonserver answering over HTTP and gRPC.
 
 The server is the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel (Triton 2.51,
 Python backend only), started on loopback with the ``--backend python`` repository of a small
-export. Its answers must equal ``star_export.runtime.generate`` over onnxruntime token for token.
+export. Its answers must equal ``star_export.runtime.generate`` over onnxruntime token for token;
+for an export with two keep levels (``--keep 8,16``), one server answers requests at both levels,
+each equal to ``load_export(dir).generate(..., keep=k)``.
 
 That binary's Python backend stub needs numpy < 2 in ITS Python environment (its pybind11
 predates numpy 2: under numpy 2 every tensor reads as copies of its first byte). The project's
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -50,6 +54,13 @@ from google.protobuf import text_format  # noqa: E402  (after the importorskip)
 KEEP = 16
 MAX_NEW = 6  # the pipeline's default limit in the served repository
 DTYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}  # the only dtypes a float32 export uses
+PIPELINE_INPUTS = {  # name: (TYPE_*, dims, optional)
+    "image": ("TYPE_STRING", [1], False),
+    "prompt": ("TYPE_STRING", [1], False),
+    "max_new_tokens": ("TYPE_INT32", [1], True),
+    "stop_token_ids": ("TYPE_INT32", [-1], True),
+    "keep": ("TYPE_INT32", [1], True),
+}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -98,12 +109,13 @@ def batch_max(manifest: dict, graph: str) -> int:
 
 
 def with_fake_engines(export: Path, target: Path) -> Path:
-    """A copy of the export whose manifest records 'engines' that are NOT engines: two small files
-    named as such, for the pure file-layout / config check of the tensorrt repository."""
+    """A copy of the export whose manifest records 'engines' that are NOT engines: small files
+    named as such (one per prefill graph, one for decode), for the pure file-layout / config check of
+    the tensorrt repository."""
     shutil.copytree(export, target)
     manifest = json.loads((target / "manifest.json").read_text())
     engines = {}
-    for g in ("prefill", "decode"):
+    for g in graph_names(manifest):
         fake = target / f"FAKE-{g}-not-a-tensorrt-engine.plan"
         fake.write_bytes(b"layout test only: this file is not a TensorRT engine\n")
         graph = manifest["graphs"][g]
@@ -129,6 +141,11 @@ def with_fake_engines(export: Path, target: Path) -> Path:
     return target
 
 
+def graph_names(manifest: dict) -> list[str]:
+    """Every keep level's prefill graph, then decode (read from the manifest, not from deploy)."""
+    return [lv["graph"] for lv in manifest["star"]["levels"]] + ["decode"]
+
+
 def _eval(expr: str, sizes: dict[str, int]) -> int:
     return int(eval(expr, {"__builtins__": {}}, dict(sizes)))
 
@@ -144,17 +161,19 @@ def manifest(export) -> dict:
     return json.loads((export / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def repos(export, tmp_path_factory) -> dict[str, Path]:
-    """One repository per backend (tensorrt from the fake-engine copy)."""
-    root = tmp_path_factory.mktemp("repos")
+def repositories(export: Path, root: Path) -> dict[str, Path]:
+    """One repository of ``export`` per backend under ``root`` (tensorrt from the fake-engine copy)."""
     fake = with_fake_engines(export, root / "export-with-fake-engines")
     out = {}
     for backend in deploy.BACKENDS:
-        source = fake if backend == "tensorrt" else export
-        deploy.write_repository(source, root / backend, backend, 8)
+        deploy.write_repository(fake if backend == "tensorrt" else export, root / backend, backend, 8)
         out[backend] = root / backend
     return out
+
+
+@pytest.fixture(scope="module")
+def repos(export, tmp_path_factory) -> dict[str, Path]:
+    return repositories(export, tmp_path_factory.mktemp("repos"))
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -195,29 +214,30 @@ def test_pipeline_config_parses_and_declares_the_bls_interface(repos, manifest):
         assert (config.name, config.backend, config.platform) == ("pipeline", "python", "")
         assert config.max_batch_size > 0
         inputs = {t.name: (dtype_name(t.data_type), list(t.dims), t.optional) for t in config.input}
-        assert inputs == {
-            "image": ("TYPE_STRING", [1], False),
-            "prompt": ("TYPE_STRING", [1], False),
-            "max_new_tokens": ("TYPE_INT32", [1], True),
-            "stop_token_ids": ("TYPE_INT32", [-1], True),
-        }
+        assert inputs == PIPELINE_INPUTS
         outputs = {t.name: (dtype_name(t.data_type), list(t.dims)) for t in config.output}
         assert outputs == {"text": ("TYPE_STRING", [1]), "token_ids": ("TYPE_INT64", [-1])}
         params = {k: v.string_value for k, v in config.parameters.items()}
         assert params["prefill_model"] == "prefill" and params["decode_model"] == "decode"
+        assert json.loads(params["prefill_models"]) == {str(KEEP): "prefill"}
+        assert params["default_keep"] == str(KEEP)
         assert params["max_new_tokens"] == "8"
         text_max = next(
             d["max"] for d in manifest["graphs"]["prefill"]["dynamic_dims"] if d["name"] == "text_len"
         )
         assert int(params["text_len_max"]) == text_max
+        decode = {d["name"]: d["max"] for d in manifest["graphs"]["decode"]["dynamic_dims"]}
+        assert "past_len_max" not in params
+        assert int(params["past_len_l1_max"]) == decode["past_len_l1"]
+        assert int(params["past_len_l2_max"]) == decode["past_len_l2"]
         if backend == "tensorrt":
             assert config.max_batch_size == 4
 
 
 # ---------------------------------------------------------------------------------------- layout
-MODEL_FILES = {
-    "python": {"model.py", "model.onnx"},
-    "onnxruntime": {"model.onnx"},
+MODEL_FILES = {  # the export's weights (weights.onnx.data) beside each graph: it refers to them by that name
+    "python": {"model.py", "model.onnx", "weights.onnx.data"},
+    "onnxruntime": {"model.onnx", "weights.onnx.data"},
     "tensorrt": {"model.plan"},
 }
 
@@ -237,6 +257,9 @@ def test_repository_layout(repos, export, backend):
                 hashlib.sha256(copied).digest()
                 == hashlib.sha256((export / f"{graph}.onnx").read_bytes()).digest()
             )
+        if backend != "tensorrt":  # the export's one weights file, hard-linked (same filesystem here)
+            weights = repo / graph / "1" / "weights.onnx.data"
+            assert os.path.samefile(weights, export / "weights.onnx.data")
     if backend == "tensorrt":
         assert (repo / "prefill/1/model.plan").read_bytes().startswith(b"layout test only")
     pipeline = repo / "pipeline" / "1"
@@ -246,6 +269,9 @@ def test_repository_layout(repos, export, backend):
     assert "tritonserver --model-repository" in readme and "tritonclient" in readme
     marker = json.loads((repo / deploy.MARKER).read_text())
     assert marker["backend"] == backend and marker["models"]["pipeline"] == "pipeline"
+    assert [lv["model"] for lv in marker["levels"]] == ["prefill"]
+    if backend != "tensorrt":
+        assert marker["linked"] == ["decode/1/weights.onnx.data", "prefill/1/weights.onnx.data"]
 
 
 def test_external_data_is_copied_under_the_name_the_graph_uses(export, tmp_path):
@@ -279,6 +305,124 @@ def test_prefix_names_models_and_wires_the_pipeline(export, tmp_path):
     config = parse_config(tmp_path / "repo" / "llava_pipeline" / "config.pbtxt")
     assert config.name == "llava_pipeline"
     assert config.parameters["decode_model"].string_value == "llava_decode"
+
+
+# ------------------------------------------------------------------------------ several keep levels
+LEVEL_KEEPS = (8, 16)  # `llava --keep 8,16`: prefill_k8 (the default), prefill_k16, one decode
+
+
+@pytest.fixture(scope="module")
+def levels_export(cli_export) -> Path:
+    """``python -m star_export llava --keep 8,16`` once per test session (shared with the C++ tests)."""
+    return cli_export("llava-keep8-16", "--keep", ",".join(map(str, LEVEL_KEEPS)))
+
+
+@pytest.fixture(scope="module")
+def levels_manifest(levels_export) -> dict:
+    return json.loads((levels_export / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def level_repos(levels_export, tmp_path_factory) -> dict[str, Path]:
+    return repositories(levels_export, tmp_path_factory.mktemp("level-repos"))
+
+
+@pytest.mark.parametrize("backend", deploy.BACKENDS)
+def test_several_levels_one_prefill_model_each_and_one_decode(
+    level_repos, levels_manifest, levels_export, backend
+):
+    repo = level_repos[backend]
+    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    assert models == ["decode", "pipeline", "prefill_k16", "prefill_k8"]
+    for graph in graph_names(levels_manifest):
+        config = parse_config(repo / graph / "config.pbtxt")
+        g = levels_manifest["graphs"][graph]
+        assert config.name == graph
+        assert served_io(config.input) == expected_io(g["inputs"])
+        assert served_io(config.output) == expected_io(g["outputs"])
+        assert {p.name for p in (repo / graph / "1").iterdir()} == MODEL_FILES[backend]
+        if backend == "tensorrt":  # the fake "engine" recorded for this graph
+            assert (repo / graph / "1" / "model.plan").read_bytes().startswith(b"layout test only")
+        else:
+            copied = (repo / graph / "1" / "model.onnx").read_bytes()
+            assert copied == (levels_export / f"{graph}.onnx").read_bytes()
+            assert os.path.samefile(
+                repo / graph / "1" / "weights.onnx.data", levels_export / "weights.onnx.data"
+            )
+    decode = parse_config(repo / "decode" / "config.pbtxt")
+    dims = {e.name: list(e.dims) for e in decode.input}
+    assert dims["attention_mask_l1"] == [-1] and dims["past.0.key"] == [2, -1, 16]  # past_len_l1, dynamic
+    assert "past_len_l1 " in (repo / "decode" / "config.pbtxt").read_text()  # the ranges, as comments
+    pipeline = parse_config(repo / "pipeline" / "config.pbtxt")
+    inputs = {t.name: (dtype_name(t.data_type), list(t.dims), t.optional) for t in pipeline.input}
+    assert inputs == PIPELINE_INPUTS
+    params = {k: v.string_value for k, v in pipeline.parameters.items()}
+    assert json.loads(params["prefill_models"]) == {"8": "prefill_k8", "16": "prefill_k16"}
+    assert (params["default_keep"], params["prefill_model"]) == ("8", "prefill_k8")
+    decode_max = {d["name"]: d["max"] for d in levels_manifest["graphs"]["decode"]["dynamic_dims"]}
+    if backend != "tensorrt":
+        assert int(params["past_len_l1_max"]) == decode_max["past_len_l1"]
+        assert int(params["past_len_l2_max"]) == decode_max["past_len_l2"]
+    marker = json.loads((repo / deploy.MARKER).read_text())
+    assert [(lv["keep2"], lv["model"]) for lv in marker["levels"]] == [(8, "prefill_k8"), (16, "prefill_k16")]
+    readme = (repo / "README.md").read_text()
+    assert "## Keep levels" in readme and 'InferInput("keep"' in readme and "prefill_k16" in readme
+
+
+def test_several_levels_tensorrt_repository_takes_each_levels_engine(level_repos, tmp_path, levels_export):
+    repo = level_repos["tensorrt"]
+    for graph in ("prefill_k8", "prefill_k16", "decode"):
+        text = (repo / graph / "config.pbtxt").read_text()
+        assert f"FAKE-{graph}-not-a-tensorrt-engine.plan" in text and "Optimization profile 0" in text
+        assert parse_config(repo / graph / "config.pbtxt").max_batch_size == 4
+    source = with_fake_engines(levels_export, tmp_path / "export")
+    manifest = json.loads((source / "manifest.json").read_text())
+    del manifest["engines"]["prefill_k16"]
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="no TensorRT engine for prefill_k16;"):
+        deploy.write_repository(source, tmp_path / "repo", "tensorrt")
+
+
+def test_several_levels_prefix_and_copies_without_hard_links(levels_export, tmp_path, monkeypatch):
+    import star_export.deploy.files as files
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(files.os, "link", no_links)
+    result = deploy.write_repository(levels_export, tmp_path / "repo", "onnxruntime", prefix="llava_")
+    repo = tmp_path / "repo"
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
+        "llava_decode",
+        "llava_pipeline",
+        "llava_prefill_k16",
+        "llava_prefill_k8",
+    ]
+    params = parse_config(repo / "llava_pipeline" / "config.pbtxt").parameters
+    assert json.loads(params["prefill_models"].string_value) == {
+        "8": "llava_prefill_k8",
+        "16": "llava_prefill_k16",
+    }
+    assert params["decode_model"].string_value == "llava_decode"
+    assert result.linked == []
+    weights = repo / "llava_prefill_k16" / "1" / "weights.onnx.data"
+    assert not os.path.samefile(weights, levels_export / "weights.onnx.data")
+    assert weights.read_bytes() == (levels_export / "weights.onnx.data").read_bytes()
+
+
+def test_several_levels_max_new_tokens_fits_every_level(levels_export, levels_manifest, tmp_path):
+    """The default answer length must fit the tightest level at the shortest prompt
+    (contract.max_new_tokens: the tighter of the two past lengths)."""
+    from star_export.contract import max_new_tokens
+
+    dims = {d["name"]: d for d in levels_manifest["graphs"]["decode"]["dynamic_dims"]}
+    allowed = min(
+        max_new_tokens(dims, 2, lv["span1"], lv["span2"]) for lv in levels_manifest["star"]["levels"]
+    )
+    deploy.write_repository(levels_export, tmp_path / "ok", "python", allowed)
+    with pytest.raises(UsageError) as e:
+        deploy.write_repository(levels_export, tmp_path / "r", "python", allowed + 1)
+    assert f"allows at most {allowed} new tokens at keep" in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -487,18 +631,27 @@ class Server:
             self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def server(export, tmp_path_factory):
+@contextlib.contextmanager
+def serving(export: Path, tmp_path_factory, name: str, pipeline_instances: int = 2):
+    """A real tritonserver on the ``--backend python`` repository of ``export``, stopped on exit."""
     stub = stub_bin(tmp_path_factory)
-    work = tmp_path_factory.mktemp("triton")
+    work = tmp_path_factory.mktemp(name)
     repo = work / "model_repository"
-    deploy.write_repository(export, repo, "python", MAX_NEW, pipeline_instances=2, intra_op_threads=1)
+    deploy.write_repository(
+        export, repo, "python", MAX_NEW, pipeline_instances=pipeline_instances, intra_op_threads=1
+    )
     srv = Server(repo, work, stub)
     try:
         srv.start()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(export, tmp_path_factory):
+    with serving(export, tmp_path_factory, "triton") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -549,7 +702,7 @@ PROMPTS = [
 ]
 
 
-def pipeline_inputs(module, images: list[Path], prompts: list[str], max_new=None, stops=None):
+def pipeline_inputs(module, images: list[Path], prompts: list[str], max_new=None, stops=None, keep=None):
     rows = len(prompts)
     data = {
         "image": (np.array([[p.read_bytes()] for p in images], dtype=np.object_), "BYTES"),
@@ -559,6 +712,9 @@ def pipeline_inputs(module, images: list[Path], prompts: list[str], max_new=None
         data["max_new_tokens"] = (np.full((rows, 1), max_new, dtype=np.int32), "INT32")
     if stops is not None:
         data["stop_token_ids"] = (np.array([stops] * rows, dtype=np.int32), "INT32")
+    if keep is not None:  # one value, or one per row
+        values = [keep] * rows if isinstance(keep, int) else list(keep)
+        data["keep"] = (np.array(values, dtype=np.int32).reshape(rows, 1), "INT32")
     inputs = []
     for name, (array, dtype) in data.items():
         tensor = module.InferInput(name, list(array.shape), dtype)
@@ -716,7 +872,6 @@ def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     from star_export.runtime import GenerationConfig, OnnxruntimeBackend, generate
     from star_export.star import StarConfig
 
-    work = tmp_path_factory.mktemp(recipe)
     export = cli_export(f"{recipe}-keep8", "--recipe", recipe, "--keep", "8")
     manifest = json.loads((export / "manifest.json").read_text())
     geo = Geometry.from_dict(manifest["model"]["geometry"])
@@ -732,18 +887,83 @@ def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     backend = OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx", threads=1)
     expected = generate(backend, feeds, geo, cfg, gen)
 
-    repo = work / "model_repository"
-    deploy.write_repository(export, repo, "python", MAX_NEW, pipeline_instances=1, intra_op_threads=1)
-    srv = Server(repo, work, stub_bin(tmp_path_factory))
-    try:
-        srv.start()
+    with serving(export, tmp_path_factory, recipe, pipeline_instances=1) as srv:
         module, client = http_client(srv)
         try:
             result = client.infer("pipeline", pipeline_inputs(module, rows, prompts, max_new=4))
         finally:
             client.close()
-    finally:
-        srv.stop()
     tokens, texts = answer(result)
     assert tokens == expected.tokens
     assert texts == [pre.decode(t) for t in tokens]
+
+
+# ------------------------------------------------------------------- several keep levels, one server
+@pytest.fixture(scope="module")
+def levels_server(levels_export, tmp_path_factory):
+    with serving(levels_export, tmp_path_factory, "triton-levels", pipeline_instances=1) as srv:
+        yield srv
+
+
+def _executions(client, model: str) -> int:
+    """How many times tritonserver ran ``model`` (its statistics), e.g. a prefill model called by BLS."""
+    stats = client.get_inference_statistics(model)["model_stats"]
+    return int(stats[0]["inference_count"])
+
+
+def test_one_server_answers_every_keep_level_like_load_export(levels_server, levels_export, images):
+    """One tritonserver run, requests at keep 8, keep 16 and no keep (the default, 8): each answer equals
+    ``load_export(dir).generate(..., keep=k)`` token for token, and each ran that level's prefill model
+    (the server's statistics) and the one decode model."""
+    from star_export.session import load_export
+
+    pipe = load_export(levels_export)
+    module, client = http_client(levels_server)
+    try:
+        rows, prompts = images[:2], PROMPTS[:2]  # two rows, different lengths: one is left-padded
+        answers = {}
+        for keep, model in ((16, "prefill_k16"), (8, "prefill_k8"), (None, "prefill_k8")):
+            before = {m: _executions(client, m) for m in ("prefill_k8", "prefill_k16")}
+            result = client.infer(
+                "pipeline", pipeline_inputs(module, rows, prompts, max_new=MAX_NEW, keep=keep)
+            )
+            tokens, texts = answer(result)
+            expected = pipe.generate(rows, prompts, max_new_tokens=MAX_NEW, keep=keep)
+            assert expected.cfg.keep2 == (keep or 8)
+            assert tokens == expected.result.tokens, keep
+            assert texts == expected.answers
+            after = {m: _executions(client, m) for m in ("prefill_k8", "prefill_k16")}
+            assert {m: after[m] - before[m] for m in after} == {
+                m: 2 if m == model else 0 for m in after
+            }  # batch 2: two inferences of that level's prefill model, none of the other's
+            answers[keep] = tokens
+        assert answers[None] == answers[8]
+        assert _executions(client, "decode") > 0
+    finally:
+        client.close()
+
+
+def test_keep_errors_name_the_levels_and_the_server_keeps_serving(levels_server, levels_export, images):
+    from tritonclient.utils import InferenceServerException
+
+    from star_export.session import load_export
+
+    module, client = grpc_client(levels_server)
+    try:
+        with pytest.raises(
+            InferenceServerException, match=r"keep 12: this export holds keep levels 8, 16 \(default 8\)"
+        ):
+            client.infer("pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], keep=12))
+        with pytest.raises(InferenceServerException, match="the same for every row of a request"):
+            client.infer("pipeline", pipeline_inputs(module, images[:2], PROMPTS[:2], keep=[8, 16]))
+        with pytest.raises(InferenceServerException, match="exceeds the exported decode profile"):
+            client.infer(
+                "pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], max_new=100000, keep=16)
+            )
+        result = client.infer(
+            "pipeline", pipeline_inputs(module, images[2:3], PROMPTS[2:3], max_new=3, keep=16)
+        )
+        expected = load_export(levels_export).generate(images[2:3], PROMPTS[2:3], max_new_tokens=3, keep=16)
+        assert answer(result)[0] == expected.result.tokens
+    finally:
+        client.close()

@@ -1,10 +1,14 @@
 // Greedy generation with the STAR-pruned LLaVA engines (TensorRT 10 runtime API).
 //
-//   prefill.plan: pixel_values, input_ids, attention_mask -> logits, kept indices, present.{i}.*
-//   decode.plan:  one token + position + two masks + past.{i}.* -> logits, present.{i}.*
+//   prefill engine (one per keep level, --keep picks it): pixel_values, input_ids, attention_mask ->
+//                  logits, kept indices, margins, present.{i}.*
+//   decode engine (one for every level): one token + position + two masks + past.{i}.* -> logits,
+//                  present.{i}.*; its two past lengths (past_len_l1 for layers < K, past_len_l2 for
+//                  layers >= K) are dynamic, so no keep count is baked into it.
 //
 // The loop is star_export/runtime.py's `generate` (greedy), written out for C++:
-//   1. prefill; layers < K return L1 = T - 1 + keep1 cache slots, layers >= K return L2 = T - 1 + keep2;
+//   1. prefill; layers < K return L1 = T - 1 + span1 cache slots, layers >= K return L2 = T - 1 + span2
+//      (span1/span2: the chosen level's, from star_model.h's kLevels);
 //   2. masks of the cached slots: padding is on the left, so slot j of row b is valid iff j >= pad_b
 //      (pad_b = T - real_b), in both layouts, and every new token appends a 1;
 //   3. the first new token sits at the ORIGINAL position real_b - 1 + N (the unpruned count), +1 per step;
@@ -13,7 +17,8 @@
 //
 // Input is pre-tokenised (raw little-endian files, see README.md): pixel_values float32
 // [B, 3, S, S], input_ids and attention_mask int64 [B, T] (left padded, ONE image placeholder per row).
-// Model constants come from star_model.h, generated from the export's manifest.json.
+// Model constants and the keep levels (engine file names included) come from star_model.h, generated
+// from the export's manifest.json.
 
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
@@ -25,6 +30,7 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <set>
@@ -36,6 +42,13 @@
 #include "star_model.h"
 
 namespace {
+
+static_assert(star_model::kNumLevels == static_cast<int32_t>(std::size(star_model::kLevels)), "star_model.h");
+
+// A bad command line: one line on stderr, exit code 2 (as `python -m star_export`).
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
 
 enum class Graph { kPrefill, kDecode };
 enum class Mode { kInput, kOutput };
@@ -210,40 +223,81 @@ Engine load_engine(nvinfer1::IRuntime& runtime, const std::string& path, Graph g
 }
 
 struct Args {
-    std::string prefill, decode, pixels, ids, mask;
+    std::string prefill, decode, engine_dir = ".", pixels, ids, mask;
+    int64_t keep = star_model::kDefaultKeep;
     int64_t batch = 1, text_len = 0, max_new_tokens = 32, pad_id = 0;
     std::vector<int64_t> stops;
+    star_model::Level level{};  // the kLevels row of --keep
 };
+
+int64_t integer(const std::string& flag, const std::string& value) {
+    size_t used = 0;
+    int64_t out = 0;
+    try {
+        out = std::stoll(value, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (used == 0 || used != value.size()) throw UsageError(flag + ": expected an integer, got '" + value + "'");
+    return out;
+}
+
+std::string held_levels() {
+    std::string out;
+    for (const star_model::Level& lv : star_model::kLevels) out += (out.empty() ? "" : ", ") + std::to_string(lv.keep2);
+    return out;
+}
+
+std::string in_dir(const std::string& dir, const std::string& name) {
+    return dir.empty() || dir == "." ? name : dir + "/" + name;
+}
 
 Args parse_args(int argc, char** argv) {
     Args a;
     for (int k = 1; k < argc; ++k) {
         const std::string flag = argv[k];
-        if (k + 1 >= argc) throw std::runtime_error("missing value for " + flag);
+        if (k + 1 >= argc) throw UsageError("missing value for " + flag);
         const std::string value = argv[++k];
         if (flag == "--prefill") a.prefill = value;
         else if (flag == "--decode") a.decode = value;
+        else if (flag == "--engine-dir") a.engine_dir = value;
+        else if (flag == "--keep") a.keep = integer(flag, value);
         else if (flag == "--pixels") a.pixels = value;
         else if (flag == "--ids") a.ids = value;
         else if (flag == "--mask") a.mask = value;
-        else if (flag == "--batch") a.batch = std::stoll(value);
-        else if (flag == "--text-len") a.text_len = std::stoll(value);
-        else if (flag == "--max-new-tokens") a.max_new_tokens = std::stoll(value);
-        else if (flag == "--pad-id") a.pad_id = std::stoll(value);
-        else if (flag == "--stop") a.stops.push_back(std::stoll(value));
-        else throw std::runtime_error("unknown flag " + flag);
+        else if (flag == "--batch") a.batch = integer(flag, value);
+        else if (flag == "--text-len") a.text_len = integer(flag, value);
+        else if (flag == "--max-new-tokens") a.max_new_tokens = integer(flag, value);
+        else if (flag == "--pad-id") a.pad_id = integer(flag, value);
+        else if (flag == "--stop") a.stops.push_back(integer(flag, value));
+        else throw UsageError("unknown flag " + flag);
     }
-    if (a.prefill.empty() || a.decode.empty() || a.pixels.empty() || a.ids.empty() || a.mask.empty() ||
-        a.text_len < 2) {
-        throw std::runtime_error(
-            "usage: star_greedy --prefill prefill.plan --decode prefill.decode.plan --pixels pixels.f32 "
-            "--ids ids.i64 --mask mask.i64 --batch B --text-len T [--max-new-tokens N] [--stop ID]... "
+    if (a.pixels.empty() || a.ids.empty() || a.mask.empty() || a.text_len < 2) {
+        throw UsageError(
+            "usage: star_greedy [--engine-dir DIR] [--keep K2] [--prefill PLAN] [--decode PLAN] --pixels "
+            "pixels.f32 --ids ids.i64 --mask mask.i64 --batch B --text-len T [--max-new-tokens N] [--stop ID]... "
             "[--pad-id ID]");
     }
-    if (a.batch < 1 || a.batch > star_model::kMaxBatch) throw std::runtime_error("--batch outside the profile");
-    if (a.text_len > star_model::kMaxTextLen) throw std::runtime_error("--text-len outside the profile");
-    if (a.max_new_tokens < 1 || a.text_len - 1 + star_model::kKeep2 + a.max_new_tokens - 1 > star_model::kMaxPastLen) {
-        throw std::runtime_error("--max-new-tokens must be >= 1 and fit the decode profile");
+    // --keep picks the level (its prefill engine and spans); a keep the engines lack is an error, never a fallback
+    const star_model::Level* level = nullptr;
+    for (const star_model::Level& lv : star_model::kLevels) {
+        if (lv.keep2 == a.keep) level = &lv;
+    }
+    if (level == nullptr) {
+        throw UsageError("--keep " + std::to_string(a.keep) + ": the engines hold keep levels " + held_levels() +
+                         " (star_model.h); re-export and rebuild with that level to use it");
+    }
+    a.level = *level;
+    if (a.prefill.empty()) a.prefill = in_dir(a.engine_dir, a.level.engine);
+    if (a.decode.empty()) a.decode = in_dir(a.engine_dir, star_model::kDecodeEngine);
+    if (a.batch < 1 || a.batch > star_model::kMaxBatch) throw UsageError("--batch outside the profile");
+    if (a.text_len > star_model::kMaxTextLen) throw UsageError("--text-len outside the profile");
+    // the longest answer: the tighter of the two past lengths (contract.max_new_tokens)
+    const int64_t room1 = star_model::kMaxPastLenL1 - (a.text_len - 1 + a.level.span1) + 1;
+    const int64_t room2 = star_model::kMaxPastLenL2 - (a.text_len - 1 + a.level.span2) + 1;
+    if (a.max_new_tokens < 1 || a.max_new_tokens > std::min(room1, room2)) {
+        throw UsageError("--max-new-tokens must be in 1.." + std::to_string(std::min(room1, room2)) +
+                         " for this prompt and keep (the decode profile)");
     }
     return a;
 }
@@ -255,7 +309,11 @@ int run(const Args& a) {
     using star_model::kNumLayers;
     using star_model::kVocab;
     const int64_t B = a.batch, T = a.text_len, S = star_model::kImageSize;
-    const int64_t L1 = T - 1 + star_model::kKeep1, L2 = T - 1 + star_model::kKeep2;
+    const int64_t keep1 = a.level.keep1, keep2 = a.level.keep2;
+    // cache slots after prefill: past_len_l1 (layers < K) and past_len_l2 (layers >= K) of the first step
+    const int64_t L1 = T - 1 + a.level.span1, L2 = T - 1 + a.level.span2;
+    std::cerr << "star_greedy: keep1=" << keep1 << " keep2=" << keep2 << ": prefill " << a.prefill << ", decode "
+              << a.decode << "\n";
 
     std::vector<float> pixels = read_array<float>(a.pixels, B * 3 * S * S);
     std::vector<int64_t> ids = read_array<int64_t>(a.ids, B * T);
@@ -272,7 +330,7 @@ int run(const Args& a) {
     // Device memory. Caches: capacity for the whole generation, two sets (ping-pong) per layer.
     DeviceBuffer d_pixels(pixels.size() * sizeof(float)), d_ids(ids.size() * 8), d_mask(mask.size() * 8);
     DeviceBuffer d_logits(B * kVocab * sizeof(float));
-    DeviceBuffer d_keep1(B * star_model::kKeep1 * 8), d_keep2(B * star_model::kKeep2 * 8);
+    DeviceBuffer d_keep1(B * keep1 * 8), d_keep2(B * keep2 * 8);
     DeviceBuffer d_margin1(B * sizeof(float)), d_margin2(B * sizeof(float));  // how close each cut was
     DeviceBuffer d_token(B * 8), d_position(B * 8);
     DeviceBuffer d_mask_l1(B * (L1 + a.max_new_tokens) * 8), d_mask_l2(B * (L2 + a.max_new_tokens) * 8);
@@ -338,7 +396,7 @@ int run(const Args& a) {
         }
         if (all_done || step == a.max_new_tokens - 1) break;
 
-        const int64_t p1 = L1 + step, p2 = L2 + step;  // past lengths of layers < K and >= K
+        const int64_t p1 = L1 + step, p2 = L2 + step;  // this step's past_len_l1 (layers < K), past_len_l2
         mask_l1.assign(B * (p1 + 1), 0);
         mask_l2.assign(B * (p2 + 1), 0);
         for (int64_t b = 0; b < B; ++b) {
@@ -393,8 +451,15 @@ int run(const Args& a) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    Args args;
     try {
-        return run(parse_args(argc, argv));
+        args = parse_args(argc, argv);
+    } catch (const UsageError& e) {
+        std::cerr << "star_greedy: " << e.what() << "\n";
+        return 2;
+    }
+    try {
+        return run(args);
     } catch (const std::exception& e) {
         std::cerr << "star_greedy: " << e.what() << "\n";
         return 1;

@@ -1,4 +1,6 @@
-"""Stage 4 of the data's way: ``prefill.onnx`` (+ ``decode.onnx``) -> TensorRT engines (``.plan``).
+"""Stage 4 of the data's way: the prefill graph of every keep level (+ ``decode.onnx``) -> TensorRT
+engines (``.plan``): one per prefill graph and one decode engine, recorded in the manifest under
+``engines`` by graph name.
 
 One job per module:
 
@@ -7,7 +9,8 @@ One job per module:
 - :mod:`~star_export.build.precision`: strong typing and precision flags, TensorRT 10.x vs 11.x;
 - :mod:`~star_export.build.settings`: what a build is asked for, engine paths, the finish command;
 - :mod:`~star_export.build.engine`: one engine through polygraphy's loaders;
-- :mod:`~star_export.build.parity`: TensorRT engines vs the PyTorch rewrite (prefill, and greedy decode);
+- :mod:`~star_export.build.parity`: TensorRT engines vs the PyTorch rewrite (every level's prefill, and
+  greedy decode);
 - :mod:`~star_export.build.command`: the ``build`` command's flags and :func:`run_build`.
 
 TensorRT is imported lazily (inside the functions that need it), so this package, its pure
@@ -53,7 +56,7 @@ from star_export.build.profiles import (
     profile_shapes,
     to_polygraphy_profiles,
 )
-from star_export.build.settings import BuildSettings, engine_paths, finish_command
+from star_export.build.settings import BuildSettings, engine_files, engine_paths, finish_command
 from star_export.build.status import MIN_TENSORRT_MAJOR, check_target, tensorrt_version, trt_status
 from star_export.contract import contract_from_dict
 
@@ -77,6 +80,7 @@ __all__ = [
     "check_target",
     "contract_dtype",
     "contract_from_dict",
+    "engine_files",
     "engine_paths",
     "finish_command",
     "graph_overrides",

@@ -1,6 +1,6 @@
 """The ``build`` command: its flags (:func:`add_build_arguments`), the profile overrides they give,
-and :func:`run_build` (readiness check, then the prefill and decode engines, recorded in
-manifest.json)."""
+and :func:`run_build` (readiness check, then one prefill engine per keep level and the decode
+engine, recorded in manifest.json)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from star_export.build import status
 from star_export.build.engine import build_engine
 from star_export.build.precision import DTYPES, contract_dtype
 from star_export.build.profiles import DimRange, profile_shapes
-from star_export.build.settings import BuildSettings, engine_paths, finish_command
+from star_export.build.settings import BuildSettings, engine_files, finish_command
 from star_export.contract import GraphContract, contract_from_dict
 from star_export.errors import MissingComponent, UsageError
 from star_export.manifest import read_manifest
@@ -39,7 +39,8 @@ def add_build_arguments(parser: argparse.ArgumentParser, include_engine: bool = 
             default=None,
             metavar="PATH",
             help="prefill engine path (default: DIR/prefill.plan); the decode engine goes beside it "
-            "(out.plan -> out.decode.plan)",
+            "(out.plan -> out.decode.plan); an export with several keep levels gets one prefill engine "
+            "per level (out.k32.plan, out.k64.plan, ...)",
         )
     g.add_argument(
         "--dtype",
@@ -75,7 +76,8 @@ def add_build_arguments(parser: argparse.ArgumentParser, include_engine: bool = 
         type=int,
         default=None,
         metavar="N",
-        help="longest generation the decode profile allows (sets its max past length)",
+        help="longest generation the decode profile allows (sets the max of both past lengths, "
+        "past_len_l1 and past_len_l2, over every keep level)",
     )
 
 
@@ -103,15 +105,24 @@ def _arg_ranges(args: argparse.Namespace, contract: GraphContract) -> tuple[dict
     return overrides, flags
 
 
+def _prefill_graphs(contracts: Mapping[str, GraphContract]) -> list[str]:
+    return [g for g in contracts if g != "decode"]
+
+
 def graph_overrides(
     manifest: Mapping[str, Any], contracts: Mapping[str, GraphContract], args: argparse.Namespace
 ) -> tuple[dict[str, dict[str, DimRange]], list[str]]:
-    """Per-graph dim overrides from the CLI flags. Prefill takes batch/text_len directly; the
-    decode graph's ``past_len`` range is recomputed with ``decode_contract`` from the manifest's
-    geometry and STAR settings when text_len or ``--max-new-tokens`` flags are given."""
-    prefill = contracts["prefill"]
+    """Per-graph dim overrides from the CLI flags (``contracts``: {graph name: contract}, every keep
+    level's prefill graph and the decode graph). Every prefill graph takes batch/text_len directly;
+    the decode graph's ``past_len_l1`` / ``past_len_l2`` ranges are recomputed with
+    ``decode_contract`` over ALL the manifest's keep levels when text_len or ``--max-new-tokens``
+    flags are given."""
+    prefills = _prefill_graphs(contracts)
+    if not prefills:
+        raise UsageError("the manifest lists no prefill graph")
+    prefill = contracts[prefills[0]]  # every level's prefill graph has the same batch/text_len dims
     over, flags = _arg_ranges(args, prefill)
-    out = {"prefill": dict(over)}
+    out = {g: dict(over) for g in prefills}
     mnt = getattr(args, "max_new_tokens", None)
     if mnt is not None:
         if mnt < 1:
@@ -121,28 +132,30 @@ def graph_overrides(
         decode = contracts["decode"]
         dec = {k: v for k, v in over.items() if k in {d.name for d in decode.dims}}
         if "text_len" in over or mnt is not None:
-            dec["past_len"] = _decode_past_len(manifest, prefill, over, mnt)
+            dec.update(_decode_past_lens(manifest, prefill, over, mnt))
         out["decode"] = dec
     return out, flags
 
 
-def _decode_past_len(
+def _decode_past_lens(
     manifest: Mapping[str, Any],
     prefill: GraphContract,
     over: Mapping[str, DimRange],
     max_new_tokens: int | None,
-) -> DimRange:
+) -> dict[str, DimRange]:
+    """{"past_len_l1": range, "past_len_l2": range} of the decode graph for these prompt ranges and
+    answer length, covering every keep level of the manifest (``decode_contract``'s rule)."""
     from star_export.contract import decode_contract
     from star_export.geometry import Geometry
-    from star_export.manifest import star_config
+    from star_export.manifest import levels
 
     try:
         geo = Geometry.from_dict(manifest["model"]["geometry"])
-        cfg = star_config(manifest, geo, "manifest.json")
     except (KeyError, TypeError) as e:
         raise UsageError(
             f"manifest.json lacks the geometry/STAR settings to size the decode profile ({e})"
         ) from None
+    cfgs = [lv.cfg for lv in levels(dict(manifest), geo, "manifest.json")]
     text = prefill.dim("text_len")
     text_r = over.get("text_len", (text.min, text.opt, text.max))
     batch = prefill.dim("batch")
@@ -153,8 +166,12 @@ def _decode_past_len(
         raise UsageError(
             "pass --max-new-tokens: the manifest does not say how long the decode profile must reach"
         )
-    d = decode_contract(geo, cfg, batch_r, text_r, int(max_new_tokens)).dim("past_len")
-    return (d.min, d.opt, d.max)
+    contract = decode_contract(geo, cfgs, batch_r, text_r, int(max_new_tokens))
+    out = {}
+    for name in ("past_len_l1", "past_len_l2"):
+        d = contract.dim(name)
+        out[name] = (d.min, d.opt, d.max)
+    return out
 
 
 def settings_from_args(args: argparse.Namespace, default_dtype: str = "fp32") -> BuildSettings:
@@ -178,22 +195,36 @@ def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def run_build(args: argparse.Namespace, out_dir: Path) -> int:
-    """``build --from OUT_DIR``: readiness check of every graph, then the prefill engine (and the
-    decode engine when the manifest lists ``decode``), recorded under ``engines`` in manifest.json.
+    """``build --from OUT_DIR``: readiness check of every graph, then one prefill engine per keep
+    level and one decode engine (when the manifest lists ``decode``), recorded under ``engines`` in
+    manifest.json, keyed by graph name. Engine files come from ``--engine`` (default
+    ``OUT_DIR/prefill.plan``, :func:`~star_export.build.settings.engine_files`): a one-level export
+    gets ``out.plan`` + ``out.decode.plan``; several levels ``out.k32.plan``, ``out.k64.plan``, ... +
+    ``out.decode.plan``.
 
     Exit codes: 0 built, 1 readiness check failed; raises UsageError (2) / MissingComponent (3).
     """
+    from star_export.geometry import Geometry
+    from star_export.manifest import levels
+
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.json"
-    manifest = read_manifest(out_dir, graphs=("prefill",))
+    manifest = read_manifest(out_dir, graphs=())
     graphs = manifest["graphs"]
+    try:
+        geo = Geometry.from_dict(manifest["model"]["geometry"])
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"--from {out_dir}: manifest.json has no valid geometry ({e})") from None
+    level_graphs = [lv.graph for lv in levels(manifest, geo, f"--from {out_dir}")]
     engine = getattr(args, "engine", None) or out_dir / "prefill.plan"
     engine = Path(engine)
     if engine.is_dir():
         raise UsageError(f"--engine {engine}: is a directory")
-    prefill_engine, decode_engine = engine_paths(engine)
-    targets = {"prefill": prefill_engine, "decode": decode_engine}
-    names = [g for g in ("prefill", "decode") if g in graphs]
+    names = [g for g in (*level_graphs, "decode") if g in graphs]
+    missing = [g for g in level_graphs if g not in graphs]
+    if missing:
+        raise UsageError(f"--from {out_dir}: manifest.json lists keep levels without graphs: {missing}")
+    targets = engine_files(engine, names)
     contracts = {g: contract_from_dict(graphs[g]) for g in names}
     onnx = {g: out_dir / graphs[g].get("file", f"{g}.onnx") for g in names}
     for g in names:
@@ -221,22 +252,23 @@ def run_build(args: argparse.Namespace, out_dir: Path) -> int:
 
     # 2. settings and profiles (validated before looking for TensorRT, so usage errors come first)
     overrides, flags = graph_overrides(manifest, contracts, args)
-    base = settings_from_args(args, default_dtype=contract_dtype(contracts["prefill"]))
+    base = settings_from_args(args, default_dtype=contract_dtype(contracts[level_graphs[0]]))
     base = dataclasses.replace(base, profile_flags=tuple(flags))
     per_graph = {
         g: dataclasses.replace(base, profiles=[profile_shapes(contracts[g], overrides[g])]) for g in names
     }
+    finish = finish_command(out_dir, engine, base)  # the whole build, every level, from the one --engine
 
     # 3. TensorRT and a GPU
     ok, why = status.trt_status()
     if not ok:
         raise MissingComponent(
             f"{why}; the ONNX graphs and manifest are in {out_dir}/; to build the engines on a GPU host "
-            f"with TensorRT 10.x/11.x run: {finish_command(out_dir, prefill_engine, base)}"
+            f"with TensorRT 10.x/11.x run: {finish}"
         )
 
     # 4. build, then record atomically
-    entries = {g: build_engine(onnx[g], targets[g], contracts[g], per_graph[g]) for g in names}
+    entries = {g: build_engine(onnx[g], targets[g], contracts[g], per_graph[g], finish=finish) for g in names}
     manifest = json.loads(manifest_path.read_text())  # re-read: keep anything written meanwhile
     manifest["engines"] = {**(manifest.get("engines") or {}), **entries}
     manifest["engine_build"] = base.settings_summary() | {"tensorrt_status": status.trt_status()[1]}

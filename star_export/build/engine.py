@@ -147,8 +147,14 @@ def build_engine(
     contract: GraphContract,
     settings: BuildSettings,
     log: Callable[[str], None] = print,
+    *,
+    finish: str | None = None,
 ) -> dict[str, Any]:
     """Build one engine from ``onnx_path`` and write it atomically to ``engine_path``.
+
+    ``finish``: the command a missing TensorRT/GPU error prints (default: a ``build`` of this
+    directory with ``--engine engine_path``; ``run_build`` passes the command of the whole build,
+    whose ``--engine`` names every level's engine).
 
     Returns the manifest entry: file, path, bytes, sha256, TensorRT version, dtype, precision plan,
     profiles (inputs, and output shapes at each corner), timing cache, engine I/O, build seconds.
@@ -160,7 +166,7 @@ def build_engine(
     if not ok:
         raise MissingComponent(
             f"{why}; to build the engine on a GPU host with TensorRT 10.x/11.x run: "
-            f"{finish_command(onnx_path.parent, engine_path, settings)}"
+            f"{finish or finish_command(onnx_path.parent, engine_path, settings)}"
         )
     if not onnx_path.is_file():
         raise UsageError(f"{onnx_path}: no such file")

@@ -1,4 +1,5 @@
-"""TensorRT engines against the PyTorch rewrite: prefill and decode parity rows (``validate --trt``).
+"""TensorRT engines against the PyTorch rewrite: prefill and decode parity rows (``validate --trt``),
+for every keep level of an export (its own prefill engine, the shared decode engine).
 
 The same criterion as every other parity check (``selection``, ``validate.check_side``): kept
 indices agree when identical or when every disagreement lies within the margin of the cut (the
@@ -111,27 +112,41 @@ def _engine_path(from_dir: Path, entry: Mapping[str, Any]) -> Path:
     return path if path.is_file() or path.is_absolute() else Path(from_dir) / path
 
 
+def _level_margins(
+    margins: tuple[float, float] | Mapping[int, Sequence[float]], keep2: int
+) -> tuple[float, float]:
+    if isinstance(margins, Mapping):
+        if keep2 not in margins:
+            raise UsageError(f"no selection margins for keep level {keep2}")
+        m = margins[keep2]
+        return (float(m[0]), float(m[1]))
+    return (float(margins[0]), float(margins[1]))
+
+
 def trt_rows(
     manifest: Mapping[str, Any],
     from_dir: Path,
     model: Any,
     feeds_list: Sequence[Mapping[str, Any]],
-    margins: tuple[float, float],
+    margins: tuple[float, float] | Mapping[int, Sequence[float]],
     steps: int = 4,
 ) -> list[dict[str, Any]]:
-    """The TensorRT prefill + decode engines recorded in ``manifest["engines"]`` against the PyTorch
-    rewrite of ``model`` (the checkpoint in the export's dtype), by the criterion of every other
-    parity check (``validate.check_side``, ``validate.generation_rows``): kept indices by the
-    selection-with-margin rule (``margins``: stage 1, stage 2), logits and presents directly or with
-    the rewrite forced to the engine's selection; then ``steps`` greedy decode steps (fp32: tokens
-    identical; fp16/bf16: teacher-forced).
+    """The TensorRT engines recorded in ``manifest["engines"]`` (one prefill engine per keep level,
+    keyed by the level's graph name, and the decode engine) against the PyTorch rewrite of ``model``
+    (the checkpoint in the export's dtype), by the criterion of every other parity check
+    (``validate.check_side``, ``validate.generation_rows``), for EVERY keep level with that level's
+    engine: kept indices by the selection-with-margin rule (``margins``: stage 1, stage 2; one pair
+    for all levels or {keep2: pair}), logits and presents directly or with the rewrite forced to the
+    engine's selection; then ``steps`` greedy decode steps through the shared decode engine (fp32:
+    tokens identical; fp16/bf16: teacher-forced). With several levels every row's check starts with
+    ``keep K2:``, as ``validate_levels`` names its rows.
 
     Raises ``MissingComponent`` where TensorRT or a GPU is missing, ``UsageError`` where the
-    manifest records no prefill/decode engine.
+    manifest records no engine for a level's prefill graph or for decode.
     """
     from star_export.families import family_of
     from star_export.geometry import Geometry
-    from star_export.manifest import star_config
+    from star_export.manifest import levels
     from star_export.parity import ParityReport
     from star_export.runtime import TorchBackend
     from star_export.selection import logits_tolerance
@@ -141,41 +156,52 @@ def trt_rows(
     if not ok:
         raise MissingComponent(f"{why}; TensorRT parity runs only where TensorRT and a CUDA GPU exist")
     engines, graphs = manifest.get("engines") or {}, manifest["graphs"]
-    missing = [g for g in ("prefill", "decode") if g not in engines or g not in graphs]
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    held = levels(dict(manifest), geo, f"--from {from_dir}")
+    names = [lv.graph for lv in held]
+    missing = [g for g in (*names, "decode") if g not in engines or g not in graphs]
     if missing:
         raise UsageError(
             f"--from {from_dir}: no {' / '.join(missing)} engine in the manifest; run `build` first"
         )
-    dtype = ELEMENT.get(str((engines.get("prefill") or {}).get("dtype", "fp32")), "float32")
-    contracts = {g: contract_from_dict(graphs[g]) for g in ("prefill", "decode")}
-    geo = Geometry.from_dict(manifest["model"]["geometry"])
-    cfg = star_config(manifest, geo, f"--from {from_dir}")
+    dtype = ELEMENT.get(str((engines.get(names[0]) or {}).get("dtype", "fp32")), "float32")
+    decode = contract_from_dict(graphs["decode"])
     family = family_of(geo)
     model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    rewrite = Rewrite(family.prefill_module(model, geo, cfg).eval(), model_dtype)
     tol = logits_tolerance(dtype, TRT_TOLERANCES["fp32"])
-    report = ParityReport()
-    backend = TrtBackend(
-        _engine_path(from_dir, engines["prefill"]),
-        _engine_path(from_dir, engines["decode"]),
-        contracts["prefill"],
-        contracts["decode"],
-    )
-    with backend as got:
-        name = f"{got.name} {SHORT[dtype]}"
-        for i, feeds in enumerate(feeds_list):
-            out = got.prefill(_feed(contracts["prefill"], feeds))
-            check_side(
-                report,
-                f"{name} vs torch {SHORT[model_dtype]} (feed {i})",
-                out,
-                rewrite,
-                dict(feeds),
-                margins,
-                tol,
-            )
-        ref = TorchBackend(model, geo, cfg, contracts["prefill"], contracts["decode"])
-        generation_rows(
-            report, name, got, ref, dict(feeds_list[0]), geo, cfg, steps, dtype, TRT_TOLERANCES["fp32"]
+    several = len(held) > 1
+    rows = []
+    for level in held:
+        cfg = level.cfg
+        prefill = contract_from_dict(graphs[level.graph])
+        level_margins = _level_margins(margins, cfg.keep2)
+        report = ParityReport()
+        rewrite = Rewrite(family.prefill_module(model, geo, cfg).eval(), model_dtype)
+        backend = TrtBackend(
+            _engine_path(from_dir, engines[level.graph]),
+            _engine_path(from_dir, engines["decode"]),
+            prefill,
+            decode,
         )
-    return [r.to_dict() for r in report.rows]
+        with backend as got:
+            name = f"{got.name} {SHORT[dtype]}"
+            for i, feeds in enumerate(feeds_list):
+                out = got.prefill(_feed(prefill, feeds))
+                check_side(
+                    report,
+                    f"{name} vs torch {SHORT[model_dtype]} (feed {i})",
+                    out,
+                    rewrite,
+                    dict(feeds),
+                    level_margins,
+                    tol,
+                )
+            ref = TorchBackend(model, geo, cfg, prefill, decode)
+            generation_rows(
+                report, name, got, ref, dict(feeds_list[0]), geo, cfg, steps, dtype, TRT_TOLERANCES["fp32"]
+            )
+        for row in report.rows:
+            if several:
+                row.check = f"keep {cfg.keep2}: {row.check}"
+            rows.append(row.to_dict())
+    return rows

@@ -4,6 +4,7 @@ that finishes a build on a GPU host."""
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,32 @@ def finish_command(out_dir: Path, engine: Path, settings: BuildSettings) -> str:
     return shlex.join(parts)
 
 
+def _beside(engine: Path, tag: str) -> Path:
+    """``out.plan`` + ``decode`` -> ``out.decode.plan`` (``dir/engine`` -> ``dir/engine.decode``)."""
+    if engine.suffix:
+        return engine.with_name(f"{engine.stem}.{tag}{engine.suffix}")
+    return engine.with_name(f"{engine.name}.{tag}")
+
+
 def engine_paths(engine: Path) -> tuple[Path, Path]:
     """(prefill engine, decode engine): ``out.plan`` -> (``out.plan``, ``out.decode.plan``)."""
     engine = Path(engine)
-    if engine.suffix:
-        return engine, engine.with_name(f"{engine.stem}.decode{engine.suffix}")
-    return engine, engine.with_name(f"{engine.name}.decode")
+    return engine, _beside(engine, "decode")
+
+
+def engine_files(engine: Path, graphs: Sequence[str]) -> dict[str, Path]:
+    """{graph: engine file} of an export's graphs from the one ``--engine`` path: a one-level export's
+    ``prefill`` graph -> ``out.plan``; a level's ``prefill_k32`` -> ``out.k32.plan``; ``decode`` ->
+    ``out.decode.plan`` (one decode engine serves every level)."""
+    engine = Path(engine)
+    out = {}
+    for graph in graphs:
+        if graph == "prefill":
+            out[graph] = engine
+        elif graph == "decode":
+            out[graph] = _beside(engine, "decode")
+        elif graph.startswith("prefill_k") and graph[len("prefill_k") :].isdigit():
+            out[graph] = _beside(engine, graph[len("prefill_") :])
+        else:
+            raise UsageError(f"graph {graph!r}: no engine name for it (prefill, prefill_k<keep>, decode)")
+    return out

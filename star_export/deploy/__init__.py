@@ -7,17 +7,23 @@ written once by the exporter) and writes, atomically (staging directory + rename
       README.md                      tritonserver command line + a tritonclient call
       star_export_repository.json    what was written, from which export (marks the folder ours)
       prefill/config.pbtxt           generated from manifest["graphs"]["prefill"]
-      prefill/1/model.{py,onnx,plan} per backend (python: model.py + model.onnx)
+      prefill/1/model.{py,onnx,plan} per backend (python: model.py + model.onnx + weights.onnx.data)
       decode/config.pbtxt            generated from manifest["graphs"]["decode"]
       decode/1/model.{py,onnx,plan}
-      pipeline/config.pbtxt          Python backend, BLS: image bytes + prompt -> text + token ids
+      pipeline/config.pbtxt          Python backend, BLS: image bytes + prompt (+ keep) -> text + token ids
       pipeline/1/model.py            (star_export/triton_models/pipeline.py)
       pipeline/1/manifest.json, pipeline/1/processor/
 
+An export with several keep levels (``--keep 32,64,128``) gets one prefill model per level, named
+after its graph (``prefill_k32``, ``prefill_k64``, ``prefill_k128``), and ONE decode model; the
+pipeline's optional ``keep`` input picks the level per request. The export stores its weights once
+(``weights.onnx.data``); each ONNX model directory needs that file beside its ``model.onnx``, so it
+is hard-linked there (copied where the filesystem has no hard links).
+
 Backends of the prefill/decode models:
 
-* ``tensorrt``: ``platform: "tensorrt_plan"``, ``1/model.plan`` copied from the engines that
-  ``python -m star_export build`` recorded under ``engines`` in the manifest (KIND_GPU,
+* ``tensorrt``: ``platform: "tensorrt_plan"``, ``1/model.plan`` linked or copied from the engines
+  that ``python -m star_export build`` recorded under ``engines`` in the manifest (KIND_GPU,
   optimization profile "0", whose ranges are written into config.pbtxt as comments);
 * ``onnxruntime``: ``platform: "onnxruntime_onnx"``, ``1/model.onnx`` (+ its external data file);
 * ``python``: ``backend: "python"``, onnxruntime inside the Python backend (hosts whose Triton
@@ -60,21 +66,22 @@ from star_export.deploy.files import MARKER, TEMPLATES, check_repo_path, replace
 from star_export.deploy.models import write_graph_model as _write_graph_model
 from star_export.deploy.models import write_pipeline as _write_pipeline
 from star_export.deploy.readme import repository_readme
-from star_export.deploy.settings import (
-    BACKENDS,
-    GRAPHS,
-    Repository,
-    RepositorySettings,
-    check_settings,
+from star_export.deploy.settings import BACKENDS, Repository, RepositorySettings, check_settings
+from star_export.deploy.source import (
+    batch_first,
+    find_engines,
+    graph_names,
+    levels_of,
+    longest_answer,
+    read_export,
+    served_limits,
 )
-from star_export.deploy.source import batch_first, find_engines, read_export, served_limits
 from star_export.errors import UsageError
 
 __all__ = [
     "BACKENDS",
     "ENGINE_LINES",
     "EPILOG",
-    "GRAPHS",
     "MARKER",
     "PIPELINE_INPUTS",
     "PIPELINE_OUTPUTS",
@@ -86,6 +93,7 @@ __all__ = [
     "cpp_header",
     "find_engines",
     "graph_config",
+    "graph_names",
     "pipeline_config",
     "read_export",
     "repository_readme",
@@ -127,33 +135,50 @@ def write_repository(
     check_settings(settings)
     manifest = read_export(from_dir)
     graphs = manifest["graphs"]
-    for g in GRAPHS:
+    names = graph_names(manifest)  # every level's prefill graph, then decode
+    for g in names:
         batch_first(graphs[g])
     check_repo_path(repo)
     engines = find_engines(from_dir, manifest) if backend == "tensorrt" else {}
 
     # Limits the repository serves: the engines' profiles (tensorrt) or the export's ranges.
-    limits = served_limits(graphs, engines)
-    star = manifest["star"]
-    shortest_prompt = min(d["min"] for d in graphs["prefill"]["dynamic_dims"] if d["name"] == "text_len")
-    longest_answer = limits["past_len"] - (shortest_prompt - 1 + int(star.get("span2", star["keep2"]))) + 1
-    if settings.max_new_tokens > longest_answer:
+    limits = served_limits(graphs, engines, names)
+    levels = levels_of(manifest)
+    shortest_prompt = min(
+        d["min"] for g in names[:-1] for d in graphs[g]["dynamic_dims"] if d["name"] == "text_len"
+    )
+    longest, tightest = longest_answer(limits, levels, shortest_prompt)
+    if settings.max_new_tokens > longest:
         raise UsageError(
-            f"--max-new-tokens {settings.max_new_tokens}: the decode profile allows at most "
-            f"{longest_answer} new tokens (past_len max {limits['past_len']})"
+            f"--max-new-tokens {settings.max_new_tokens}: the decode profile allows at most {longest} new "
+            f"tokens at keep {tightest} (past_len_l1 max {limits['past_len_l1']}, past_len_l2 max "
+            f"{limits['past_len_l2']})"
         )
 
     repo.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
     try:
-        models = {role: settings.name(role) for role in (*GRAPHS, "pipeline")}
-        for g in GRAPHS:
-            _write_graph_model(
+        models = {g: settings.name(g) for g in (*names, "pipeline")}
+        linked: list[Path] = []
+        for g in names:
+            linked += _write_graph_model(
                 stage / models[g], from_dir, graphs[g], settings, limits["batch"], engines.get(g)
             )
-        _write_pipeline(stage / models["pipeline"], from_dir, manifest, settings, limits)
+        prefill_models = {int(lv["keep2"]): models[lv["graph"]] for lv in levels}
+        _write_pipeline(stage / models["pipeline"], from_dir, manifest, settings, limits, prefill_models)
         files = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
-        result = Repository(path=repo, backend=backend, models=models, files=files, limits=limits)
+        result = Repository(
+            path=repo,
+            backend=backend,
+            models=models,
+            files=files,
+            limits=limits,
+            levels=[
+                {k: lv[k] for k in ("keep1", "keep2", "span1", "span2")} | {"model": models[lv["graph"]]}
+                for lv in levels
+            ],
+            linked=sorted(str(p.relative_to(stage)) for p in linked),
+        )
         (stage / "README.md").write_text(repository_readme(result, manifest, from_dir, settings))
         marker = {
             "star_export": __version__,

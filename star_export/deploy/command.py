@@ -16,6 +16,9 @@ examples:
   python -m star_export llava --keep 64 --out star_out
   python -m star_export triton --from star_out --repo model_repository
       Python-backend repository (onnxruntime inside Triton; runs on the nvidia-pytriton CPU server)
+  python -m star_export llava --keep 32,64,128 --out star_levels
+  python -m star_export triton --from star_levels --repo model_repository
+      models prefill_k32, prefill_k64, prefill_k128, decode, pipeline (input 'keep' picks the level)
   python -m star_export triton --from star_out --repo model_repository --backend tensorrt
       after `python -m star_export build --from star_out` on a GPU host (engines in the manifest)
   python -m star_export triton --from star_out --cpp-header examples/cpp/star_model.h
@@ -30,7 +33,8 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         metavar="DIR",
-        help="an output directory of `llava` (manifest.json, prefill.onnx, decode.onnx, processor/)",
+        help="an output directory of `llava` (manifest.json, a prefill graph per keep level, decode.onnx, "
+        "weights.onnx.data, processor/)",
     )
     parser.add_argument(
         "--repo", type=Path, default=None, metavar="DIR", help="model repository to write (replaced whole)"
@@ -39,7 +43,7 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default="python",
-        help="prefill/decode models: python (onnxruntime in the Python backend, default), "
+        help="prefill (one per keep level) and decode models: python (onnxruntime in the Python backend, default), "
         "onnxruntime (onnxruntime_onnx), tensorrt (tensorrt_plan; needs engines from `build`)",
     )
     parser.add_argument(
@@ -59,7 +63,9 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="instance kind (default gpu for tensorrt, else cpu)",
     )
-    parser.add_argument("--prefix", default="", help="model name prefix, e.g. llava_ (default none)")
+    parser.add_argument(
+        "--prefix", default="", help="model name prefix, e.g. llava_ -> llava_prefill, ... (default none)"
+    )
     parser.add_argument(
         "--threads", type=int, default=0, metavar="N", help="python backend: onnxruntime threads per instance"
     )
@@ -101,7 +107,19 @@ def run_triton(args: argparse.Namespace) -> int:
     if "repository" in out:
         r = out["repository"]
         print(f"wrote {r['path']}/ ({r['backend']} backend): models {', '.join(r['models'].values())}")
-        print(f"  limits: batch <= {r['limits']['batch']}, prompt <= {r['limits']['text_len']} tokens")
+        limits = r["limits"]
+        print(
+            f"  limits: batch <= {limits['batch']}, prompt <= {limits['text_len']} tokens, past lengths <= "
+            f"{limits['past_len_l1']} (layers < K) / {limits['past_len_l2']} (layers >= K)"
+        )
+        levels = r["levels"]
+        if len(levels) > 1:
+            print(
+                f"  keep levels: {', '.join(str(lv['keep2']) for lv in levels)} (request input 'keep', default "
+                f"{levels[0]['keep2']})"
+            )
+        if r["linked"]:
+            print(f"  weights: {len(r['linked'])} files hard-linked to the export's (one copy on disk)")
         print(
             f"  serve:  tritonserver --model-repository=$PWD/{Path(r['path']).name}   (see {r['path']}/README.md)"
         )

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from star_export import __version__
-from star_export.deploy.settings import GRAPHS
-from star_export.deploy.source import dim_max, read_export
+from star_export.deploy.source import dim_max, graph_names, levels_of, read_export
 from star_export.errors import UsageError
+
+DEFAULT_ENGINE = "prefill.plan"  # `build`'s --engine default (DIR/prefill.plan)
 
 
 def _input_shape(graph: Mapping[str, Any], name: str) -> list[Any] | None:
@@ -20,16 +21,18 @@ def _input_shape(graph: Mapping[str, Any], name: str) -> list[Any] | None:
 def unsupported_layout(manifest: Mapping[str, Any]) -> str | None:
     """Why examples/cpp cannot drive this export, from generic manifest fields (None: it can).
 
-    main.cpp feeds one square image as ``pixel_values [B, 3, S, S]`` (S = image_size), caches
-    ``T - 1 + keep`` slots per layer (no fixed visual tokens: ``n_fixed == 0``), and gives each
+    main.cpp feeds one square image as ``pixel_values [B, 3, S, S]`` (S = image_size) to every keep
+    level's prefill graph, caches ``T - 1 + keep`` slots per layer (no fixed visual tokens:
+    ``n_fixed == 0``), and gives each
     decode step one scalar position per row, ``real - 1 + N + step`` (``position_ids [B, 1]``, the
     image occupying its N positions: ``n_positions == n_visual``).
     """
     geo, graphs = manifest["model"]["geometry"], manifest["graphs"]
     size, n_visual = geo["image_size"], geo["n_visual"]
-    pixels = _input_shape(graphs["prefill"], "pixel_values")
-    if pixels != ["batch", 3, size, size]:
-        return f"pixel_values {pixels}"
+    for lv in manifest["star"]["levels"]:
+        pixels = _input_shape(graphs[lv["graph"]], "pixel_values")
+        if pixels != ["batch", 3, size, size]:
+            return f"pixel_values {pixels}"
     n_fixed = int(geo.get("n_fixed", 0))
     if n_fixed:
         return f"{n_fixed} fixed (always kept) visual tokens"
@@ -42,8 +45,25 @@ def unsupported_layout(manifest: Mapping[str, Any]) -> str | None:
     return None
 
 
+def engine_names(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """{graph: engine file name} of every keep level's prefill graph and the decode graph: the names
+    ``build`` recorded in ``manifest["engines"]``, else the ones ``build --from DIR`` writes by default
+    (``prefill.plan`` + ``prefill.decode.plan``; several levels ``prefill.k32.plan``, ...)."""
+    from star_export.build.settings import engine_files
+
+    names = graph_names(manifest)
+    out = {g: p.name for g, p in engine_files(Path(DEFAULT_ENGINE), names).items()}
+    for g, entry in (manifest.get("engines") or {}).items():
+        recorded = Path(str(entry.get("path") or entry.get("file") or "")).name
+        if g in out and recorded:
+            out[g] = recorded
+    return out
+
+
 def cpp_header(manifest: Mapping[str, Any]) -> str:
-    """``star_model.h`` for examples/cpp: the model constants, from the manifest (never by hand)."""
+    """``star_model.h`` for examples/cpp: the model constants, from the manifest (never by hand): the
+    geometry, the two past lengths' maxima, and one row per keep level (keep1, keep2, span1, span2,
+    its prefill engine's file name), the default level first."""
     geo, star, graphs = manifest["model"]["geometry"], manifest["star"], manifest["graphs"]
     problem = unsupported_layout(manifest)
     if problem is not None:
@@ -52,6 +72,9 @@ def cpp_header(manifest: Mapping[str, Any]) -> str:
             f"visual tokens, scalar positions continuing after the N visual tokens); this export has "
             f"{problem}: use the manifest's tensor table"
         )
+    levels = levels_of(manifest)
+    names = graph_names(manifest)
+    engines = engine_names(manifest)
     consts = [
         (
             "int32_t",
@@ -63,31 +86,67 @@ def cpp_header(manifest: Mapping[str, Any]) -> str:
             "int32_t",
             "kLayerK",
             star["layer_K"],
-            "layers < K hold L1 = T - 1 + kKeep1 slots, layers >= K hold L2",
+            "layers < K hold L1 = T - 1 + span1 slots (past_len_l1), layers >= K hold L2 (past_len_l2)",
         ),
         ("int64_t", "kNVisual", star["N"], "visual tokens before pruning (positions continue after N)"),
-        ("int64_t", "kKeep1", star["keep1"], "visual tokens kept by stage 1"),
-        ("int64_t", "kKeep2", star["keep2"], "visual tokens kept by stage 2"),
         ("int64_t", "kImageSize", geo["image_size"], "pixel_values: [B, 3, kImageSize, kImageSize]"),
         ("int64_t", "kVocab", geo["vocab_size"], "logits: [B, kVocab]"),
         ("int64_t", "kKvHeads", geo["num_kv_heads"], "present/past: [B, kKvHeads, S, kHeadDim]"),
         ("int64_t", "kHeadDim", geo["head_dim"], ""),
         ("int64_t", "kImageTokenId", manifest["image_token_id"], "the ONE placeholder per prompt row"),
-        ("int64_t", "kMaxBatch", min(dim_max(graphs[g], "batch") for g in GRAPHS), "profile maxima"),
-        ("int64_t", "kMaxTextLen", dim_max(graphs["prefill"], "text_len"), ""),
-        ("int64_t", "kMaxPastLen", dim_max(graphs["decode"], "past_len"), "stage-2 past length"),
+        ("int64_t", "kMaxBatch", min(dim_max(graphs[g], "batch") for g in names), "profile maxima"),
+        ("int64_t", "kMaxTextLen", min(dim_max(graphs[g], "text_len") for g in names[:-1]), ""),
+        (
+            "int64_t",
+            "kMaxPastLenL1",
+            dim_max(graphs["decode"], "past_len_l1"),
+            "decode: past_len_l1 (layers < K) <= this",
+        ),
+        (
+            "int64_t",
+            "kMaxPastLenL2",
+            dim_max(graphs["decode"], "past_len_l2"),
+            "decode: past_len_l2 (layers >= K) <= this",
+        ),
+        (
+            "int64_t",
+            "kDefaultKeep",
+            star.get("default_keep", levels[0]["keep2"]),
+            "keep2 of the default level",
+        ),
+        ("int32_t", "kNumLevels", len(levels), "rows of kLevels"),
     ]
     body = "\n".join(
         f"constexpr {t} {n} = {int(v)};" + (f"  // {doc}" if doc else "") for t, n, v, doc in consts
     )
+    rows = "\n".join(
+        f"    {{{int(lv['keep1'])}, {int(lv['keep2'])}, {int(lv['span1'])}, {int(lv['span2'])}, "
+        f'"{engines[lv["graph"]]}"}},  // graph {lv["graph"]}'
+        for lv in levels
+    )
+    summary = ", ".join(f"{lv['keep1']}->{lv['keep2']}" for lv in levels)
     return f"""// Generated by star_export {__version__} from manifest.json of {manifest["model"]["source"]}
-// (keep1={star["keep1"]}, keep2={star["keep2"]}, K={star["layer_K"]}): do not edit. Regenerate with
+// (keep levels keep1->keep2: {summary}; default keep {levels[0]["keep2"]}; K={star["layer_K"]}): do not edit.
+// Regenerate with
 //   python -m star_export triton --from OUT_DIR --cpp-header examples/cpp/star_model.h
 #pragma once
 #include <cstdint>
 
 namespace star_model {{
 {body}
+
+// One prefill engine per keep level (the default first); ONE decode engine serves every level.
+struct Level {{
+    int64_t keep1;       // visual tokens kept by stage 1: stage1_keep_idx [B, keep1]
+    int64_t keep2;       // visual tokens kept by stage 2: stage2_keep_idx [B, keep2]; --keep picks it
+    int64_t span1;       // image cache slots before layer K: L1 = T - 1 + span1 (past_len_l1 after prefill)
+    int64_t span2;       // image cache slots from layer K on: L2 = T - 1 + span2 (past_len_l2 after prefill)
+    const char* engine;  // the level's prefill engine file (in --engine-dir)
+}};
+constexpr Level kLevels[] = {{
+{rows}
+}};
+constexpr const char* kDecodeEngine = "{engines["decode"]}";  // in --engine-dir
 }}  // namespace star_model
 """
 

@@ -16,7 +16,8 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "triton_models"  # package 
 
 
 def external_data(onnx_path: Path) -> list[Path]:
-    """Files an ONNX model's tensors point to (external data), e.g. ``prefill.onnx.data``."""
+    """Files an ONNX model's tensors point to (external data), e.g. ``weights.onnx.data`` (one file
+    that every graph of an export shares)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -34,6 +35,19 @@ def copy_file(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` (metadata kept), creating ``dst``'s folder."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
+
+
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """``dst`` as a hard link to ``src`` where the filesystem allows (large weight and engine files
+    stored once on disk), else a copy. True when linked. The export replaces its files by rename,
+    never in place, so a re-export leaves a linked repository's files as they were."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:  # another filesystem, no hard links (EXDEV, EPERM, ...): copy
+        shutil.copy2(src, dst)
+        return False
 
 
 def template(name: str) -> Path:

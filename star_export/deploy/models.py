@@ -1,4 +1,5 @@
-"""One model directory of a repository: prefill/decode (per backend) and the pipeline model."""
+"""One model directory of a repository: a prefill graph (one per keep level) or the decode graph (per
+backend), and the pipeline model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from star_export import __version__
 from star_export.deploy.config import graph_config, pipeline_config, profile_comments
-from star_export.deploy.files import copy_file, external_data, template
+from star_export.deploy.files import copy_file, external_data, link_or_copy, template
 from star_export.deploy.settings import RepositorySettings
 from star_export.errors import UsageError
 
@@ -21,8 +22,11 @@ def write_graph_model(
     settings: RepositorySettings,
     max_batch: int,
     engine: tuple[Path, dict[str, Any]] | None,
-) -> None:
-    """The prefill or decode model directory: config.pbtxt and ``1/`` per backend."""
+) -> list[Path]:
+    """A prefill (one keep level) or decode model directory: config.pbtxt and ``1/`` per backend.
+    The graph's external data (``weights.onnx.data``, shared by every graph of the export) goes next
+    to its ``model.onnx`` under the name the graph refers to, hard-linked to the export's file where
+    the filesystem allows, else copied; so is a TensorRT engine. Returns the files hard-linked."""
     version = model_dir / "1"
     onnx_path = from_dir / graph.get("file", f"{graph['graph']}.onnx")
     comments = [
@@ -35,23 +39,31 @@ def write_graph_model(
         + ".",
     ]
     parameters: dict[str, str] = {}
+    linked: list[Path] = []
+
+    def big(src: Path, dst: Path) -> None:
+        if link_or_copy(src, dst):
+            linked.append(dst)
+
     if settings.backend == "tensorrt":
         assert engine is not None
-        copy_file(engine[0], version / "model.plan")
+        big(engine[0], version / "model.plan")
         comments += profile_comments(engine[0], engine[1], max_batch)
-    elif settings.backend == "onnxruntime":
-        copy_file(onnx_path, version / "model.onnx")
-        for data in external_data(onnx_path):
-            copy_file(data, version / data.name)  # the graph refers to it by this name
     else:
-        copy_file(template("onnx_graph.py"), version / "model.py")
+        if settings.backend == "python":
+            copy_file(template("onnx_graph.py"), version / "model.py")
+            parameters = {"onnx_file": "model.onnx", "intra_op_num_threads": str(settings.intra_op_threads)}
         copy_file(onnx_path, version / "model.onnx")
         for data in external_data(onnx_path):
-            copy_file(data, version / data.name)
-        parameters = {"onnx_file": "model.onnx", "intra_op_num_threads": str(settings.intra_op_threads)}
+            if not data.is_file():
+                raise UsageError(
+                    f"--from {from_dir}: {onnx_path.name} refers to {data.name}, which is missing"
+                )
+            big(data, version / data.name)  # the graph refers to it by this name, beside it
     (model_dir / "config.pbtxt").write_text(
         graph_config(graph, settings, max_batch_size=max_batch, comments=comments, parameters=parameters)
     )
+    return linked
 
 
 def write_pipeline(
@@ -60,9 +72,11 @@ def write_pipeline(
     manifest: Mapping[str, Any],
     settings: RepositorySettings,
     limits: Mapping[str, int],
+    prefill_models: Mapping[int, str],
 ) -> None:
     """The pipeline model directory: model.py, star_encoding.py (the pre-processing it shares with
-    star_export.preprocess), the manifest, the processor files, config.pbtxt."""
+    star_export.preprocess), the manifest, the processor files, config.pbtxt (``prefill_models``:
+    {keep2: prefill model name}, the default level first)."""
     from star_export import encoding
 
     version = model_dir / "1"
@@ -76,4 +90,7 @@ def write_pipeline(
             "pipeline model; re-export with python -m star_export llava"
         )
     shutil.copytree(processor, version / "processor")
-    (model_dir / "config.pbtxt").write_text(pipeline_config(settings, limits["batch"], limits))
+    default_keep = int(manifest["star"].get("default_keep", next(iter(prefill_models))))
+    (model_dir / "config.pbtxt").write_text(
+        pipeline_config(settings, limits["batch"], limits, prefill_models, default_keep)
+    )

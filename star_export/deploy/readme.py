@@ -16,6 +16,60 @@ def repository_readme(
     """README.md of the repository: models, limits, how to start the server and ask a question."""
     m = repo.models
     star = manifest["star"]
+    levels = repo.levels
+    default = levels[0]
+    several = len(levels) > 1
+    keeps = ", ".join(str(lv["keep2"]) for lv in levels)
+    prefill_rows = "\n".join(
+        f"| `{lv['model']}` | prefill graph, keep {lv['keep1']} -> {lv['keep2']}"
+        + (" (the default level)" if several and lv is default else "")
+        + ": `pixel_values`, `input_ids`, `attention_mask` -> `logits`, kept indices, `present.{i}.key/value` |"
+        for lv in levels
+    )
+    spans = "; ".join(
+        f"keep {lv['keep2']}: L1 = prompt - 1 + {lv['span1']}, L2 = prompt - 1 + {lv['span2']}"
+        for lv in levels
+    )
+    keep_input = (
+        f"""
+keep = np.array([[{levels[-1]["keep2"]}]], dtype=np.int32)  # optional: one of {keeps} (default {default["keep2"]})"""
+        if several
+        else ""
+    )
+    keep_tensor = (
+        """
+    httpclient.InferInput("keep", keep.shape, "INT32"),"""
+        if several
+        else ""
+    )
+    keep_data = ", keep" if several else ""
+    big = [f for f in repo.files if f.endswith(".onnx.data")]
+    linked = len(set(repo.linked) & set(big))
+    if linked == len(big):
+        how = f"Here all {linked} are hard links to the export's file (one copy on disk)."
+    elif linked:
+        how = f"Here {linked} of {len(big)} are hard links to the export's file; the others are copies."
+    else:
+        how = "Here they are copies (this filesystem gave no hard links)."
+    weights_note = (
+        "Each ONNX model directory holds the graph's external data beside `model.onnx`, under the name "
+        f"the graph refers to (the export stores its weights once, in `weights.onnx.data`). {how}"
+        if big and repo.backend != "tensorrt"
+        else ""
+    )
+    levels_text = (
+        f"""
+## Keep levels
+
+This export holds {len(levels)} keep levels ({keeps}): one prefill model each, ONE decode model for
+all (its two past lengths, L1 before layer K and L2 from K on, are dynamic). A request picks its
+level with the optional `keep` input (INT32, one value per request; rows of one request share it),
+default {default["keep2"]}. A keep the export does not hold is answered with an error that names the
+levels; re-export with `--keep` to add one.
+"""
+        if several
+        else ""
+    )
     backend_note = {
         "python": "prefill and decode run the exported ONNX graphs in onnxruntime inside Triton's Python "
         "backend (works with any Triton that has the Python backend, including the `nvidia-pytriton` "
@@ -33,9 +87,10 @@ def repository_readme(
     return f"""# Triton model repository for a STAR-pruned LLaVA
 
 Written by `python -m star_export triton --from {from_dir} --backend {repo.backend}` (star_export
-{__version__}) from `{manifest["model"]["source"]}`: {star["N"]} visual tokens -> {star["keep1"]}
-(stage 1) -> {star["keep2"]} (stage 2, from decoder layer {star["layer_K"]}). Do not edit the
-`config.pbtxt` files by hand: they are generated from the export's manifest.json.
+{__version__}) from `{manifest["model"]["source"]}`: {star["N"]} visual tokens -> keep1 (stage 1) ->
+keep2 (stage 2, from decoder layer {star["layer_K"]}), keep levels (keep1 -> keep2):
+{", ".join(f"{lv['keep1']} -> {lv['keep2']}" for lv in levels)}. Do not edit the `config.pbtxt` files
+by hand: they are generated from the export's manifest.json.
 
 Backend: {backend_note}
 
@@ -43,18 +98,21 @@ Backend: {backend_note}
 
 | model | what it does |
 | --- | --- |
-| `{m["prefill"]}` | prefill graph: `pixel_values`, `input_ids`, `attention_mask` -> `logits`, kept indices, `present.{{i}}.key/value` |
-| `{m["decode"]}` | one decode step with per-layer pasts (L1 slots before layer K, L2 from K on) |
-| `{m["pipeline"]}` | Python backend (BLS): image bytes + prompt -> `text`, `token_ids` (greedy) |
+{prefill_rows}
+| `{m["decode"]}` | one decode step with per-layer pasts (L1 slots before layer K, L2 from K on), every keep level |
+| `{m["pipeline"]}` | Python backend (BLS): image bytes + prompt (+ `keep`) -> `text`, `token_ids` (greedy) |
 
 Limits served: batch <= {repo.limits["batch"]} rows per request, prompts <= {repo.limits["text_len"]}
-tokens, past length <= {repo.limits["past_len"]} (prompt - 1 + {star.get("span2", star["keep2"])} + new tokens - 1).
+tokens, past lengths L1 + new tokens - 1 <= {repo.limits["past_len_l1"]} and L2 + new tokens - 1 <=
+{repo.limits["past_len_l2"]} ({spans}).
 Default `max_new_tokens`: {settings.max_new_tokens} (config parameter of `{m["pipeline"]}`).
-
+{levels_text}
 Layout:
 
 {layout}
     {m["pipeline"]}/1/processor/...
+
+{weights_note}
 
 ## Start the server
 
@@ -83,13 +141,13 @@ import tritonclient.http as httpclient  # pip install "tritonclient[http,grpc]"
 client = httpclient.InferenceServerClient("localhost:8000")
 image = np.array([[open("cat.png", "rb").read()]], dtype=object)  # [batch, 1] bytes
 prompt = np.array([["What is in the image?".encode()]], dtype=object)
-limit = np.array([[{settings.max_new_tokens}]], dtype=np.int32)  # optional
+limit = np.array([[{settings.max_new_tokens}]], dtype=np.int32)  # optional{keep_input}
 inputs = [
     httpclient.InferInput("image", image.shape, "BYTES"),
     httpclient.InferInput("prompt", prompt.shape, "BYTES"),
-    httpclient.InferInput("max_new_tokens", limit.shape, "INT32"),
+    httpclient.InferInput("max_new_tokens", limit.shape, "INT32"),{keep_tensor}
 ]
-for tensor, data in zip(inputs, (image, prompt, limit)):
+for tensor, data in zip(inputs, (image, prompt, limit{keep_data})):
     tensor.set_data_from_numpy(data)
 result = client.infer("{m["pipeline"]}", inputs)
 print(result.as_numpy("text")[0, 0].decode(), result.as_numpy("token_ids")[0])
@@ -98,6 +156,7 @@ print(result.as_numpy("text")[0, 0].decode(), result.as_numpy("token_ids")[0])
 gRPC is the same with `tritonclient.grpc` and port 8001. `token_ids` rows are padded with -1
 after the last generated token (the stop token, when one was produced, is included).
 star_export's tests start a real `tritonserver` on a `--backend python` repository and check that
-its answers equal `python -m star_export generate --from DIR` (greedy, onnxruntime) token for
-token; the onnxruntime and tensorrt backends run the same graphs with their own kernels.
+its answers equal `python -m star_export generate --from DIR [--keep K]` (greedy, onnxruntime)
+token for token, at every keep level in one server run; the onnxruntime and tensorrt backends run
+the same graphs with their own kernels.
 """

@@ -10,7 +10,6 @@ from typing import Any
 from star_export.errors import UsageError
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
-GRAPHS = ("prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,9 @@ class RepositorySettings:
     instances: int = 1  # instances of prefill and of decode
     pipeline_instances: int = 2  # concurrent pipeline requests
     device: str | None = None  # "cpu" | "gpu"; default gpu for tensorrt, cpu otherwise
-    prefix: str = ""  # model name prefix, e.g. "llava_" -> llava_prefill, llava_decode, llava_pipeline
+    prefix: str = (
+        ""  # model name prefix, e.g. "llava_" -> llava_prefill(_k32...), llava_decode, llava_pipeline
+    )
     intra_op_threads: int = 0  # python backend: onnxruntime threads per instance (0 = its default)
 
     @property
@@ -40,9 +41,12 @@ class Repository:
 
     path: Path
     backend: str
-    models: dict[str, str]  # role (prefill/decode/pipeline) -> model name
+    models: dict[str, str]  # graph (prefill or prefill_k32..., decode) or "pipeline" -> model name
     files: list[str] = field(default_factory=list)  # relative paths, sorted
-    limits: dict[str, int] = field(default_factory=dict)  # batch / text_len / past_len maxima served
+    limits: dict[str, int] = field(default_factory=dict)  # batch/text_len/past_len_l1/past_len_l2 maxima
+    # keep levels served: {"keep1", "keep2", "span1", "span2", "model"}, the default first
+    levels: list[dict[str, Any]] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)  # files hard-linked to the export's (else copied)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

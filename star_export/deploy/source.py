@@ -1,5 +1,6 @@
-"""What a repository is made from: the export's manifest, its recorded TensorRT engines, and the
-limits (batch, prompt, past length) the models can serve."""
+"""What a repository is made from: the export's manifest (its keep levels: one prefill graph each,
+one decode graph for all), its recorded TensorRT engines, and the limits (batch, prompt, the two
+past lengths) the models can serve."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from star_export.deploy.settings import GRAPHS
 from star_export.errors import UsageError
 
 
 def read_export(from_dir: Path) -> dict[str, Any]:
-    """The export's manifest.json, checked (one-line UsageErrors, as ``generate --from``)."""
-    from star_export.manifest import read_manifest
+    """The export's manifest.json, checked (one-line UsageErrors, as ``generate --from``): its graphs'
+    files exist and its keep levels (``star.levels``) pass the command line's rules."""
+    from star_export.geometry import Geometry
+    from star_export.manifest import levels, read_manifest
 
     from_dir = Path(from_dir)
     if from_dir.exists() and not from_dir.is_dir():
@@ -22,7 +24,28 @@ def read_export(from_dir: Path) -> dict[str, Any]:
     for key in ("star", "model", "image_token_id"):
         if key not in manifest:
             raise UsageError(f"--from {from_dir}: manifest.json has no {key!r}; re-export the directory")
+    try:
+        geo = Geometry.from_dict(manifest["model"]["geometry"])
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"--from {from_dir}: manifest.json has no valid geometry ({e})") from None
+    held = levels(manifest, geo, f"--from {from_dir}")
+    for lv in held:
+        if lv.graph not in manifest.get("graphs", {}):
+            raise UsageError(f"--from {from_dir}: keep level {lv.cfg.keep2} has no graph {lv.graph!r}")
+    if "decode" not in manifest.get("graphs", {}):
+        raise UsageError(f"--from {from_dir}: manifest.json lists no decode graph; re-export the directory")
     return manifest
+
+
+def levels_of(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's keep levels (``star.levels``: keep1, keep2, span1, span2, graph, ...), the
+    default first (a manifest :func:`read_export` checked)."""
+    return [dict(lv) for lv in manifest["star"]["levels"]]
+
+
+def graph_names(manifest: Mapping[str, Any]) -> list[str]:
+    """Every graph a repository serves: each keep level's prefill graph, then ``decode``."""
+    return [lv["graph"] for lv in levels_of(manifest)] + ["decode"]
 
 
 def batch_first(graph: Mapping[str, Any]) -> None:
@@ -43,7 +66,7 @@ def dim_max(graph: Mapping[str, Any], name: str) -> int:
 def profile_bound(
     engine: Mapping[str, Any], graph: Mapping[str, Any], symbol: str, which: str = "max"
 ) -> int | None:
-    """The engine's profile-0 ``which`` ("min"/"max") of a bare symbolic dim (e.g. ``past_len``),
+    """The engine's profile-0 ``which`` ("min"/"max") of a bare symbolic dim (e.g. ``past_len_l2``),
     read from its inputs' recorded shapes; None where the manifest records no profile."""
     profiles = engine.get("profiles") or []
     if not profiles:
@@ -56,7 +79,7 @@ def profile_bound(
 
 
 def profile_max(engine: Mapping[str, Any], graph: Mapping[str, Any], symbol: str) -> int | None:
-    """The engine's profile-0 max of a bare symbolic dim (e.g. ``past_len``), from its inputs."""
+    """The engine's profile-0 max of a bare symbolic dim (e.g. ``past_len_l1``), from its inputs."""
     return profile_bound(engine, graph, symbol, "max")
 
 
@@ -67,7 +90,7 @@ def check_min_batch(
     is batch 1) and rejects shapes outside the engine's profile (tensorrt_backend
     ``ValidateDimension``: "model expected the shape of dimension 0 to be between min and max"):
     an engine whose profile 0 starts above batch 1 would fail batch-1 requests. One-line UsageError."""
-    for g in GRAPHS:
+    for g in engines:
         low = profile_bound(engines[g], graphs[g], "batch", "min")
         if low is not None and low != 1:
             raise UsageError(
@@ -86,9 +109,12 @@ def _engine_file(from_dir: Path, entry: Mapping[str, Any]) -> Path | None:
 
 
 def find_engines(from_dir: Path, manifest: Mapping[str, Any]) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """{graph: (engine file, manifest entry)} for prefill and decode, or a one-line UsageError."""
+    """{graph: (engine file, manifest entry)} for every keep level's prefill graph and for decode
+    (``manifest["engines"]``, keyed by graph name as ``build`` records them), or a one-line
+    UsageError."""
     engines = manifest.get("engines") or {}
-    missing = [g for g in GRAPHS if g not in engines]
+    names = graph_names(manifest)
+    missing = [g for g in names if g not in engines]
     if missing:
         raise UsageError(
             f"--backend tensorrt: {from_dir}/manifest.json records no TensorRT engine for "
@@ -96,7 +122,7 @@ def find_engines(from_dir: Path, manifest: Mapping[str, Any]) -> dict[str, tuple
             f"(python -m star_export build --from {from_dir}) or use --backend onnxruntime/python"
         )
     out = {}
-    for g in GRAPHS:
+    for g in names:
         path = _engine_file(from_dir, engines[g])
         if path is None:
             raise UsageError(
@@ -104,28 +130,49 @@ def find_engines(from_dir: Path, manifest: Mapping[str, Any]) -> dict[str, tuple
                 f"({engines[g].get('path')}) is not there; rebuild or copy it into {from_dir}"
             )
         out[g] = (path, dict(engines[g]))
-    check_min_batch(from_dir, manifest["graphs"], engines)
+    check_min_batch(from_dir, manifest["graphs"], {g: engines[g] for g in names})
     return out
 
 
 def served_limits(
-    graphs: Mapping[str, Any], engines: Mapping[str, tuple[Path, Mapping[str, Any]]]
+    graphs: Mapping[str, Any],
+    engines: Mapping[str, tuple[Path, Mapping[str, Any]]],
+    names: list[str],
 ) -> dict[str, int]:
-    """Batch / text_len / past_len maxima the repository serves: the export's ranges, narrowed to
-    the engines' profile 0 where TensorRT engines are served."""
+    """Batch / text_len / past_len_l1 / past_len_l2 maxima the repository serves (``names``: its
+    graphs, :func:`graph_names`): the export's ranges, narrowed to the engines' profile 0 where
+    TensorRT engines are served. Batch and text_len: the smallest over the graphs (every level)."""
+    prefills = [g for g in names if g != "decode"]
     limits = {
-        "batch": min(dim_max(graphs[g], "batch") for g in GRAPHS),
-        "text_len": dim_max(graphs["prefill"], "text_len"),
-        "past_len": dim_max(graphs["decode"], "past_len"),
+        "batch": min(dim_max(graphs[g], "batch") for g in names),
+        "text_len": min(dim_max(graphs[g], "text_len") for g in prefills),
+        "past_len_l1": dim_max(graphs["decode"], "past_len_l1"),
+        "past_len_l2": dim_max(graphs["decode"], "past_len_l2"),
     }
     if engines:
-        for key, g in (
-            ("batch", "prefill"),
-            ("batch", "decode"),
-            ("text_len", "prefill"),
-            ("past_len", "decode"),
+        served: dict[str, list[int]] = {}
+        for key, gs in (
+            ("batch", names),
+            ("text_len", prefills),
+            ("past_len_l1", ["decode"]),
+            ("past_len_l2", ["decode"]),
         ):
-            got = profile_max(engines[g][1], graphs[g], key)
-            if got is not None:
-                limits[key] = min(limits[key], got) if key == "batch" else got
+            for g in gs:
+                got = profile_max(engines[g][1], graphs[g], key)
+                if got is not None:
+                    served.setdefault(key, []).append(got)
+        for key, values in served.items():
+            limits[key] = min(limits[key], *values) if key == "batch" else min(values)
     return limits
+
+
+def longest_answer(limits: Mapping[str, int], levels: list[dict[str, Any]], text_len: int) -> tuple[int, int]:
+    """(new tokens, keep2 of the level that limits it): the longest answer every level allows after a
+    ``text_len``-token prompt (``contract.max_new_tokens``: the tighter of the two past lengths)."""
+    from star_export.contract import max_new_tokens
+
+    dims = {k: {"max": limits[k]} for k in ("past_len_l1", "past_len_l2")}
+    return min(
+        (max_new_tokens(dims, text_len, int(lv["span1"]), int(lv["span2"])), int(lv["keep2"]))
+        for lv in levels
+    )

@@ -1,6 +1,9 @@
-"""Triton Python-backend model: one exported ONNX graph (prefill or decode) in onnxruntime.
+"""Triton Python-backend model: one exported ONNX graph (a keep level's prefill graph, or the decode
+graph every level shares) in onnxruntime.
 
-Copied by ``python -m star_export triton --backend python`` into ``<repo>/<model>/1/model.py``.
+Copied by ``python -m star_export triton --backend python`` into ``<repo>/<model>/1/model.py``,
+beside ``model.onnx`` and the external data it names (the export's ``weights.onnx.data``,
+hard-linked or copied there: onnxruntime reads it relative to the graph's directory).
 Self-contained: it needs numpy and onnxruntime in the Python environment of the backend stub,
 not star_export. The tensor names come from the model's ``config.pbtxt`` (generated from the
 export's manifest); the ONNX file name from its ``onnx_file`` parameter.

@@ -10,19 +10,24 @@ are the only code of the project it loads. Per request (batch B rows, one image 
 1. pre-process with ``star_encoding`` as ``star_export.preprocess.Preprocessor`` does (the same
    code): the manifest's ``image`` section, the checkpoint's chat template, exactly ONE image
    placeholder per row, LEFT padding;
-2. call the ``prefill`` model (BLS): logits + per-layer presents (L1 slots before layer K,
-   L2 from K on);
-3. greedy loop over the ``decode`` model (BLS), exactly as ``star_export.runtime.generate``:
+2. call the prefill model of the requested keep level (BLS): logits + per-layer presents (L1 =
+   T - 1 + span1 slots before layer K, L2 = T - 1 + span2 from K on, the level's spans);
+3. greedy loop over the ``decode`` model (BLS; one decode model serves every level: its two past
+   lengths are dynamic), exactly as ``star_export.runtime.generate``:
    cached-slot masks ``[0]*pad + [1]*(L - pad)``, first new position ``real - 1 + n_positions``, both
    masks with a 1 appended per step, ``past.{i}.*`` = previous ``present.{i}.*``;
 4. detokenise.
 
 Inputs: ``image`` (BYTES [B, 1], a PNG/JPEG file's bytes), ``prompt`` (BYTES [B, 1], UTF-8),
 optional ``max_new_tokens`` (INT32 [B, 1]), optional ``stop_token_ids`` (INT32 [B, S]; values
-< 0 are ignored, the tokenizer's EOS always stops). Outputs: ``text`` (BYTES [B, 1]),
-``token_ids`` (INT64 [B, n], each row padded with -1 after its last token).
-Config parameters: ``prefill_model``, ``decode_model``, ``max_new_tokens`` (default limit),
-``text_len_max`` and ``past_len_max`` (the limits served; the TensorRT engines' profiles).
+< 0 are ignored, the tokenizer's EOS always stops), optional ``keep`` (INT32 [B, 1]: the keep level,
+keep2, to answer at; every row of a request the same; default the export's default level; a keep
+the export does not hold is an error naming the levels it holds, never a fallback). Outputs:
+``text`` (BYTES [B, 1]), ``token_ids`` (INT64 [B, n], each row padded with -1 after its last token).
+Config parameters: ``prefill_models`` (JSON {keep2: model name}), ``default_keep``,
+``prefill_model`` (the default level's), ``decode_model``, ``max_new_tokens`` (default limit),
+``text_len_max``, ``past_len_l1_max`` and ``past_len_l2_max`` (the limits served; the TensorRT
+engines' profiles).
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ import star_encoding
 
 class RequestError(ValueError):
     """A bad request: answered with an error, the model keeps serving."""
+
+
+class Level:
+    """One keep level: its prefill model and its visual-span lengths (cache slots per prompt)."""
+
+    def __init__(self, keep2: int, model: str, span1: int, span2: int):
+        self.keep2, self.model, self.span1, self.span2 = keep2, model, span1, span2
 
 
 def _parameters(config: dict) -> dict[str, str]:
@@ -84,20 +96,43 @@ class TritonPythonModel:
         params = _parameters(config)
         here = Path(args["model_repository"]) / args["model_version"]
         manifest = json.loads((here / "manifest.json").read_text())
-        self.prefill_model = params.get("prefill_model") or "prefill"
         self.decode_model = params.get("decode_model") or "decode"
         self.default_max_new_tokens = int(params.get("max_new_tokens") or 32)
 
         star, geo = manifest["star"], manifest["model"]["geometry"]
         self.n_positions = int(star["n_positions"])
-        self.span1, self.span2 = int(star["span1"]), int(star["span2"])
         self.num_layers = int(geo["num_layers"])
+        # keep levels: keep2 -> its prefill model (config parameter prefill_models) and spans
+        models = json.loads(params.get("prefill_models") or "{}")
+        self.levels = {
+            int(lv["keep2"]): Level(
+                int(lv["keep2"]),
+                models.get(str(lv["keep2"])) or lv["graph"],
+                int(lv["span1"]),
+                int(lv["span2"]),
+            )
+            for lv in star["levels"]
+        }
+        self.default_keep = int(
+            params.get("default_keep") or star.get("default_keep") or star["levels"][0]["keep2"]
+        )
+        if self.default_keep not in self.levels:
+            raise pb_utils.TritonModelException(
+                f"default_keep {self.default_keep} is not a keep level of manifest.json ({self._held()})"
+            )
         graphs = manifest["graphs"]
-        dims = {d["name"]: d for g in graphs.values() for d in g["dynamic_dims"]}
+        decode_dims = {d["name"]: d for d in graphs["decode"]["dynamic_dims"]}
+        default_graph = graphs[
+            next(lv["graph"] for lv in star["levels"] if int(lv["keep2"]) == self.default_keep)
+        ]
+        text_dims = [
+            d for lv in star["levels"] for d in graphs[lv["graph"]]["dynamic_dims"] if d["name"] == "text_len"
+        ]
         # Served limits: config parameters (the TensorRT engines' profiles), else the export's ranges.
-        self.text_max = int(params.get("text_len_max") or dims["text_len"]["max"])
-        self.past_max = int(params.get("past_len_max") or dims["past_len"]["max"])
-        prefill_inputs = {t["name"]: t for t in graphs["prefill"]["inputs"]}
+        self.text_max = int(params.get("text_len_max") or min(d["max"] for d in text_dims))
+        self.past_max1 = int(params.get("past_len_l1_max") or decode_dims["past_len_l1"]["max"])
+        self.past_max2 = int(params.get("past_len_l2_max") or decode_dims["past_len_l2"]["max"])
+        prefill_inputs = {t["name"]: t for t in default_graph["inputs"]}
         self.pixel_dtype = np.dtype(prefill_inputs["pixel_values"]["dtype"])
         self.present_names = [f"present.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
 
@@ -120,6 +155,29 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("processor/ has no chat template (chat_template.jinja)")
         self.eos = self.tokenizer.eos_token_id
         self.pad_id = star_encoding.pad_token_id(self.tokenizer)
+
+    def _held(self) -> str:
+        return ", ".join(str(k) for k in self.levels)
+
+    def _level(self, request, batch: int) -> Level:
+        """The keep level a request asks for (input ``keep``), or the default; never a fallback."""
+        rows = _rows(request, "keep")
+        if rows is None:
+            return self.levels[self.default_keep]
+        values = sorted({int(v) for v in rows.reshape(-1)})
+        if len(values) != 1 or rows.size != batch:
+            raise RequestError(
+                f"keep: one value per row, the same for every row of a request, got {values}; "
+                "send rows of other keep levels as separate requests"
+            )
+        level = self.levels.get(values[0])
+        if level is None:
+            raise RequestError(
+                f"keep {values[0]}: this export holds keep levels {self._held()} "
+                f"(default {self.default_keep}); re-export with --keep "
+                f"{','.join(str(k) for k in self.levels)},{values[0]} to add it"
+            )
+        return level
 
     # ---- pre-processing (star_export.encoding, one image + prompt per row) --------------------------
     def _encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -152,17 +210,19 @@ class TritonPythonModel:
             pb_utils.Tensor.from_dlpack(n.replace("present.", "past.", 1), out[n]) for n in self.present_names
         ]
 
-    def _generate(self, feeds: dict, limits: list[int], stops: list[set[int]]) -> list[list[int]]:
+    def _generate(
+        self, feeds: dict, limits: list[int], stops: list[set[int]], level: Level
+    ) -> list[list[int]]:
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         batch, text_len = ids.shape
         out = self._infer(
-            self.prefill_model,
+            level.model,
             [pb_utils.Tensor(n, feeds[n]) for n in ("pixel_values", "input_ids", "attention_mask")],
             ["logits", *self.present_names],
         )
         real = mask.sum(axis=1).astype(np.int64)  # (B,) real prompt tokens
         pad = text_len - real  # (B,) left padding
-        l1, l2 = text_len - 1 + self.span1, text_len - 1 + self.span2
+        l1, l2 = text_len - 1 + level.span1, text_len - 1 + level.span2  # this level's cache slots
         mask_l1 = (np.arange(l1)[None] >= pad[:, None]).astype(np.int64)  # (B, L1)
         mask_l2 = (np.arange(l2)[None] >= pad[:, None]).astype(np.int64)  # (B, L2)
         position = real - 1 + self.n_positions  # (B,) original position of the first new token
@@ -206,6 +266,7 @@ class TritonPythonModel:
         if len(images) != len(prompts):
             raise RequestError(f"{len(images)} images but {len(prompts)} prompts")
         batch = len(prompts)
+        level = self._level(request, batch)
         limit_rows = _rows(request, "max_new_tokens")
         if limit_rows is None:
             limits = [self.default_max_new_tokens] * batch
@@ -226,17 +287,22 @@ class TritonPythonModel:
             raise RequestError(
                 f"prompt is {text_len} tokens; the exported profile allows at most {self.text_max}"
             )
-        allowed = self.past_max - (text_len - 1 + self.span2) + 1
+        # contract.max_new_tokens: the tighter of the two past lengths, with this level's spans
+        allowed = min(
+            self.past_max1 - (text_len - 1 + level.span1) + 1,
+            self.past_max2 - (text_len - 1 + level.span2) + 1,
+        )
         if max(limits) > allowed:
             raise RequestError(
-                f"max_new_tokens {max(limits)} exceeds the exported decode profile (at most {allowed} here)"
+                f"max_new_tokens {max(limits)} exceeds the exported decode profile (at most {allowed} here, "
+                f"keep {level.keep2})"
             )
         feeds = {
             "pixel_values": self._pixel_values(images),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
         }
-        tokens = self._generate(feeds, limits, stops)
+        tokens = self._generate(feeds, limits, stops, level)
 
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         width = max(len(t) for t in tokens)
