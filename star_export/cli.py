@@ -93,6 +93,13 @@ def _takers(option: str) -> str:
     return ", ".join(option_families(option))
 
 
+def _family_names() -> str:
+    """The model_type of every supported family, for the command list."""
+    from star_export.families import FAMILIES
+
+    return ", ".join(f.name for f in FAMILIES)
+
+
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``llava`` / ``export``."""
     p.add_argument(
@@ -202,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, summary in (
         ("llava", "the headline command: export a STAR-pruned model to ONNX and validate it"),
-        ("export", "the same as llava, for every family (LLaVA, LLaVA-NeXT, Qwen2-VL)"),
+        ("export", f"the same as llava, for every family ({_family_names()})"),
     ):
         p = sub.add_parser(
             name,
