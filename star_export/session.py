@@ -244,3 +244,17 @@ def load_model(
 
     pre = Preprocessor.from_dir(loaded.model_dir, geometry=geo)
     return Pipeline(backend_for, pre, geo, levels, f"PyTorch rewrite of {loaded.source}", model=loaded.model)
+
+
+def load_unpruned(directory: str | Path) -> Pipeline:
+    """The unpruned reference of an export: the PyTorch rewrite of the checkpoint its manifest names at
+    keep1 = keep2 = N, with the export's layer K and layout options (``load_export``'s torch runtime
+    without the pruning)."""
+    from star_export.manifest import levels, read_manifest
+
+    manifest = read_manifest(Path(directory))
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    layer = levels(manifest, geo, f"--from {directory}")[0].cfg.layer
+    n = geo.n_visual
+    options = _layout_options(geo, manifest)
+    return load_model(manifest["model"]["directory"], keep=n, keep1=n, layer=layer, **options)
