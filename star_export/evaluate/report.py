@@ -163,6 +163,7 @@ def plot(report: EvalReport, path: Path) -> Path:
     ax.set_xlabel(f"median prefill latency, ms ({report.settings['runtime']})")
     ax.set_ylabel(f"{what}, % ({report.examples} examples)")
     ax.set_ylim(-5, 105)
+    ax.margins(x=0.2)  # room for the labels
     ax.set_title(f"STAR keep levels: {what} vs prefill latency")
     ax.grid(alpha=0.3)
     fig.tight_layout()
