@@ -34,7 +34,8 @@ class Pipeline:
     """A pre-processor, the keep levels and a backend per level (onnxruntime graphs or the rewrite).
 
     ``backend_for(cfg)`` builds the backend of one level; it is called on a level's first request and
-    kept. ``dims``: the decode graph's dynamic dims ({name: {"max": ...}}), None when unbounded."""
+    kept. ``dims``: the decode graph's dynamic dims ({name: {"max": ...}}), None when unbounded.
+    ``model``: the loaded transformers model where the backends are the PyTorch rewrite of it."""
 
     def __init__(
         self,
@@ -45,10 +46,12 @@ class Pipeline:
         where: str,
         text_max: int = UNBOUNDED,
         dims: dict[str, Any] | None = None,
+        model: Any = None,
     ):
         self._backend_for, self._backends = backend_for, {}
         self.pre, self.geo, self.levels, self.where = pre, geo, list(levels), where
         self.text_max, self.dims = text_max, dims
+        self.model = model  # the transformers model behind the rewrite (None for exported graphs)
 
     @property
     def cfg(self) -> StarConfig:
@@ -92,10 +95,11 @@ class Pipeline:
         seed: int = 0,
         stop: Sequence[int] = (),
         keep: int | None = None,
+        keep_logits: bool = False,
     ) -> Answers:
         """One image per prompt (one image may serve all prompts); greedy unless ``temperature`` > 0;
-        ``keep``: the keep level to answer at (the export's default when None)."""
-        from star_export.contract import max_new_tokens as room
+        ``keep``: the keep level to answer at (the export's default when None); ``keep_logits``: keep
+        every step's logits (``result.step_logits``)."""
         from star_export.runtime import GenerationConfig, generate
 
         cfg = self.level(keep)
@@ -111,7 +115,25 @@ class Pipeline:
                 f"{len(images)} images but {len(prompts)} prompts: give one image, or one per prompt"
             )
         feeds = self.pre.encode(images, list(prompts))
-        text_len = feeds["input_ids"].shape[1]
+        self.check_request(feeds["input_ids"].shape[1], max_new_tokens, cfg.keep2)
+        stops = tuple(t for t in (self.pre.eos_token_id, *stop) if t is not None)
+        gen = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stops,
+            pad_token_id=self.pre.pad_token_id,
+        )
+        result = generate(self.backend(cfg.keep2), feeds, self.geo, cfg, gen, keep_logits=keep_logits)
+        return Answers([self.pre.decode(t) for t in result.tokens], result, cfg)
+
+    def check_request(self, text_len: int, max_new_tokens: int, keep: int | None = None) -> None:
+        """A one-line UsageError when a prompt of ``text_len`` tokens (after padding) or an answer of
+        ``max_new_tokens`` lies outside the exported profile at level ``keep``."""
+        from star_export.contract import max_new_tokens as room
+
+        cfg = self.level(keep)
         if text_len > self.text_max:
             raise UsageError(
                 f"prompt is {text_len} tokens; the exported profile allows at most {self.text_max}"
@@ -123,17 +145,6 @@ class Pipeline:
                     f"--max-new-tokens {max_new_tokens} exceeds the exported decode profile "
                     f"(at most {allowed} for this prompt)"
                 )
-        stops = tuple(t for t in (self.pre.eos_token_id, *stop) if t is not None)
-        gen = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop_token_ids=stops,
-            pad_token_id=self.pre.pad_token_id,
-        )
-        result = generate(self.backend(cfg.keep2), feeds, self.geo, cfg, gen)
-        return Answers([self.pre.decode(t) for t in result.tokens], result, cfg)
 
 
 def load_export(directory: str | Path, runtime: str = "onnxruntime") -> Pipeline:
@@ -180,7 +191,8 @@ def load_export(directory: str | Path, runtime: str = "onnxruntime") -> Pipeline
         where = f"PyTorch rewrite of {loaded.source}"
     else:
         raise UsageError(f"runtime must be onnxruntime or torch, got {runtime!r}")
-    return Pipeline(backend_for, pre, geo, [lv.cfg for lv in held], where, text_max, decode_dims)
+    model = loaded.model if runtime == "torch" else None
+    return Pipeline(backend_for, pre, geo, [lv.cfg for lv in held], where, text_max, decode_dims, model)
 
 
 def _layout_options(geo: Geometry, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -231,4 +243,18 @@ def load_model(
         )
 
     pre = Preprocessor.from_dir(loaded.model_dir, geometry=geo)
-    return Pipeline(backend_for, pre, geo, levels, f"PyTorch rewrite of {loaded.source}")
+    return Pipeline(backend_for, pre, geo, levels, f"PyTorch rewrite of {loaded.source}", model=loaded.model)
+
+
+def load_unpruned(directory: str | Path) -> Pipeline:
+    """The unpruned reference of an export: the PyTorch rewrite of the checkpoint its manifest names at
+    keep1 = keep2 = N, with the export's layer K and layout options (``load_export``'s torch runtime
+    without the pruning)."""
+    from star_export.manifest import levels, read_manifest
+
+    manifest = read_manifest(Path(directory))
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    layer = levels(manifest, geo, f"--from {directory}")[0].cfg.layer
+    n = geo.n_visual
+    options = _layout_options(geo, manifest)
+    return load_model(manifest["model"]["directory"], keep=n, keep1=n, layer=layer, **options)

@@ -234,7 +234,8 @@ def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["llava"], ["generate"], ["build"], ["validate"], ["triton"], ["bench"], ["check"]]
+    "command",
+    [[], ["llava"], ["generate"], ["build"], ["validate"], ["triton"], ["bench"], ["check"], ["eval"]],
 )
 def test_help_runs(command):
     r = run_cli(*command, "--help", timeout=60)
