@@ -61,7 +61,7 @@ import functools
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
@@ -69,11 +69,19 @@ from typing import Any
 
 import onnx
 import onnx.inliner
-from onnx import external_data_helper, numpy_helper
 
 from star_export.errors import UsageError
+from star_export.onnx_reader import DEFAULT_DOMAINS
+from star_export.onnx_reader import Graph as _Graph
+from star_export.onnx_reader import attr_int as _attr_int
+from star_export.onnx_reader import dims as _dims
+from star_export.onnx_reader import iter_nodes as _iter_nodes
+from star_export.onnx_reader import label as _label
+from star_export.onnx_reader import load as _load
+from star_export.onnx_reader import op_key as _op_key
+from star_export.onnx_reader import prepare as _prepare
+from star_export.onnx_reader import topk_k as _topk_k
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 TOPK_MAX_K = 3839  # operators.md (TensorRT 10.x): "`K` input must be less than 3840"
 
 # Policy: rejected even where the TensorRT parser would import them (see the module docstring).
@@ -133,10 +141,6 @@ _CONST_OPERANDS: Mapping[str, tuple[int, ...]] = MappingProxyType(
 )
 # Which input carries the type that the table's "Supported Types" column describes (default 0).
 _DATA_INPUT: Mapping[str, int] = MappingProxyType({"Where": 1})
-# Ops that pass a constant value through unchanged (for resolving TopK's K).
-_PASS_THROUGH = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
-# Random ops: their outputs are never constants, whatever their inputs.
-_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike"})
 # ONNX element type name -> the code used in the parser table's "Supported Types" column.
 _TABLE_TYPE = MappingProxyType(
     {
@@ -281,180 +285,17 @@ def _op_table(target: str) -> Mapping[str, Mapping[str, Any]]:
     return MappingProxyType(table)
 
 
-# --- graph helpers ------------------------------------------------------------------------------
-
-
-def _label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or (f"{node.op_type}:{node.output[0]}" if node.output else f"{node.op_type}#{index}")
-
-
-def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node, subgraphs (If/Loop/Scan bodies) included."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_nodes(g)
-
-
-def _op_key(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
-
-
-def _dims(value_info: onnx.ValueInfoProto) -> list[int | str] | None:
-    t = value_info.type
-    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-        return None
-    out: list[int | str] = []
-    for d in t.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            out.append(d.dim_value)
-        elif d.HasField("dim_param"):
-            out.append(d.dim_param)
-        else:
-            out.append("?")
-    return out
-
-
-def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, str | None]:
-    if isinstance(model, onnx.ModelProto):
-        return model, "", None
-    path = os.fspath(model)
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"not an ONNX model ({first})") from None
-    if not proto.graph.node and not proto.graph.input:
-        raise ValueError("not an ONNX model (no graph)")
-    return proto, path, os.path.dirname(os.path.abspath(path))
-
-
-def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Inline model-local functions (dynamo writes some) so the parser's view is checked."""
-    if len(model.functions):
-        model = onnx.inliner.inline_local_functions(model)
-    return model
-
-
-class _Graph:
-    """Producer map, constants and shape-derived tensors of the main graph."""
-
-    def __init__(self, graph: onnx.GraphProto, base_dir: str | None):
-        self.base_dir = base_dir
-        inputs = {i.name for i in graph.input}
-        self.initializers = {t.name: t for t in graph.initializer if t.name not in inputs}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        for node in _iter_nodes(graph):
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-        self.const: set[str] = set(self.initializers)
-        self.shape_derived: set[str] = set()
-        for node in graph.node:  # ONNX requires topological order
-            ins = [i for i in node.input if i]
-            outs = [o for o in node.output if o]
-            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-                self.const.update(outs)
-            elif node.op_type in ("Shape", "Size") and node.domain in DEFAULT_DOMAINS:
-                self.shape_derived.update(outs)
-            elif node.op_type in _NONDETERMINISTIC or node.op_type in FORBIDDEN_OPS or not ins:
-                continue
-            elif all(i in self.const for i in ins):
-                self.const.update(outs)
-            elif all(i in self.const or i in self.shape_derived for i in ins):
-                self.shape_derived.update(outs)
-
-    def is_weights(self, name: str) -> bool:
-        """An initializer or a Constant node's output: what the TensorRT parser imports as weights."""
-        node = self.producer.get(name)
-        return name in self.initializers or (
-            node is not None and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
-        )
-
-    def origin(self, name: str) -> str:
-        """How a non-weights tensor comes about, for messages."""
-        if name not in self.producer:
-            return "a graph input"
-        if name in self.shape_derived:
-            return "computed from a shape"
-        if name in self.const:
-            return "computed from constants (not folded into an initializer)"
-        return "computed at run time"
-
-    def static_value(self, name: str) -> tuple[bool, list[int] | None]:
-        """(is constant, its integer values if readable) following pass-through ops to the source."""
-        seen = 0
-        while seen < 32:
-            seen += 1
-            if name in self.initializers:
-                return True, self._tensor_values(self.initializers[name])
-            node = self.producer.get(name)
-            if node is None:
-                return False, None
-            if node.op_type == "Constant":
-                return True, self._constant_values(node)
-            if node.op_type in _PASS_THROUGH and node.input and node.input[0]:
-                name = node.input[0]
-                continue
-            return name in self.const, None
-        return False, None
-
-    def _tensor_values(self, tensor: onnx.TensorProto) -> list[int] | None:
-        if external_data_helper.uses_external_data(tensor):
-            if self.base_dir is None:
-                return None
-            tensor = onnx.TensorProto.FromString(tensor.SerializeToString())
-            try:
-                external_data_helper.load_external_data_for_tensor(tensor, self.base_dir)
-            except (OSError, ValueError):
-                return None
-        try:
-            return [int(v) for v in numpy_helper.to_array(tensor).reshape(-1).tolist()]
-        except (TypeError, ValueError):
-            return None
-
-    def _constant_values(self, node: onnx.NodeProto) -> list[int] | None:
-        for attr in node.attribute:
-            if attr.name == "value":
-                return self._tensor_values(attr.t)
-            if attr.name == "value_int":
-                return [int(attr.i)]
-            if attr.name == "value_ints":
-                return [int(v) for v in attr.ints]
-        return None
-
-
 def topk_nodes(model: str | os.PathLike | onnx.ModelProto) -> list[tuple[str, int | None]]:
     """(node name, constant K or None) for every TopK node, local functions inlined."""
     proto, _, base_dir = _load(model)
     proto = _prepare(proto)
-    g = _Graph(proto.graph, base_dir)
+    g = _Graph(proto.graph, base_dir, FORBIDDEN_OPS)
     out: list[tuple[str, int | None]] = []
     for i, node in enumerate(_iter_nodes(proto.graph)):
         if node.op_type == "TopK" and node.domain in DEFAULT_DOMAINS:
             k = _topk_k(node, g)
             out.append((_label(node, i), k[1][0] if k[0] and k[1] and len(k[1]) == 1 else None))
     return out
-
-
-def _topk_k(node: onnx.NodeProto, g: _Graph) -> tuple[bool, list[int] | None]:
-    if len(node.input) > 1 and node.input[1]:
-        return g.static_value(node.input[1])
-    for attr in node.attribute:  # opset < 10: K is an attribute
-        if attr.name == "k":
-            return True, [int(attr.i)]
-    return False, None
-
-
-def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return int(attr.i)
-    return default
 
 
 # --- the check ----------------------------------------------------------------------------------
@@ -492,7 +333,7 @@ def check_onnx(
     opset = _check_opset(proto, key, found)
     typed = _infer(proto, found)
     graph = typed.graph
-    g = _Graph(graph, base_dir)
+    g = _Graph(graph, base_dir, FORBIDDEN_OPS)
     _check_ops(graph, key, found)
     _check_topk(graph, g, found)
     _check_operands(graph, g, found)
