@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -15,6 +16,18 @@ from star_export.build import trt_status
 from star_export.cli import main
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> SimpleNamespace:
+    """``main(args)`` in this process (no interpreter start, no torch import): exit code and output.
+    An exception escaping ``main`` fails the test, as a traceback would."""
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own errors exit 2 from inside main
+        code = e.code
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -102,7 +115,11 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
     assert {"star_export", "torch", "transformers", "onnx", "onnxruntime", "polygraphy"} <= set(
         manifest["versions"]
     )
-    assert sorted(f["file"] for f in manifest["files"]) == ["decode.onnx", "prefill.onnx"]
+    assert sorted(f["file"] for f in manifest["files"]) == [
+        "decode.onnx",
+        "prefill.onnx",
+        "weights.onnx.data",
+    ]
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"])
     assert [t["name"] for t in manifest["graphs"]["decode"]["inputs"]][:4] == [
         "input_ids",
@@ -178,7 +195,7 @@ def _not_llava(tmp_path: Path) -> Path:
             "--grid does not apply to llava checkpoints (it applies to: llava_next)",
         ),
         (["--keep", "8", "--grid", "2"], "expected ROWSxCOLS"),
-        (["--keep", "8", "--model", "{qwen25}"], "architecture Qwen2_5_VLForConditionalGeneration"),
+        (["--keep", "8", "--model", "{internvl}"], "architecture InternVLForConditionalGeneration"),
         (["--keep", "8", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
         (["--keep", "8", "--min-batch", "4", "--max-batch", "2"], "--min-batch 4 > --max-batch 2"),
         (["--keep", "8", "--out", "/proc/star_out"], "--out /proc/star_out: not writable"),
@@ -186,14 +203,14 @@ def _not_llava(tmp_path: Path) -> Path:
         (["--keep", "8", "--model", "{corrupt}"], "--model {corrupt}: cannot load the checkpoint"),
     ],
 )
-def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, gqa_dir, args, message):
+def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, gqa_dir, args, message, capsys):
     file = tmp_path / "afile"
     file.write_text("x")
     bert = _not_llava(tmp_path)
-    qwen25 = tmp_path / "qwen25"
-    qwen25.mkdir()
-    (qwen25 / "config.json").write_text(
-        json.dumps({"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
+    internvl = tmp_path / "internvl"
+    internvl.mkdir()
+    (internvl / "config.json").write_text(
+        json.dumps({"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"]})
     )
     import shutil
 
@@ -204,13 +221,20 @@ def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, gqa_dir, args, m
     if "{corrupt}" in args:  # a .safetensors whose header is garbage
         shutil.copytree(gqa_dir, corrupt)
         (corrupt / "model.safetensors").write_bytes(b"\xff" * 64)
-    fmt = {"tmp": tmp_path, "file": file, "bert": bert, "qwen25": qwen25, "notok": notok, "corrupt": corrupt}
+    fmt = {
+        "tmp": tmp_path,
+        "file": file,
+        "bert": bert,
+        "internvl": internvl,
+        "notok": notok,
+        "corrupt": corrupt,
+    }
     args = [a.format(**fmt) for a in args]
     message = message.format(**fmt)
     out = tmp_path / "out"
     if "--out" not in args:
         args += ["--out", str(out)]
-    r = run_cli("llava", *args, timeout=120)
+    r = run_main(capsys, "llava", *args)  # in process (the console entry point: test_help_runs et al.)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr

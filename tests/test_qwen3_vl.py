@@ -66,7 +66,7 @@ def test_geometry_follows_the_config_and_the_static_resolution(qwen3):
     default = QWEN3.geometry(model.config)  # 384 px: 48 x 48 patches -> 24 x 24 merged tokens
     assert default.image_hw == (384, 384) and default.n_visual == 576 and default.n_positions == 24
     assert QWEN3.geometry(model.config, image_size=(64, 96)).grid == (4, 6)
-    with pytest.raises(UsageError, match="multiples of"):
+    with pytest.raises(UsageError, match="multiple of"):
         QWEN3.geometry(model.config, image_size=100)
 
 
@@ -380,8 +380,8 @@ def dynamic_rope_checkpoint(qwen3_dir, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--image-size", "100"], "multiples of"),
-        (["--image-size", "112x100"], "multiples of"),
+        (["--image-size", "100"], "multiple of"),
+        (["--image-size", "112x100"], "multiple of"),
         (["--image-size", "16x16"], "outside the checkpoint's image processor range"),
         (["--image-size", "2048"], "outside the checkpoint's image processor range"),
         (["--grid", "2x2"], "does not apply to qwen3_vl"),

@@ -1,0 +1,43 @@
+"""The Python API as the README documents it: examples/python_api.py runs as shipped (export at two
+keep levels through ``star_export.export``, then ``star_export.load_export`` answering per level,
+onnxruntime token-exact with the PyTorch rewrite)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_python_api_example_runs_as_documented(tmp_path):
+    out = tmp_path / "api_out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "python_api.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"exported {out}/") and "(scans ok: True)" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["keep 16", "keep 32"]
+    assert all(line.endswith("(onnxruntime == PyTorch rewrite: True)") for line in lines[1:])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [lv["keep2"] for lv in manifest["star"]["levels"]] == [16, 32]
+    assert sorted(p.name for p in out.glob("*.onnx")) == [
+        "decode.onnx",
+        "prefill_k16.onnx",
+        "prefill_k32.onnx",
+    ]
+
+
+def test_the_api_names_import_from_the_package():
+    import star_export
+    from star_export import ExportResult, Pipeline, export, load_export, load_model
+
+    assert export.__module__ == "star_export.api" and ExportResult.__module__ == "star_export.api"
+    assert {f.__module__ for f in (load_export, load_model, Pipeline)} == {"star_export.session"}
+    assert set(star_export.__all__) >= {"export", "load_export", "load_model", "Pipeline", "ExportResult"}
