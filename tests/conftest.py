@@ -106,24 +106,29 @@ def next_mistral(next_recipe, _isolated_cache):
 
 
 @pytest.fixture(scope="session")
-def cli_export(_isolated_cache):
-    """``python -m star_export llava ARGS --skip-validation`` into the session cache, once per name."""
+def cli_export(_isolated_cache, tmp_path_factory):
+    """``python -m star_export llava ARGS --skip-validation``, once per name and test run.
+
+    Under pytest-xdist (``-n 2``) the workers share one export directory (the run's base temp, above
+    each worker's own) and take a file lock per name, so an export several test modules use is made
+    once, by whichever worker needs it first; a name must always come with the same arguments."""
+    from filelock import FileLock
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker else base) / "shared-exports"
+    root.mkdir(exist_ok=True)
 
     def run(name: str, *args: str) -> Path:
-        out = Path(os.environ["STAR_EXPORT_CACHE"]) / "exports" / name
-        if not (out / "manifest.json").is_file():
-            cmd = [
-                sys.executable,
-                "-m",
-                "star_export",
-                "llava",
-                *args,
-                "--skip-validation",
-                "--out",
-                str(out),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        out = root / name
+        with FileLock(str(root / f"{name}.lock")):
+            if not (out / "manifest.json").is_file():
+                _export(out, args)
         return out
+
+    def _export(out: Path, args: tuple[str, ...]) -> None:
+        cmd = [sys.executable, "-m", "star_export", "llava", *args, "--skip-validation", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     return run

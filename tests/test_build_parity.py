@@ -195,8 +195,11 @@ def test_trt_backend_with_a_fake_trt_runner(monkeypatch, tmp_path):
 # -------------------------------------------------------------- trt_rows, end to end-ish
 
 
-@pytest.mark.parametrize("keeps", ["16", "8,16"])
-def test_trt_rows_plumbing_on_a_real_export(cli_export, monkeypatch, keeps):
+@pytest.mark.parametrize(
+    "name, keeps",
+    [("llava-keep16", "16"), ("llava-levels", "8,16,32")],  # exports shared with other modules
+)
+def test_trt_rows_plumbing_on_a_real_export(cli_export, monkeypatch, name, keeps):
     """Manifest, contracts, feeds and engine paths reach the backends, for every keep level (its
     own prefill engine, the shared decode engine); onnxruntime stands in for the engines and is
     judged by the same criterion as everything else (selections, forced logits, generation)
@@ -206,7 +209,7 @@ def test_trt_rows_plumbing_on_a_real_export(cli_export, monkeypatch, keeps):
     from star_export.load import load
     from star_export.runtime import OnnxruntimeBackend
 
-    export = cli_export(f"llava-keep{keeps.replace(',', '-')}", "--keep", keeps)
+    export = cli_export(name, "--keep", keeps)
     manifest = json.loads((export / "manifest.json").read_text())
     graphs = [lv["graph"] for lv in manifest["star"]["levels"]]
     manifest["engines"] = {g: {"path": f"{g}.plan", "dtype": "fp32", "graph": g} for g in (*graphs, "decode")}

@@ -3,7 +3,7 @@
 TensorRT and CUDA headers are not obtainable on the development machines, so the example is
 never compiled against them, linked with them or run with an engine here. What IS checked: the
 tensor table in main.cpp against fresh ``python -m star_export llava`` exports (one keep level, and
-two: ``--keep 8,16``, every level's prefill graph), every name main.cpp passes to set_shape/bind,
+several: ``--keep 8,16,32``, every level's prefill graph), every name main.cpp passes to set_shape/bind,
 the generated star_model.h (its keep levels and two past lengths), ``g++ -fsyntax-only`` of
 main.cpp against the STUB headers below (declarations of the TensorRT 10 / CUDA runtime subset the
 example calls, transcribed from the TensorRT 10 API documentation), and main.cpp's command line
@@ -133,9 +133,9 @@ def export(cli_export) -> Path:
 
 @pytest.fixture(scope="module")
 def levels_export(cli_export) -> Path:
-    """``python -m star_export llava --keep 8,16``: two keep levels, once per test session (shared
-    with the Triton tests)."""
-    return cli_export("llava-keep8-16", "--keep", "8,16")
+    """``python -m star_export llava --keep 8,16,32``: three keep levels, once per test session (shared
+    with the Triton, levels, eval and TensorRT-parity tests: same name and arguments)."""
+    return cli_export("llava-levels", "--keep", "8,16,32")
 
 
 @pytest.fixture(scope="module")
@@ -307,10 +307,11 @@ def test_header_names_the_engines_build_recorded(levels_export):
     manifest["engines"] = {
         "prefill_k8": {"path": "/gpu/engines/star.k8.plan"},
         "prefill_k16": {"path": "star.k16.plan"},
+        "prefill_k32": {"path": "k32/star.plan"},
         "decode": {"path": "/gpu/engines/star.decode.plan"},
     }
     text = deploy.cpp_header(manifest)
-    assert [row[4] for row in header_levels(text)] == ["star.k8.plan", "star.k16.plan"]
+    assert [row[4] for row in header_levels(text)] == ["star.k8.plan", "star.k16.plan", "star.plan"]
     assert 'kDecodeEngine = "star.decode.plan";' in text
 
 

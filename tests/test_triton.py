@@ -5,7 +5,7 @@ weights hard-linked), usage errors, and a REAL tritonserver answering over HTTP 
 The server is the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel (Triton 2.51,
 Python backend only), started on loopback with the ``--backend python`` repository of a small
 export. Its answers must equal ``star_export.runtime.generate`` over onnxruntime token for token;
-for an export with two keep levels (``--keep 8,16``), one server answers requests at both levels,
+for an export with three keep levels (``--keep 8,16,32``), one server answers requests at every level,
 each equal to ``load_export(dir).generate(..., keep=k)``.
 
 That binary's Python backend stub needs numpy < 2 in ITS Python environment (its pybind11
@@ -308,13 +308,18 @@ def test_prefix_names_models_and_wires_the_pipeline(export, tmp_path):
 
 
 # ------------------------------------------------------------------------------ several keep levels
-LEVEL_KEEPS = (8, 16)  # `llava --keep 8,16`: prefill_k8 (the default), prefill_k16, one decode
+LEVEL_KEEPS = (
+    8,
+    16,
+    32,
+)  # `llava --keep 8,16,32`: prefill_k8 (the default), prefill_k16, prefill_k32, one decode
 
 
 @pytest.fixture(scope="module")
 def levels_export(cli_export) -> Path:
-    """``python -m star_export llava --keep 8,16`` once per test session (shared with the C++ tests)."""
-    return cli_export("llava-keep8-16", "--keep", ",".join(map(str, LEVEL_KEEPS)))
+    """``python -m star_export llava --keep 8,16,32`` once per test session (shared with the C++, levels,
+    eval and TensorRT-parity tests: same name and arguments)."""
+    return cli_export("llava-levels", "--keep", ",".join(map(str, LEVEL_KEEPS)))
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +338,7 @@ def test_several_levels_one_prefill_model_each_and_one_decode(
 ):
     repo = level_repos[backend]
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert models == ["decode", "pipeline", "prefill_k16", "prefill_k8"]
+    assert models == ["decode", "pipeline", "prefill_k16", "prefill_k32", "prefill_k8"]
     for graph in graph_names(levels_manifest):
         config = parse_config(repo / graph / "config.pbtxt")
         g = levels_manifest["graphs"][graph]
@@ -357,14 +362,22 @@ def test_several_levels_one_prefill_model_each_and_one_decode(
     inputs = {t.name: (dtype_name(t.data_type), list(t.dims), t.optional) for t in pipeline.input}
     assert inputs == PIPELINE_INPUTS
     params = {k: v.string_value for k, v in pipeline.parameters.items()}
-    assert json.loads(params["prefill_models"]) == {"8": "prefill_k8", "16": "prefill_k16"}
+    assert json.loads(params["prefill_models"]) == {
+        "8": "prefill_k8",
+        "16": "prefill_k16",
+        "32": "prefill_k32",
+    }
     assert (params["default_keep"], params["prefill_model"]) == ("8", "prefill_k8")
     decode_max = {d["name"]: d["max"] for d in levels_manifest["graphs"]["decode"]["dynamic_dims"]}
     if backend != "tensorrt":
         assert int(params["past_len_l1_max"]) == decode_max["past_len_l1"]
         assert int(params["past_len_l2_max"]) == decode_max["past_len_l2"]
     marker = json.loads((repo / deploy.MARKER).read_text())
-    assert [(lv["keep2"], lv["model"]) for lv in marker["levels"]] == [(8, "prefill_k8"), (16, "prefill_k16")]
+    assert [(lv["keep2"], lv["model"]) for lv in marker["levels"]] == [
+        (8, "prefill_k8"),
+        (16, "prefill_k16"),
+        (32, "prefill_k32"),
+    ]
     readme = (repo / "README.md").read_text()
     assert "## Keep levels" in readme and 'InferInput("keep"' in readme and "prefill_k16" in readme
 
@@ -396,12 +409,14 @@ def test_several_levels_prefix_and_copies_without_hard_links(levels_export, tmp_
         "llava_decode",
         "llava_pipeline",
         "llava_prefill_k16",
+        "llava_prefill_k32",
         "llava_prefill_k8",
     ]
     params = parse_config(repo / "llava_pipeline" / "config.pbtxt").parameters
     assert json.loads(params["prefill_models"].string_value) == {
         "8": "llava_prefill_k8",
         "16": "llava_prefill_k16",
+        "32": "llava_prefill_k32",
     }
     assert params["decode_model"].string_value == "llava_decode"
     assert result.linked == []
@@ -951,7 +966,7 @@ def test_keep_errors_name_the_levels_and_the_server_keeps_serving(levels_server,
     module, client = grpc_client(levels_server)
     try:
         with pytest.raises(
-            InferenceServerException, match=r"keep 12: this export holds keep levels 8, 16 \(default 8\)"
+            InferenceServerException, match=r"keep 12: this export holds keep levels 8, 16, 32 \(default 8\)"
         ):
             client.infer("pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], keep=12))
         with pytest.raises(InferenceServerException, match="the same for every row of a request"):

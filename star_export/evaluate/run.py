@@ -16,6 +16,7 @@ answers) and the batch's ``prefill_ms`` / ``decode_ms_per_token``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,7 +31,6 @@ from star_export.progress import Log, quiet
 
 ROWS = "rows.jsonl"
 CHECKED = ("from", "data", "image_root", "runtime", "keeps", "max_new_tokens", "batch_size")  # on resume
-HF_ARCHS = ("llava",)  # families whose unmodified model ``hf_generate`` drives
 
 
 def load_examples(
@@ -68,16 +68,29 @@ def read_rows(out: Path, settings: dict[str, Any], resume: bool) -> list[dict[st
 
 
 class Eta:
-    """``eval 3/12 examples, 4s, ETA 12s`` lines as batches finish."""
+    """Progress over the examples: a tqdm bar with its ETA on a terminal, else (logs, CI) one line per
+    batch, ``eval 3/12 examples, 4s, ETA 12s``."""
 
     def __init__(self, total: int, log: Log):
         self.total, self.log, self.done, self.start = total, log, 0, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="      eval", unit="example", file=sys.stderr, leave=False)
 
     def advance(self, n: int) -> None:
         self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
         spent = time.perf_counter() - self.start
         left = spent / self.done * (self.total - self.done)
         self.log(f"      eval {self.done}/{self.total} examples, {spent:.0f}s, ETA {left:.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def batches(items: Sequence[Example], size: int) -> Iterator[list[Example]]:
@@ -120,20 +133,21 @@ def hf_generate(
     generated tokens (up to and including a stop token) and the first step's logits (V,)."""
     import torch
 
+    from star_export.families import family_named
+
     geo, pre, model = ref.geo, ref.pre, ref.model
+    family = family_named(geo.arch)
     stops = [t for t in (pre.eos_token_id,) if t is not None]
     feeds = pre.encode(list(images), list(prompts))
     dtype = next(model.parameters()).dtype
     out = []
     for b in range(len(prompts)):
         ids = [int(x) for x, m in zip(feeds["input_ids"][b], feeds["attention_mask"][b], strict=True) if m]
-        p = ids.index(geo.image_token_id)
-        input_ids = torch.tensor([ids[:p] + [geo.image_token_id] * geo.n_positions + ids[p + 1 :]])
+        inputs = family.hf_inputs(model, geo, torch.from_numpy(feeds["pixel_values"][b]).to(dtype), ids)
+        input_ids = inputs["input_ids"]
         with torch.no_grad():
             gen = model.generate(
-                pixel_values=torch.from_numpy(feeds["pixel_values"][b : b + 1]).to(dtype),
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
+                **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
@@ -153,7 +167,9 @@ def unpruned_source(pipe: Any) -> str:
     ``transformers`` (the unmodified model) or ``none`` (neither available for this family)."""
     if pipe.geo.n_visual in pipe.keeps:
         return "export"
-    return "transformers" if pipe.geo.arch in HF_ARCHS else "none"
+    from star_export.families import family_named
+
+    return "transformers" if family_named(pipe.geo.arch).has_hf_inputs else "none"
 
 
 def _sides(
@@ -223,11 +239,14 @@ def run_examples(
     if done:
         log(f"      --resume: {len(done)} examples already in {path}, {len(todo)} to run")
     eta = Eta(len(todo), log)
-    with path.open("a") as f:
-        for batch in batches(todo, settings["batch_size"]):
-            new = measure_batch(pipe, ref, batch, settings["keeps"], source, settings["max_new_tokens"])
-            f.writelines(json.dumps(row) + "\n" for row in new)
-            f.flush()
-            rows.extend(new)
-            eta.advance(len(batch))
+    try:
+        with path.open("a") as f:
+            for batch in batches(todo, settings["batch_size"]):
+                new = measure_batch(pipe, ref, batch, settings["keeps"], source, settings["max_new_tokens"])
+                f.writelines(json.dumps(row) + "\n" for row in new)
+                f.flush()
+                rows.extend(new)
+                eta.advance(len(batch))
+    finally:
+        eta.close()
     return rows

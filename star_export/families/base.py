@@ -129,6 +129,19 @@ class Family:
         """Last-position logits (V,) of the unmodified transformers model on the expanded prompt."""
         raise NotImplementedError
 
+    def hf_inputs(
+        self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
+    ) -> dict[str, Any] | None:
+        """The unmodified model's ``generate`` inputs for one prompt row (``pixel_values`` of its one
+        image, ``ids`` without padding), the placeholder expanded as the family's processor expands
+        it; None where the family does not provide them (``eval`` then checks an export's unpruned
+        answers only against an exported keep = N level)."""
+        return None
+
+    @property
+    def has_hf_inputs(self) -> bool:
+        return type(self).hf_inputs is not Family.hf_inputs
+
     def reference_layer(
         self,
         model: Any,

@@ -66,6 +66,7 @@ from torch import nn
 from star_export.errors import UsageError
 from star_export.families.base import Family, ImageSpan, RefSpan, normalisation, text_geometry
 from star_export.families.llava import FAMILY as LLAVA
+from star_export.families.llava import hf_last_logits
 from star_export.geometry import Geometry
 from star_export.rewrite import Span, StarDecode, StarPrefill, TextLayers, decoder_attention
 from star_export.star import StarConfig
@@ -359,15 +360,21 @@ class Gemma3(Family):
         )
         return out[0] if isinstance(out, tuple) else out
 
+    def hf_inputs(
+        self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
+    ) -> dict[str, Any]:
+        """LLaVA's inputs (the placeholder expanded to N soft tokens, an explicit mask) plus the
+        processor's token_type_ids, 1 on the image tokens: what makes transformers build the
+        bidirectional image block."""
+        p = ids.index(geo.image_token_id)
+        types = [0] * p + [1] * geo.n_visual + [0] * (len(ids) - p - 1)
+        return {**LLAVA.hf_inputs(model, geo, pixel_values, ids), "token_type_ids": torch.tensor([types])}
+
     def hf_unpruned_logits(
         self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
     ) -> torch.Tensor:
-        """The unmodified model on the prompt with its placeholder expanded to N soft tokens (LLaVA's
-        call: explicit mask, positions 0..L-1) plus the processor's token_type_ids, 1 on the image
-        tokens: what makes transformers build the bidirectional image block."""
-        p = ids.index(geo.image_token_id)
-        types = [0] * p + [1] * geo.n_visual + [0] * (len(ids) - p - 1)
-        return LLAVA.hf_unpruned_logits(model, geo, pixel_values, ids, token_type_ids=torch.tensor([types]))
+        """The unmodified model on ``hf_inputs``, positions 0..L-1."""
+        return hf_last_logits(model, self.hf_inputs(model, geo, pixel_values, ids))
 
     # ---- 5. pre-processing ----------------------------------------------------------------------
     def image_tokens(self, model_dir: Path) -> tuple[str, str, str]:

@@ -61,6 +61,14 @@ def llava_geometry(config: Any, **layout: Any) -> Geometry:
     return Geometry(**{**fields, **layout})
 
 
+@torch.no_grad()
+def hf_last_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Last-position logits (V,) of an unmodified transformers model on ``hf_inputs``, positions
+    0..L-1 given explicitly (never inferred from the mask)."""
+    positions = torch.arange(inputs["input_ids"].shape[1])[None]
+    return model(**inputs, position_ids=positions, logits_to_keep=1).logits[0, -1].float()
+
+
 class LlavaPrefill(StarPrefill):
     """STAR prefill of a LLaVA-1.5 checkpoint: pixel_values (B, 3, S, S)."""
 
@@ -131,24 +139,29 @@ class Llava(Family):
 
         return ImageSpan(feats, list(range(feats.shape[0])), project)
 
+    def hf_extra(self, geo: Geometry) -> dict[str, Any]:
+        """Inputs the unmodified model needs besides pixels and ids (none for LLaVA-1.5)."""
+        return {}
+
+    def hf_inputs(
+        self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
+    ) -> dict[str, Any]:
+        """The prompt with its placeholder expanded to the span's length and an explicit mask."""
+        p = ids.index(geo.image_token_id)
+        input_ids = torch.tensor([ids[:p] + [geo.image_token_id] * geo.n_positions + ids[p + 1 :]])
+        return {
+            **self.hf_extra(geo),
+            "pixel_values": pixel_values[None],
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+        }
+
     @torch.no_grad()
     def hf_unpruned_logits(
-        self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int], **extra: Any
+        self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
     ) -> torch.Tensor:
-        """The unmodified model on the prompt with its placeholder expanded to the span's length,
-        explicit mask and positions (never inferred)."""
-        p = ids.index(geo.image_token_id)
-        expanded = ids[:p] + [geo.image_token_id] * geo.n_positions + ids[p + 1 :]
-        input_ids = torch.tensor([expanded])
-        out = model(
-            **extra,
-            pixel_values=pixel_values[None],
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            position_ids=torch.arange(len(expanded))[None],
-            logits_to_keep=1,
-        )
-        return out.logits[0, -1].float()
+        """The unmodified model on the expanded prompt, explicit mask and positions (never inferred)."""
+        return hf_last_logits(model, self.hf_inputs(model, geo, pixel_values, ids))
 
     def image_spec(self, model_dir: Path, geo: Geometry) -> dict[str, Any]:
         pre = read_preprocessor(model_dir)

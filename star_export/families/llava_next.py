@@ -145,12 +145,9 @@ class LlavaNext(Llava):
         slots = [number[i] if i >= 0 else None for i in order]
         return ImageSpan(span_feats, slots, project, model.model.image_newline)
 
-    def hf_unpruned_logits(
-        self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int], **extra: Any
-    ) -> torch.Tensor:
-        return super().hf_unpruned_logits(
-            model, geo, pixel_values, ids, image_sizes=torch.tensor([self._grid_px(geo)])
-        )
+    def hf_extra(self, geo: Geometry) -> dict[str, Any]:
+        """Anyres needs the image size: the fixed grid's resolution (every image is letterboxed into it)."""
+        return {"image_sizes": torch.tensor([self._grid_px(geo)])}
 
     def image_spec(self, model_dir: Path, geo: Geometry) -> dict[str, Any]:
         spec = super().image_spec(model_dir, geo)
