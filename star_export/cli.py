@@ -649,8 +649,10 @@ def _floats(values) -> list[float | str] | None:
     return [float(v) if abs(float(v)) != float("inf") else str(float(v)) for v in values]
 
 
-class Terminated(Exception):
-    """SIGTERM, raised in the main thread so that staging directories are cleaned up."""
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that staging directories are cleaned up. A BaseException,
+    like KeyboardInterrupt: libraries that catch Exception (the ONNX exporter wraps what its tracing
+    raises) let it through."""
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
