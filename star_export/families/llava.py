@@ -177,21 +177,22 @@ class Llava(Family):
             "layout": "NCHW, RGB",
         }
 
-    def write_tiny_processor(self, directory: Path, recipe: Any) -> None:
+    tiny_anyres = False  # the tiny processor's chat/processor files: LLaVA-NeXT's anyres ones or not
+
+    def tiny_image_processor(self, recipe: Any) -> dict[str, Any]:
+        """preprocessor_config.json of an embedded recipe: CLIP's resize, centre crop and normalisation."""
         size = recipe.image["size"]
-        tiny_llava_processor(
-            directory,
-            recipe,
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": size},
-                "do_center_crop": True,
-                "crop_size": {"height": size, "width": size},
-                **tiny_normalisation(recipe),
-            },
-            anyres=False,
-        )
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": size},
+            "do_center_crop": True,
+            "crop_size": {"height": size, "width": size},
+            **tiny_normalisation(recipe),
+        }
+
+    def write_tiny_processor(self, directory: Path, recipe: Any) -> None:
+        tiny_llava_processor(directory, recipe, self.tiny_image_processor(recipe), anyres=self.tiny_anyres)
 
     def pixel_doc(self, geo: Geometry) -> str:
         return "image, resized/cropped to the model's size and normalised with the manifest's mean/std"

@@ -23,13 +23,12 @@ from typing import Any
 import torch
 
 from star_export.errors import UsageError
-from star_export.families.base import ImageSpan, tiny_normalisation
+from star_export.families.base import ImageSpan
 from star_export.families.llava import (
     Llava,
     LlavaPrefill,
     clip_features,
     llava_geometry,
-    tiny_llava_processor,
 )
 from star_export.geometry import Geometry
 from star_export.star import StarConfig
@@ -162,23 +161,16 @@ class LlavaNext(Llava):
         }
         return spec
 
-    def write_tiny_processor(self, directory: Path, recipe: Any) -> None:
-        size = recipe.image["size"]
-        tiny_llava_processor(
-            directory,
-            recipe,
-            {
-                "image_processor_type": "LlavaNextImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": size},
-                "do_center_crop": True,
-                "crop_size": {"height": size, "width": size},
-                **tiny_normalisation(recipe),
-                "image_grid_pinpoints": recipe.config["image_grid_pinpoints"],
-                "do_pad": True,
-            },
-            anyres=True,
-        )
+    tiny_anyres = True
+
+    def tiny_image_processor(self, recipe: Any) -> dict[str, Any]:
+        """LLaVA's tiny image processor as LlavaNextImageProcessor, with the recipe's pinpoints."""
+        return {
+            **super().tiny_image_processor(recipe),
+            "image_processor_type": "LlavaNextImageProcessor",
+            "image_grid_pinpoints": recipe.config["image_grid_pinpoints"],
+            "do_pad": True,
+        }
 
     def pixel_doc(self, geo: Geometry) -> str:
         return (
