@@ -1,0 +1,248 @@
+"""Train a small vision-language model from scratch on the synthetic question set (``scenes``).
+
+The model is an embedded recipe's (the real transformers class, seeded random weights), read and
+written through the same code as any ``--model DIR``: the recipe is materialised as a checkpoint
+directory, loaded, trained, and saved with its processor files and a model card. Prompts go
+through the export's own pre-processing (``Preprocessor``: chat template, image processor) and
+the family's ``hf_inputs`` (the unmodified model's inputs), so training sees exactly what the
+exported graphs see. The loss is on the answer's tokens and the end-of-sequence token only.
+
+Resumable: ``out/.train/state.pt`` holds the weights, optimiser, step and history after every
+evaluation; the data of step s are samples ``s * batch ..`` of the train split, so a resumed run
+draws what the uninterrupted one would. Accuracy is exact match of the whole answer under
+teacher forcing (every answer token and the end token the argmax), which is what greedy decoding
+produces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from star_export.demo import scenes
+
+STATE = ".train/state.pt"
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "llava-demo"
+    seed: int = 0
+    steps: int = 4000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    eval_every: int = 250
+    eval_count: int = 240  # validation samples per evaluation (40 per question kind)
+    test_count: int = 600  # test samples for the final accuracy (100 per question kind)
+
+
+@dataclass
+class History:
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+
+
+class Batcher:
+    """Samples -> the unmodified model's training inputs (right padded) and the answers' labels."""
+
+    def __init__(self, loaded: Any, size: int):
+        from star_export.families import family_of
+        from star_export.preprocess import Preprocessor
+
+        self.model, self.geo = loaded.model, loaded.geometry
+        self.family = family_of(self.geo)
+        self.pre = Preprocessor.from_dir(loaded.model_dir, geometry=self.geo)
+        self.size = size
+        self.eos = self.pre.eos_token_id
+        self._answers: dict[str, list[int]] = {}
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if answer not in self._answers:
+            ids = self.pre.processor.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+            self._answers[answer] = [int(t) for t in ids] + [int(self.eos)]
+        return self._answers[answer]
+
+    def __call__(self, batch: list[scenes.Sample]) -> dict[str, torch.Tensor]:
+        images = [scenes.render(s.scene, self.size) for s in batch]
+        feeds = self.pre.encode(images, [f"{s.question}\n{scenes.HINT}" for s in batch])
+        rows, labels, extras = [], [], []
+        for b, s in enumerate(batch):
+            ids = feeds["input_ids"][b][feeds["attention_mask"][b] == 1].tolist()
+            pixels = torch.from_numpy(feeds["pixel_values"][b])
+            inputs = self.family.hf_inputs(self.model, self.geo, pixels, ids)
+            prompt = inputs.pop("input_ids")[0].tolist()
+            inputs.pop("attention_mask")
+            answer = self.answer_ids(s.answer)
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+            extras.append(inputs)
+        length = max(map(len, rows))
+        pad = self.pre.pad_token_id
+        out = {
+            "input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
+            "labels": torch.tensor([r + [-100] * (length - len(r)) for r in labels]),
+        }
+        for key in extras[0]:
+            out[key] = torch.cat([e[key] for e in extras])
+        return out
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) 1.0 where every labelled position's next-token argmax is the label (teacher forcing)."""
+    pred = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    ok = (pred == target) | (target == -100)
+    return ok.all(dim=1).float()
+
+
+@torch.no_grad()
+def accuracy(model: Any, batcher: Batcher, samples: list[scenes.Sample], batch: int = 48) -> dict[str, float]:
+    """Exact-match accuracy overall and per question kind."""
+    model.eval()
+    hits: dict[str, list[float]] = {}
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        inputs = batcher(chunk)
+        labels = inputs.pop("labels")
+        ok = exact_match(model(**inputs).logits, labels)
+        for s, v in zip(chunk, ok.tolist(), strict=True):
+            hits.setdefault(s.kind, []).append(v)
+    model.train()
+    out = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+    out["all"] = float(np.mean([v for vs in hits.values() for v in vs]))
+    return out
+
+
+def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def plot(history: History, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    loss = np.asarray(history.loss)
+    window = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    ax.plot(history.steps[window - 1 :], smooth, color="tab:blue", label="train loss (smoothed)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(history.eval_steps, [100 * a for a in history.val_accuracy], "o-", color="tab:red", label="val")
+    ax2.set_ylabel("validation exact match (%)")
+    ax2.set_ylim(0, 100)
+    fig.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(
+    out: str | Path, cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True
+) -> dict[str, Any]:
+    """Train ``cfg.recipe``'s model into ``out`` (resuming from ``out/.train`` when it is there);
+    returns the model card's figures."""
+    from tqdm import tqdm
+
+    from star_export.load import load, materialise
+    from star_export.recipes import load_recipe
+
+    out = Path(out)
+    recipe = load_recipe(cfg.recipe)
+    loaded = load(materialise(recipe), source=f"recipe:{recipe.name}", options=recipe.layout)
+    model = loaded.model
+    model.set_attn_implementation("sdpa")
+    size = int(recipe.image["size"])
+    batcher = Batcher(loaded, size)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    history, step = History(), 0
+    state_path = out / STATE
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{state_path} was written with other settings: {state['config']}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        history, step = History(**state["history"]), state["step"]
+        log(f"resuming at step {step} of {cfg.steps}")
+    val = list(scenes.samples(cfg.seed, "val", cfg.eval_count))
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step")
+    while step < cfg.steps:
+        inputs = batcher(list(scenes.samples(cfg.seed, "train", cfg.batch, start=step * cfg.batch)))
+        loss = model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        history.steps.append(step)
+        history.loss.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = accuracy(model, batcher, val)
+            history.eval_steps.append(step)
+            history.val_accuracy.append(acc["all"])
+            bar.write(f"step {step}: val exact match {100 * acc['all']:.1f} % " + json.dumps(acc))
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_suffix(".tmp")
+            torch.save(
+                {
+                    "config": asdict(cfg),
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "history": asdict(history),
+                    "step": step,
+                },
+                tmp,
+            )
+            tmp.replace(state_path)
+            plot(history, out / "training.png")
+    bar.close()
+    test = accuracy(model, batcher, list(scenes.samples(cfg.seed, "test", cfg.test_count)))
+    model.eval()
+    model.set_attn_implementation("eager")
+    model.save_pretrained(out)
+    for f in loaded.model_dir.iterdir():  # the processor files (tokenizer, template, image processor)
+        if f.is_file() and not f.name.startswith(("model", "config")) and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    card = {
+        "recipe": cfg.recipe,
+        "config": asdict(cfg),
+        "test_exact_match": test,
+        "val_exact_match": history.val_accuracy[-1] if history.val_accuracy else None,
+        "train_seconds_this_run": round(time.perf_counter() - started, 1),
+        "final_loss": float(np.mean(history.loss[-50:])) if history.loss else None,
+    }
+    (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
