@@ -27,13 +27,25 @@ DATA = EXAMPLES / "questions.jsonl"
     [
         ("Red", "red"),
         ("red.", "red"),
-        ("It's a dog!", "its dog"),
+        ("It's a dog!", "it's dog"),  # apostrophes stay; "!" touches no space: a space
         ("The  Circle ", "circle"),
         ("an apple", "apple"),
         ("Two", "2"),
         ("three squares", "3 squares"),
+        ("ten", "10"),
+        ("eleven", "eleven"),  # the script's number words end at ten
+        ("None", "0"),
         ("3.5", "3.5"),
+        ("3.", "3"),  # a period not followed by a digit goes
+        (".5", ".5"),
         ("1,000", "1000"),
+        ("yes, it is", "yes it is"),  # "," touches a space: deleted, not spaced
+        ("black-and-white", "black and white"),
+        ("red-blue 1,000", "redblue 1000"),  # a digit-comma-digit text: every mark deleted
+        ("x;y (z)", "x y z"),
+        ("dont", "don't"),  # the contractions table
+        ("Whats up?", "what's up"),
+        ("10:30", "10:30"),  # ":" is not in the script's list
         ("  dark   blue\n", "dark blue"),
     ],
 )
@@ -59,11 +71,112 @@ def test_kl_zero_for_identical_positive_otherwise():
     assert (metrics.kl_divergence(logits, other) > 0).all()
 
 
-def test_multi_answer_accuracy():
-    assert metrics.correct("Two.", ["2", "two"])
-    assert metrics.correct("dark blue", ["blue", "Dark Blue"])
-    assert not metrics.correct("blue", ["red", "green"])
+# m of ten annotators gave the prediction: leaving out one of the m leaves m - 1 matches, one of the
+# 10 - m others leaves m; acc = (m min(1, (m-1)/3) + (10-m) min(1, m/3)) / 10, worked by hand:
+@pytest.mark.parametrize(
+    ("m", "expected"),
+    [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (5, 1.0), (9, 1.0), (10, 1.0)],
+)
+def test_vqa_accuracy_ten_answers(m, expected):
+    answers = ["2"] * m + ["3"] * (10 - m)
+    assert metrics.accuracy("2", answers) == pytest.approx(expected, abs=1e-12)
+    assert metrics.metric_of(answers) == metrics.VQA_ACCURACY
+
+
+def test_vqa_accuracy_not_any_match():
+    """The issue's row: "2" against one "2" and nine "3" is 0.30, not the 100 % of any-match."""
+    answers = ["2"] + ["3"] * 9
+    assert metrics.accuracy("2", answers) == pytest.approx(0.3)
+    assert metrics.accuracy("Two.", answers) == pytest.approx(0.3)  # normalised before matching
+    assert metrics.accuracy("3", answers) == pytest.approx(1.0)
+    # the answers are normalised too: "two", "Two" and "2" are one answer given three times
+    assert metrics.accuracy("2", ["two", "Two", "2", "3", "3", "3", "3", "3", "3", "3"]) == pytest.approx(0.9)
+    # fewer than ten: the same leave-one-out mean; two annotators agreeing leave one match: 1/3
+    assert metrics.accuracy("red", ["red", "Red."]) == pytest.approx(1 / 3)
+    assert metrics.accuracy("red", ["red", "red", "red", "blue"]) == pytest.approx((3 * 2 / 3 + 1) / 4)
+
+
+def test_exact_match_single_answer():
+    assert metrics.metric_of(["red"]) == metrics.EXACT_MATCH
+    assert metrics.accuracy("The red.", ["Red"]) == 1.0
+    assert metrics.accuracy("dark red", ["red"]) == 0.0
+    assert metrics.accuracy("Two", ["2"]) == 1.0
+    with pytest.raises(ValueError):
+        metrics.accuracy("red", [])
     assert metrics.median([3.0, None, 1.0, 2.0]) == 2.0
+
+
+def _side(answer: str) -> dict:
+    return {
+        "answer": answer,
+        "agree": False,
+        "first_token_agree": False,
+        "kl": 0.5,
+        "prefill_ms": 2.0,
+        "decode_ms_per_token": 1.0,
+    }
+
+
+def _rows(pairs: list[tuple[list[str] | None, str]]) -> list[dict]:
+    """Rows as run.py writes them: the data's answers and one answer given by every side."""
+    return [
+        {
+            "id": str(i),
+            "answers": answers,
+            "reference": _side(got),
+            "unpruned": _side(got),
+            "levels": {"8": _side(got)},
+        }
+        for i, (answers, got) in enumerate(pairs)
+    ]
+
+
+SETTINGS = {
+    "n_visual": 576,
+    "data": "d.jsonl",
+    "from": "x",
+    "runtime": "onnxruntime",
+    "max_new_tokens": 4,
+    "batch_size": 1,
+}
+
+
+def _report(pairs):
+    return evaluate.summarize(_rows(pairs), SETTINGS, {8: 16}, "export", "ref", [], "float32", "float16")
+
+
+def test_report_names_its_metric(tmp_path):
+    ten = ["2"] + ["3"] * 9
+    vqa = _report([(ten, "2"), (ten, "3")])
+    assert vqa.metric == "vqa_accuracy" and vqa.metric_rows == {"vqa_accuracy": 2, "exact_match": 0}
+    assert vqa.reference_accuracy == pytest.approx(0.65) and vqa.levels[1].accuracy == pytest.approx(0.65)
+    table = vqa.format()
+    assert "VQA acc" in table.splitlines()[4] and "65.0 %" in table.splitlines()[6]
+    assert "VQA accuracy on 2 rows with several answers" in table
+    assert "reference: ref, float32 (the export's graphs: float16)" in table
+    exact = _report([(["red"], "red"), (["red"], "blue")])
+    assert exact.metric == "exact_match" and exact.reference_accuracy == 0.5
+    assert "exact match" in exact.format().splitlines()[4]
+    mixed = _report([(ten, "2"), (["red"], "red"), (None, "x")])
+    assert mixed.metric == "vqa_accuracy+exact_match" and mixed.reference_accuracy == pytest.approx(0.65)
+    assert "VQA accuracy on 1 rows" in mixed.format() and "exact match on 1 rows" in mixed.format()
+    none = _report([(None, "x")])
+    assert none.metric is None and none.reference_accuracy is None and none.levels[1].accuracy is None
+    saved = json.loads(evaluate.write_json(vqa, tmp_path / "eval.json").read_text())
+    assert (saved["metric"], saved["reference_dtype"], saved["export_dtype"]) == (
+        "vqa_accuracy",
+        "float32",
+        "float16",
+    )
+    assert saved["levels"][1]["accuracy"] == pytest.approx(0.65) and saved["plotted"] == "accuracy"
+
+
+def test_plot_shows_agreement_when_accuracy_is_zero_everywhere(tmp_path):
+    zero = _report([(["red"], "blue")])
+    assert zero.plotted == "agreement"  # random weights: accuracy 0 on every level
+    assert _report([(None, "blue")]).plotted == "agreement"
+    assert _report([(["red"], "red")]).plotted == "accuracy"
+    assert evaluate.plot(zero, tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---- readers -------------------------------------------------------------------------------------
