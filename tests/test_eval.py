@@ -152,7 +152,7 @@ def test_report_names_its_metric(tmp_path):
     assert vqa.reference_accuracy == pytest.approx(0.65) and vqa.levels[1].accuracy == pytest.approx(0.65)
     table = vqa.format()
     assert "VQA acc" in table.splitlines()[4] and "65.0 %" in table.splitlines()[6]
-    assert "VQA accuracy on 2 rows with several answers" in table
+    assert "VQA accuracy on 2 rows with several answers" in table.splitlines()[-1]
     assert "reference: ref, float32 (the export's graphs: float16)" in table
     exact = _report([(["red"], "red"), (["red"], "blue")])
     assert exact.metric == "exact_match" and exact.reference_accuracy == 0.5
@@ -186,13 +186,19 @@ def test_read_llava_jsonl_relative_paths():
     assert all(e.image.is_file() for e in examples)
     first = examples[0]
     assert (first.id, first.answers, first.image) == ("1", ("red",), EXAMPLES / "images" / "red_circle.png")
-    assert examples[2].answers == ("2", "two")
+    assert examples[2].answers == ("2",) * 7 + ("two",) * 3 and examples[6].answers == ("3",)
+
+
+def examples_answers(i: int) -> tuple[str, ...] | None:
+    return read_examples(DATA)[0][i].answers
 
 
 def test_read_csv_and_plain_jsonl_with_image_root(tmp_path):
     csv_examples, bad = read_examples(EXAMPLES / "questions.csv")
     assert len(csv_examples) == 12 and not bad
-    assert csv_examples[2].answers == ("2", "two") and csv_examples[0].where.endswith("questions.csv:2")
+    assert csv_examples[2].answers == examples_answers(2) and csv_examples[0].where.endswith(
+        "questions.csv:2"
+    )
     plain = tmp_path / "plain.jsonl"
     plain.write_text(
         json.dumps({"image": "red_circle.png", "question": "What colour?", "gt_answer": ["red"]})
@@ -272,6 +278,29 @@ def test_bad_input_exits_2_one_line_nothing_written(levels_export, mixed_data, t
     assert not out.exists()
 
 
+def test_out_under_a_file_and_batch_beyond_profile_exit_2(levels_export, tmp_path, capsys):
+    """--out whose parent is a file, --out that is a file, --batch-size above the profile's max batch
+    (8, the generic profile): one line, exit 2, nothing written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    base = ["--from", str(levels_export), "--data", str(DATA), "--max-new-tokens", "2", "--limit", "1"]
+    for out, said in [
+        (blocker / "eval_out", f"--out {blocker / 'eval_out'}: {blocker} is a file, not a directory"),
+        (blocker / "a" / "b", f"{blocker} is a file"),
+        (blocker, f"--out {blocker}: is a file, not a directory"),
+    ]:
+        code, _, err = _eval(capsys, *base, "--out", str(out))
+        assert code == 2 and said in err and err.strip().count("\n") == 0, err
+    manifest = json.loads((levels_export / "manifest.json").read_text())
+    most = next(d["max"] for d in manifest["graphs"]["decode"]["dynamic_dims"] if d["name"] == "batch")
+    assert most == 8
+    out = tmp_path / "out"
+    code, _, err = _eval(capsys, *base, "--out", str(out), "--batch-size", "64")
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "--batch-size 64 exceeds the export's profile (batch at most 8)" in err
+    assert not out.exists() and blocker.read_text() == "x"
+
+
 def test_skip_bad_and_resume(levels_export, mixed_data, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["--from", str(levels_export), "--data", str(mixed_data), "--out", str(out)]
@@ -337,6 +366,35 @@ def test_unpruned_disagreement_is_counted(levels_export, tmp_path, monkeypatch):
     assert report.unpruned.first_token_agreement == 0.0 and report.unpruned.agreement == 0.0
     assert report.unpruned.kl_mean > 1e-3
     assert "0.0 %" in report.format().splitlines()[5]
+
+
+def test_unpruned_ignores_the_checkpoints_generation_config(levels_export, tmp_path, monkeypatch):
+    """A checkpoint whose generation_config asks for sampling, a repetition penalty and suppresses the
+    reference's own first token: the unmodified model still generates as the reference does (greedy,
+    nothing else), so the unpruned row stays at 100 %; the checkpoint's config is put back after."""
+    import star_export.session as session
+
+    real = session.load_unpruned
+    seen = {}
+
+    def unpruned(directory):
+        ref = real(directory)
+        first = read_examples(DATA)[0][0]
+        token = ref.generate([first.image], [first.question], max_new_tokens=1).result.tokens[0][0]
+        config = ref.model.generation_config
+        config.do_sample, config.temperature, config.top_k = True, 5.0, 0
+        config.repetition_penalty, config.no_repeat_ngram_size = 10.0, 1
+        config.suppress_tokens = [int(token)]
+        seen["ref"] = ref
+        return ref
+
+    monkeypatch.setattr(session, "load_unpruned", unpruned)
+    report = evaluate.run(levels_export, DATA, keeps=[8], limit=2, out=tmp_path, max_new_tokens=4)
+    assert report.unpruned_source == "transformers"
+    assert report.unpruned.agreement == 1.0 and report.unpruned.first_token_agreement == 1.0
+    assert report.unpruned.kl_mean < 1e-6
+    config = seen["ref"].model.generation_config
+    assert config.repetition_penalty == 10.0 and config.do_sample and len(config.suppress_tokens) == 1
 
 
 @pytest.fixture(scope="module")

@@ -76,13 +76,10 @@ class EvalReport:
             return "none (the data gives no answers)"
         parts = []
         if self.metric_rows.get(VQA_ACCURACY):
-            parts.append(
-                f"VQA accuracy on {self.metric_rows[VQA_ACCURACY]} rows with several answers "
-                "(min(#answers matching / 3, 1), mean over the leave-one-out subsets)"
-            )
+            parts.append(f"VQA accuracy on {self.metric_rows[VQA_ACCURACY]} rows with several answers")
         if self.metric_rows.get(EXACT_MATCH):
-            parts.append(f"exact match on {self.metric_rows[EXACT_MATCH]} rows with one answer")
-        return "; ".join(parts) + ", after the VQA evaluation's answer normalisation"
+            parts.append(f"exact match on {self.metric_rows[EXACT_MATCH]} rows with one")
+        return ", ".join(parts) + " (answers normalised as the VQA evaluation does)"
 
     def format(self) -> str:
         s = self.settings
@@ -203,8 +200,17 @@ def plot(report: EvalReport, path: Path) -> Path:
     ]
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     ax.plot([p[1] for p in points], [100 * p[2] for p in points], marker="o", linestyle="-", color="tab:blue")
-    for r, x, y in points:
-        ax.annotate(r.label, (x, 100 * y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    right = max((p[1] for p in points), default=0.0)
+    for r, x, y in points:  # the rightmost label to the left of its point, so that it stays inside
+        left = x == right and len(points) > 1
+        ax.annotate(
+            r.label,
+            (x, 100 * y),
+            textcoords="offset points",
+            xytext=(-5 if left else 5, 5),
+            ha="right" if left else "left",
+            fontsize=8,
+        )
     ax.set_xlabel(f"median prefill latency, ms ({report.settings['runtime']})")
     ax.set_ylabel(f"{what}, % ({report.examples} examples)")
     ax.set_ylim(-5, 105)
