@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer every question of --data (greedy) with the unpruned reference (the PyTorch rewrite "
         "of the export's checkpoint at keep1 = keep2 = N) and with each keep level of --from; print per level "
         "answer and first-token agreement with the reference, the first token's KL, accuracy against the "
-        "data's answers and median latencies; write rows.jsonl (row by row, --resume continues it), "
+        "data's answers (VQA accuracy on rows with several, exact match on rows with one) and median latencies; write rows.jsonl (row by row, --resume continues it), "
         "eval.json and eval.png into --out. The 'unpruned' row is the export's own keep = N level (export "
         "with --keep ...,N) or, without one, transformers' unmodified model, against the reference.",
         epilog=EPILOG_EVAL,

@@ -2,8 +2,9 @@
 the same questions in the two formats ``python -m star_export eval --data`` reads:
 
 * ``questions.jsonl``: LLaVA's evaluation question format (``question_id``, ``image``, ``text``)
-  with the reference answers in ``answer`` (one) or ``answers`` (several accepted);
-* ``questions.csv``: a plain table of ``image,question,answers`` (alternatives separated by ``|``).
+  with the reference answers in ``answer`` (one: exact match) or ``answers`` (one per annotator, as
+  VQAv2 gives ten: VQA accuracy);
+* ``questions.csv``: a plain table of ``image,question,answers`` (several separated by ``|``).
 
 Run from anywhere: ``python examples/eval/make_examples.py``; the files land next to this script.
 The drawing is deterministic, so re-running rewrites the same bytes.
@@ -45,7 +46,7 @@ EXAMPLES = [
         "black",
         [("circle", "green", (8, 30, 44, 66)), ("circle", "green", (52, 30, 88, 66))],
         "How many circles are there?",
-        ["2", "two"],
+        ["2"] * 7 + ["two"] * 3,  # ten annotators, one answer after normalisation
     ),
     (
         "yellow_triangle.png",
@@ -77,7 +78,7 @@ EXAMPLES = [
             ("square", "red", (68, 36, 90, 58)),
         ],
         "How many squares are there?",
-        ["3", "three"],
+        ["3"],
     ),
     (
         "green_triangle.png",
@@ -98,7 +99,7 @@ EXAMPLES = [
         "grey",
         [("circle", "blue", (18, 18, 78, 78))],
         "What colour is the shape?",
-        ["blue", "dark blue"],
+        ["blue"] * 7 + ["dark blue"] * 3,  # ten annotators: "blue" scores 1.0, "dark blue" 0.9
     ),
     (
         "circle_and_square.png",

@@ -4,9 +4,10 @@
     print(report.format()); report.levels[1].agreement
 
 Every example is answered (greedy) by the unpruned reference, the PyTorch rewrite of the export's
-checkpoint at keep1 = keep2 = N, and by each keep level of the export; per level the report gives
-answer and first-token agreement with the reference, the first token's KL, accuracy against the
-data's answers, median latencies. Its first row, "unpruned", is the check that can fail: the export's
+checkpoint at keep1 = keep2 = N (in float32, whatever the export's dtype: the report states both),
+and by each keep level of the export; per level the report gives answer and first-token agreement
+with the reference, the first token's KL, accuracy against the data's answers (VQA accuracy on rows
+with several answers, exact match on rows with one: ``EvalReport.metric``), median latencies. Its first row, "unpruned", is the check that can fail: the export's
 own keep = N level (export with e.g. ``--keep 64,128,576``) or, without one, transformers' unmodified
 model, against the reference's answers.
 
@@ -20,20 +21,30 @@ from pathlib import Path
 
 from star_export.errors import UsageError
 from star_export.evaluate.data import BadRow, Example, check_images, read_examples
-from star_export.evaluate.metrics import agree, correct, kl_divergence, normalize
+from star_export.evaluate.metrics import EXACT_MATCH, VQA_ACCURACY, accuracy, agree, kl_divergence, normalize
 from star_export.evaluate.report import EvalReport, LevelRow, plot, summarize, write_json
-from star_export.evaluate.run import ROWS, load_examples, read_rows, run_examples, unpruned_source
+from star_export.evaluate.run import (
+    ROWS,
+    check_batch,
+    check_out,
+    load_examples,
+    read_rows,
+    run_examples,
+    unpruned_source,
+)
 from star_export.progress import Log, quiet
 
 __all__ = [
+    "EXACT_MATCH",
     "ROWS",
+    "VQA_ACCURACY",
     "BadRow",
     "EvalReport",
     "Example",
     "LevelRow",
+    "accuracy",
     "agree",
     "check_images",
-    "correct",
     "kl_divergence",
     "normalize",
     "plot",
@@ -61,6 +72,7 @@ def run(
     ``data``; writes ``out``/rows.jsonl (row by row), eval.json and eval.png. Bad input is a one-line
     UsageError before anything is written (with ``skip_bad`` the bad rows are reported instead)."""
     from star_export.api import quiet_libraries
+    from star_export.manifest import read_manifest
     from star_export.session import load_export, load_unpruned
 
     for flag, value in (
@@ -72,7 +84,10 @@ def run(
             raise UsageError(f"{flag} must be >= 1, got {value}")
     quiet_libraries()
     from_dir, out = Path(from_dir), Path(out)
+    check_out(out)
     pipe = load_export(from_dir, runtime=runtime)
+    check_batch(batch_size, pipe.dims)
+    export_dtype = str(read_manifest(from_dir).get("graphs", {}).get("decode", {}).get("dtype", "float32"))
     chosen = list(dict.fromkeys(keeps)) if keeps else pipe.keeps
     levels = {keep: pipe.level(keep).keep1 for keep in chosen}  # a keep the export lacks: one line
     examples, bad = load_examples(data, image_root, limit, skip_bad)
@@ -92,6 +107,7 @@ def run(
     done = read_rows(out, settings, resume)
     log(f"[1/3] loading the unpruned reference (keep1 = keep2 = {pipe.geo.n_visual}, PyTorch rewrite)")
     ref = load_unpruned(from_dir)
+    ref_dtype = str(next(ref.model.parameters()).dtype).removeprefix("torch.")
     log(f"[2/3] {len(examples)} examples x ({len(chosen)} levels + reference) into {out / ROWS}")
     rows = run_examples(pipe, ref, examples, settings, out, done, log)
     wanted = {e.id for e in examples}
@@ -104,6 +120,8 @@ def run(
         unpruned_source(pipe),
         f"{ref.where} at keep1 = keep2 = {pipe.geo.n_visual}, layer K = {ref.cfg.layer}",
         [b.to_dict() for b in bad],
+        reference_dtype=ref_dtype,
+        export_dtype=export_dtype,
     )
     report.files = {
         "rows": str(out / ROWS),

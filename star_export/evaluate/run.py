@@ -5,17 +5,21 @@ per example written as soon as its batch is done (an interrupted run keeps what 
 The reference is the PyTorch rewrite of the export's checkpoint at keep1 = keep2 = N
 (``session.load_unpruned``). The "unpruned" comparison that can fail: the export's own keep = N level
 through the chosen runtime when the export holds one, else transformers' unmodified model
-(``model.generate``, greedy) on the same pre-processed inputs; both against the reference's answers.
+(``model.generate``, greedy, with the checkpoint's ``generation_config`` set aside: no repetition
+penalty, sampling or other logits processing the reference does not do) on the same pre-processed
+inputs; both against the reference's answers.
 
 rows.jsonl: a first line ``{"settings": {...}}``, then one object per example (``Example.to_dict()``
 + ``reference``, ``unpruned`` and ``levels`` {keep2: side}); a side holds the answer, its tokens,
-``agree`` / ``first_token_agree`` / ``kl`` against the reference, ``correct`` (None without reference
-answers) and the batch's ``prefill_ms`` / ``decode_ms_per_token``.
+``agree`` / ``first_token_agree`` / ``kl`` against the reference, ``accuracy`` against the row's
+answers (``metrics.accuracy``: VQA accuracy for several, exact match for one; None without answers)
+and the batch's ``prefill_ms`` / ``decode_ms_per_token``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +30,7 @@ import numpy as np
 
 from star_export.errors import UsageError
 from star_export.evaluate.data import BadRow, Example, check_images, read_examples
-from star_export.evaluate.metrics import agree, correct, kl_divergence
+from star_export.evaluate.metrics import accuracy, agree, kl_divergence
 from star_export.progress import Log, quiet
 
 ROWS = "rows.jsonl"
@@ -47,6 +51,35 @@ def load_examples(
     if not examples:
         raise UsageError(f"--data {data}: no usable rows ({len(bad)} bad)")
     return examples, bad
+
+
+def check_out(out: Path) -> None:
+    """A one-line UsageError when ``out`` cannot become the run's directory (it, or the nearest part of
+    its path that exists, is a file, or that directory is not writable); nothing is created here."""
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out}: is a file, not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out}: not writable")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create it in {parent} (not writable)")
+
+
+def check_batch(batch_size: int, dims: dict[str, Any] | None) -> None:
+    """A one-line UsageError when ``batch_size`` exceeds the export's profile (``dims``: the decode
+    graph's dynamic dims, None when unbounded)."""
+    most = (dims or {}).get("batch", {}).get("max")
+    if most is not None and batch_size > most:
+        raise UsageError(
+            f"--batch-size {batch_size} exceeds the export's profile (batch at most {most}): use "
+            f"--batch-size {most} or less, or re-export with --batch-size {batch_size}"
+        )
 
 
 def read_rows(out: Path, settings: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
@@ -115,7 +148,7 @@ def side(
         "agree": agree(answer, ref["answer"]),
         "first_token_agree": bool(tokens[:1] == ref["tokens"][:1]),
         "kl": None if first is None else float(kl_divergence(ref_first, first)),
-        "correct": None if example.answers is None else correct(answer, example.answers),
+        "accuracy": accuracy(answer, example.answers) if example.answers else None,
         "prefill_ms": timing[0],
         "decode_ms_per_token": timing[1],
     }
@@ -128,10 +161,13 @@ def _timing(result: Any) -> tuple[float, float]:
 def hf_generate(
     ref: Any, images: Sequence[Path], prompts: Sequence[str], max_new_tokens: int
 ) -> list[tuple[list[int], np.ndarray]]:
-    """transformers' unmodified model (``ref.model``) through ``model.generate`` (greedy), each row alone
-    on the reference's pre-processed inputs with the placeholder expanded to the image's span: the
-    generated tokens (up to and including a stop token) and the first step's logits (V,)."""
-    import torch
+    """transformers' unmodified model (``ref.model``) through ``model.generate``, each row alone on the
+    reference's pre-processed inputs with the placeholder expanded to the image's span: the generated
+    tokens (up to and including a stop token) and the first step's logits (V,). The generation settings
+    are the reference's: greedy, the same stop tokens, nothing else; the checkpoint's
+    ``generation_config`` (a repetition penalty, sampling, suppressed tokens, a minimum length) is set
+    aside for the call."""
+    from transformers import GenerationConfig
 
     from star_export.families import family_named
 
@@ -140,26 +176,36 @@ def hf_generate(
     stops = [t for t in (pre.eos_token_id,) if t is not None]
     feeds = pre.encode(list(images), list(prompts))
     dtype = next(model.parameters()).dtype
-    out = []
-    for b in range(len(prompts)):
-        ids = [int(x) for x, m in zip(feeds["input_ids"][b], feeds["attention_mask"][b], strict=True) if m]
-        inputs = family.hf_inputs(model, geo, torch.from_numpy(feeds["pixel_values"][b]).to(dtype), ids)
-        input_ids = inputs["input_ids"]
-        with torch.no_grad():
-            gen = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=stops or None,
-                pad_token_id=pre.pad_token_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        tokens = [int(t) for t in gen.sequences[0, input_ids.shape[1] :]]
-        end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
-        out.append((tokens[:end], gen.logits[0][0].float().numpy()))
-    return out
+    greedy = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stops or None,
+        pad_token_id=pre.pad_token_id,
+        bos_token_id=model.generation_config.bos_token_id,
+    )
+    checkpoints = model.generation_config
+    model.generation_config = greedy  # generate fills what a call leaves unset from it
+    try:
+        return [
+            _hf_row(model, family, geo, feeds, b, dtype, stops, max_new_tokens) for b in range(len(prompts))
+        ]
+    finally:
+        model.generation_config = checkpoints
+
+
+def _hf_row(
+    model: Any, family: Any, geo: Any, feeds: dict[str, Any], b: int, dtype: Any, stops: list[int], new: int
+) -> tuple[list[int], np.ndarray]:
+    import torch
+
+    ids = [int(x) for x, m in zip(feeds["input_ids"][b], feeds["attention_mask"][b], strict=True) if m]
+    inputs = family.hf_inputs(model, geo, torch.from_numpy(feeds["pixel_values"][b]).to(dtype), ids)
+    input_ids = inputs["input_ids"]
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=new, output_logits=True, return_dict_in_generate=True)
+    tokens = [int(t) for t in gen.sequences[0, input_ids.shape[1] :]]
+    end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokens[:end], gen.logits[0][0].float().numpy()
 
 
 def unpruned_source(pipe: Any) -> str:
