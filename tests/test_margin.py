@@ -284,3 +284,24 @@ def test_rounded_restores_the_model_and_rounds_what_modules_see():
     assert all(torch.equal(before[k], v) for k, v in lin.state_dict().items())
     assert not lin[0]._forward_hooks and not lin[0]._forward_pre_hooks
     assert torch.equal(lin[0](x), torch.nn.functional.linear(x, before["0.weight"], before["0.bias"]))
+
+
+def test_cli_validate_exits_1_on_a_half_only_bug(cli_export, tmp_path, capsys, monkeypatch):
+    """``validate`` on an honest fp16 export (a copy of the one test_half.py shares) with the
+    rewrite's fp16 path mutated: exit 1. On llava-tiny the unscaled scores still rank these inputs'
+    tokens alike (the selections agree), and the score-noise row is what fails: 1.3e-1 vs 7.8e-3."""
+    import json
+    import shutil
+
+    from star_export.cli import main
+
+    out = tmp_path / "export"
+    shutil.copytree(cli_export("llava-keep16-fp16", "--keep", "16", "--dtype", "fp16"), out)
+    no_scale(monkeypatch)
+    assert main(["validate", "--from", str(out)]) == 1
+    assert "overall: FAIL" in capsys.readouterr().out
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    failed = {(r["check"], r["output"]) for r in rows if not r["passed"]}
+    assert failed == {("torch fp16 vs torch fp32: score noise vs margin", "stage1_scores")}
+    row = next(r for r in rows if (r["check"], r["output"]) == next(iter(failed)))
+    assert row["max_rel"] > 3 * row["tolerance"]
