@@ -305,3 +305,24 @@ def test_cli_validate_exits_1_on_a_half_only_bug(cli_export, tmp_path, capsys, m
     assert failed == {("torch fp16 vs torch fp32: score noise vs margin", "stage1_scores")}
     row = next(r for r in rows if (r["check"], r["output"]) == next(iter(failed)))
     assert row["max_rel"] > 3 * row["tolerance"]
+
+
+def test_the_bf16_verdict_survives_merging_keep_levels(monkeypatch, tmp_path):
+    """validate_levels (every export's report) keeps a level's qualification in the merged verdict."""
+    from star_export import validate
+    from star_export.star import StarConfig
+
+    def one_level(model, geo, cfg, pc, decode, paths, *args, **kwargs):
+        report = ParityReport()
+        report.skip("onnxruntime bf16 vs torch", "all outputs", "not checkable on CPU")
+        report.unchecked = "bf16 graph unchecked on this host: run `validate --trt` on a GPU host"
+        return report
+
+    monkeypatch.setattr(validate, "validate_export", one_level)
+
+    class Contract:
+        graph = "prefill"
+
+    levels = [(StarConfig(keep2=k, keep1=2 * k, layer=1), Contract()) for k in (8, 16)]
+    merged = validate.validate_levels(None, None, levels, None, tmp_path)
+    assert merged.verdict == BF16_VERDICT and merged.format().endswith(f"overall: {BF16_VERDICT}")
