@@ -15,10 +15,10 @@ On seeded random images and prompts, B >= 2 with the last row left padded:
 
 fp32 exports: tolerances of ``contract.TOLERANCES``, margins of 8 ulps (the exact-index rule but
 for scores within rounding of the cut). fp16 exports run the same checks with the rewrite in fp16
-and in fp32 (``validate_half``): margins from the dtype and the score noise it measurably adds,
-forced-selection logits within 32 epsilons, teacher-forced generation. bf16 graphs do not run on
-onnxruntime's CPU provider: the report says so in a ``skipped`` row and checks the bf16 rewrite
-against fp32. Relative errors are max|a - b| / max|b| over the tensor (b the reference side).
+and in fp32 (``validate_half``): margins from the dtype's rounding emulated on the fp32 path
+(``precision_noise``), forced-selection logits within 32 epsilons, teacher-forced generation. bf16
+graphs do not run on onnxruntime's CPU provider: a ``skipped`` row and the verdict say so, and the
+bf16 rewrite is checked against fp32. Relative errors are max|a - b| / max|b| over the tensor (b the reference side).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from star_export import reference, selection
+from star_export import precision_noise, reference, selection
 from star_export.contract import GraphContract
 from star_export.families import family_of
 from star_export.geometry import Geometry
@@ -355,20 +355,6 @@ def check_reference(
 # ---------------------------------------------------------------------------- half precision
 
 
-def score_noise(
-    low: Rewrite, full: Rewrite, feeds: dict[str, np.ndarray], cfg: StarConfig
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The precision's own effect on the scores, measured on ``feeds`` (the margins' floor): the
-    rewrite in ``low.dtype`` against the fp32 rewrite ``full`` (stage 2 with stage 1 forced to
-    fp32's choice). Returns ({"dtype", "stage1", "stage2", "margins"}, the low-precision run)."""
-    r32, rlow = full.run(feeds), low.run(feeds)
-    noise1 = selection.noise(rlow["stage1_scores"], r32["stage1_scores"], cfg.keep1)
-    forced = low.run(feeds, force1=r32["stage1_keep_idx"])
-    noise2 = selection.noise(forced["stage2_scores"], r32["stage2_scores"], cfg.keep2)
-    margins = [selection.margin_for(low.dtype, noise1), selection.margin_for(low.dtype, noise2)]
-    return {"dtype": low.dtype, "stage1": noise1, "stage2": noise2, "margins": margins}, rlow
-
-
 def validate_half(
     model: Any,
     model32: Any,
@@ -396,8 +382,10 @@ def validate_half(
     tolerance = selection.logits_tolerance(dtype, 0.0)
     name = SHORT[dtype]
 
-    noise, rlow = score_noise(low, full, feeds, cfg)
+    noise = precision_noise.measure(low, full, feeds, (cfg.keep1, cfg.keep2))
+    rlow = noise.pop("runs")["low"]
     report.inputs["score_noise"] = noise
+    precision_noise.add_rows(report, noise, f"torch {name} vs torch fp32")
     margins = tuple(noise["margins"])
     check_side(report, f"torch {name} vs torch fp32 (batch)", rlow, full, feeds, margins, tolerance)
 
@@ -410,6 +398,7 @@ def validate_half(
             "not checkable on CPU: onnxruntime's CPU provider has no bfloat16 kernels (Conv, MatMul); "
             "run `validate --trt` on a GPU host",
         )
+        report.unchecked = "bf16 graph unchecked on this host: run `validate --trt` on a GPU host"
         return report
     from star_export.runners import onnxrt_runner
 
@@ -594,6 +583,7 @@ def validate_levels(
             merged.rows.append(row)
         if i == 0:
             merged.inputs = dict(report.inputs)
+        merged.unchecked = merged.unchecked or report.unchecked
         if "score_noise" in report.inputs:
             merged.inputs.setdefault("score_noise_per_keep", {})[cfg.keep2] = report.inputs["score_noise"]
         if report.comparator is not None:
@@ -650,5 +640,6 @@ def validate_directory(
         report.trt = trt_rows(
             manifest, directory, loaded.model, [feeds, row_alone(feeds, batch - 1)], margins
         )
+        report.unchecked = None  # the engines built from the graphs ran
     write_json(directory / "report.json", report.to_dict())
     return report

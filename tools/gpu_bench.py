@@ -34,8 +34,9 @@ drift hits all alike), after ``--warmup`` untimed rounds; median and p10/p90 of 
 * parity on the device: the rewrite in fp16 vs the same weights in fp32 (the first
   ``--parity-layers`` decoder layers of the benchmarked model, shared, and an fp32 copy; TF32
   off), by ``star_export.selection``/``validate``'s rules: selection overlap with the dtype's
-  margins (``validate.score_noise``), then logits and caches directly or, where selections differ,
-  with the fp16 side's selection forced into the fp32 run (``validate.check_side``).
+  margins (``precision_noise``: its rounding emulated on the fp32 run), then logits and caches
+  directly or, where selections differ, with the fp16 side's selection forced into the fp32 run
+  (``validate.check_side``).
 
 Writes ``--out``/gpu_bench.json (rewritten after every phase and every timing round, so a run cut
 short keeps what it measured; ``status`` says how far it got) and ``gpu_bench.png``; prints
@@ -368,8 +369,8 @@ def run_parity(
 ) -> ParityReport:
     """The rewrite in ``dtype`` on the device vs the same weights in fp32 there, every config: the
     selection-with-margin rule, then logits and caches (forced selections where they differ)."""
-    from star_export import selection
-    from star_export.validate import Rewrite, check_side, make_inputs, score_noise
+    from star_export import precision_noise, selection
+    from star_export.validate import Rewrite, check_side, make_inputs
 
     device = next(model.parameters()).device
     small = truncated(model, layers)
@@ -383,10 +384,12 @@ def run_parity(
     for tag, cfg in cfgs.items():
         low = Rewrite(FAMILY.prefill_module(small, pgeo, cfg).eval(), dtype, device)
         full = Rewrite(FAMILY.prefill_module(small32, pgeo, cfg).eval(), "float32", device)
-        noise, rlow = score_noise(low, full, feeds, cfg)
+        noise = precision_noise.measure(low, full, feeds, (cfg.keep1, cfg.keep2))
+        rlow = noise.pop("runs")["low"]
         report.inputs["score_noise"][tag] = noise
         check = f"torch {short} vs fp32, {device.type}, {tag}"
         check_side(report, check, rlow, full, feeds, tuple(noise["margins"]), tolerance)
+        precision_noise.add_rows(report, noise, check)
         log(f"      parity {tag}: {'ok' if all(r.passed for r in report.rows) else 'FAIL'}")
     del small32
     gc.collect()

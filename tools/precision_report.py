@@ -4,8 +4,9 @@
 For each recipe: ``python -m star_export llava --recipe R --dtype fp16`` (the export and its CPU
 validation: onnxruntime fp16 vs the PyTorch rewrite in fp16 and in fp32), then the numbers the
 README quotes are read back from report.json: per comparison, the selection overlap |A & B| / k and
-the largest score gap of a disagreeing token (relative to the cut) next to the margin, and the
-logits error (with the selection forced where the selections differ). bf16 cannot run in
+the largest score gap of a disagreeing token (relative to the cut) next to the margin, the score
+noise near the cut (the dtype's rounding emulated on the fp32 path, which sets the margin, and the
+half-precision rewrite's own), and the logits error (with the selection forced where the selections differ). bf16 cannot run in
 onnxruntime's CPU provider; ``--bf16`` adds the PyTorch bf16-vs-fp32 rows (``validate_half``).
 
     python tools/precision_report.py                      # llava-tiny, llava-next-tiny, qwen2-vl-tiny
@@ -29,8 +30,20 @@ CHECKS = (
 )
 
 
-def summarise(rows: list[dict], checks: tuple[str, ...]) -> list[dict]:
-    """One line per comparison: stage-1/2 overlap and gap vs margin, logits error and its rule."""
+def noise_figures(inputs: dict) -> dict:
+    """The score noise near the cut (``precision_noise``): the dtype's rounding emulated on fp32, and
+    the half-precision rewrite's own, per stage."""
+    n = inputs.get("score_noise") or {}
+    if not n:
+        return {}
+    return {"noise_emulated": n["emulated"], "noise_measured": n["measured"], "noise_cap": n["cap"]}
+
+
+def summarise(rows: list[dict], checks: tuple[str, ...], inputs: dict | None = None) -> list[dict]:
+    """One line per comparison: stage-1/2 overlap and gap vs margin, logits error and its rule (and
+    the score noise near the cut from ``inputs``)."""
+    extra = noise_figures(inputs or {})
+    noise_ok = all(r["passed"] for r in rows if r.get("rule") == "noise")
     out = []
     for check in checks:
         got = {r["output"]: r for r in rows if r["check"] == check}
@@ -49,7 +62,8 @@ def summarise(rows: list[dict], checks: tuple[str, ...]) -> list[dict]:
                 "logits_max_rel": lg["max_rel"],
                 "logits_rule": lg["rule"],
                 "logits_tolerance": lg["tolerance"],
-                "passed": all(r["passed"] for r in got.values()),
+                "passed": noise_ok and all(r["passed"] for r in got.values()),
+                **extra,
             }
         )
     return out
@@ -74,24 +88,31 @@ def main(argv: list[str] | None = None) -> int:
             api.export(recipe=recipe, keep=args.keep, dtype="fp16", out=out, validate=False)
             for seed in args.seeds:
                 report = validate_directory(out, seed=seed)
-                for line in summarise([r.to_dict() for r in report.rows], CHECKS):
+                for line in summarise([r.to_dict() for r in report.rows], CHECKS, report.inputs):
                     results.append({"recipe": recipe, "seed": seed, **line})
         if args.bf16:
             results += bf16_rows(recipe, args.keep, args.seeds)
     print(
         f"{'recipe':<16} {'seed':>4} {'comparison':<40} {'s1 ovl':>6} {'s1 gap/margin':>15} "
-        f"{'s2 ovl':>6} {'s2 gap/margin':>15} {'logits rel':>10} rule"
+        f"{'s2 ovl':>6} {'s2 gap/margin':>15} {'logits rel':>10} {'noise s1/s2 (emulated; rewrite)':>34} rule"
     )
     for r in results:
         print(
             f"{r['recipe']:<16} {r['seed']:>4} {r['check']:<40} {r['stage1_overlap']:>6.3f} "
             f"{r['stage1_gap']:>7.1e}/{r['stage1_margin']:<7.1e} {r['stage2_overlap']:>6.3f} "
-            f"{r['stage2_gap']:>7.1e}/{r['stage2_margin']:<7.1e} {r['logits_max_rel']:>10.2e} {r['logits_rule']}"
-            + ("" if r["passed"] else "  FAIL")
+            f"{r['stage2_gap']:>7.1e}/{r['stage2_margin']:<7.1e} {r['logits_max_rel']:>10.2e} "
+            f"{noise_cell(r):>34} {r['logits_rule']}" + ("" if r["passed"] else "  FAIL")
         )
     if args.json:
         args.json.write_text(json.dumps({"keep": args.keep, "rows": results}, indent=2) + "\n")
     return 0 if all(r["passed"] for r in results) else 1
+
+
+def noise_cell(r: dict) -> str:
+    if "noise_emulated" not in r:
+        return ""
+    e, m = r["noise_emulated"], r["noise_measured"]
+    return f"{e[0]:.1e}/{e[1]:.1e}; {m[0]:.1e}/{m[1]:.1e}"
 
 
 def bf16_rows(recipe: str, keep: int, seeds: list[int]) -> list[dict]:
@@ -112,7 +133,9 @@ def bf16_rows(recipe: str, keep: int, seeds: list[int]) -> list[dict]:
     rows = []
     for seed in seeds:
         report = validate_half(low.model, full.model, geo, cfg, contract, None, "bfloat16", seed=seed)
-        for line in summarise([r.to_dict() for r in report.rows], ("torch bf16 vs torch fp32 (batch)",)):
+        for line in summarise(
+            [r.to_dict() for r in report.rows], ("torch bf16 vs torch fp32 (batch)",), report.inputs
+        ):
             rows.append({"recipe": recipe, "seed": seed, **line})
     return rows
 
