@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="TensorRT-readiness scan of an ONNX graph (no TensorRT needed)",
         description="Scan an ONNX graph for what TensorRT's ONNX parser cannot take or what breaks static "
-        "shapes: unsupported ops, TopK with a non-constant K or K >= 3840, NonZero and other "
+        "shapes: unsupported ops, TopK with a non-constant K or K > 3840, NonZero and other "
         "data-dependent shapes, opset range, dtypes. Exits 1 on a violation.",
     )
     c.add_argument("onnx", type=Path, help="path of the .onnx file")
