@@ -6,6 +6,7 @@ export with onnxruntime standing in for the engines. No TensorRT engine is run h
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -278,3 +279,73 @@ def test_trt_rows_usage(monkeypatch, tmp_path):
     two = [StarConfig(keep2=2, keep1=4, layer=1), CFG]
     with pytest.raises(UsageError, match="no prefill_k4 engine"):  # every level needs its own engine
         trt_rows(_manifest(two, {"prefill_k2": {}, "decode": {}}), tmp_path, None, [], (0.0, 0.0))
+
+
+def test_engine_margins_follow_the_lower_precision():
+    from star_export.selection import margin_for
+
+    fp32 = (margin_for("float32"), margin_for("float32"))
+    assert parity.engine_margins(fp32, "float32", "float32") == fp32
+    assert parity.engine_margins(fp32, "float16", "float32") == (margin_for("float16"),) * 2
+    assert parity.engine_margins(fp32, "bfloat16", "float32") == (margin_for("bfloat16"),) * 2
+    measured = (0.09, 1e-4)  # an fp16 export's measured margins: kept where wider than the floor
+    assert parity.engine_margins(measured, "float16", "float16") == measured
+    assert parity.engine_margins(measured, "bfloat16", "float16") == (0.09, margin_for("bfloat16"))
+
+
+@pytest.mark.parametrize("engine_dtype, passed", [("fp32", False), ("fp16", True)])
+def test_an_fp16_engine_of_an_fp32_export_is_judged_with_fp16_margins(
+    cli_export, monkeypatch, engine_dtype, passed
+):
+    """``build --dtype fp16`` on an fp32 export (TensorRT 10's FP16 flag): a stand-in engine whose
+    stage 1 swaps, in every row, the k-th and (k+1)-th tokens (a near-tie: gaps above fp32's margin,
+    below fp16's) and is otherwise the rewrite forced to that selection. Judged with fp32 margins
+    the swap fails; as an fp16 engine it is a near-tie and every prefill row passes. NOT TensorRT."""
+    import json
+
+    import star_export.validate as validate
+    from star_export.families import family_of
+    from star_export.load import load
+    from star_export.selection import margin_for
+    from star_export.validate import Rewrite
+
+    export = cli_export("llava-keep16", "--keep", "16")
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["engines"] = {g: {"path": f"{g}.plan", "dtype": engine_dtype} for g in ("prefill", "decode")}
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    lv = manifest["star"]["levels"][0]
+    cfg = StarConfig(keep2=lv["keep2"], keep1=lv["keep1"], layer=lv["layer_K"])
+    model = load(manifest["model"]["directory"]).model
+    rewrite = Rewrite(family_of(geo).prefill_module(model, geo, cfg).eval(), "float32")
+    feeds = dict(make_inputs(geo, batch=2, text_len=24, seed=0))
+    scores = rewrite.run(feeds)["stage1_scores"]
+    swapped, gaps = [], []
+    for row in scores:
+        order = np.argsort(-np.nan_to_num(row, nan=-np.inf), kind="stable")
+        kth, next_ = order[cfg.keep1 - 1], order[cfg.keep1]
+        gaps.append((row[kth] - row[next_]) / abs(row[kth]))
+        swapped.append(np.sort(np.r_[order[: cfg.keep1 - 1], next_]))
+    assert margin_for("float32") < max(gaps) < margin_for("float16"), gaps  # a near-tie at fp16, not fp32
+
+    class NearTieEngines:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return SimpleNamespace(
+                name="tensorrt", prefill=lambda f: rewrite.run(f, force1=np.array(swapped))
+            )
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in), no GPU"))
+    monkeypatch.setattr(parity, "TrtBackend", NearTieEngines)
+    monkeypatch.setattr(validate, "generation_rows", lambda *a, **k: None)  # the stand-in has no decode
+    margins = (margin_for("float32"),) * 2  # what validate_directory passes for an fp32 export
+    rows = {r["output"]: r for r in trt_rows(manifest, export, model, [feeds], margins, steps=1)}
+    stage1 = rows["stage1_keep_idx"]
+    assert stage1["rule"] == "margin" and stage1["gap"] == pytest.approx(max(gaps), rel=1e-6)
+    assert stage1["tolerance"] == margin_for("float16" if engine_dtype == "fp16" else "float32")
+    assert bool(stage1["passed"]) is passed
+    assert rows["stage2_keep_idx"]["passed"] and rows["logits"]["passed"]  # forced to the engine's selection
