@@ -349,3 +349,148 @@ def test_an_fp16_engine_of_an_fp32_export_is_judged_with_fp16_margins(
     assert stage1["tolerance"] == margin_for("float16" if engine_dtype == "fp16" else "float32")
     assert bool(stage1["passed"]) is passed
     assert rows["stage2_keep_idx"]["passed"] and rows["logits"]["passed"]  # forced to the engine's selection
+
+
+# ------------------------------------------------------------------- validate --trt --engines-only
+
+
+def test_recorded_margins_and_cpu_verdict(tmp_path):
+    from star_export.build.engines_only import cpu_passed, recorded_margins
+    from star_export.selection import margin_for
+
+    path = tmp_path / "report.json"
+    report = {
+        "inputs": {"score_noise_per_keep": {"8": {"margins": [0.01, 0.2]}, "16": {"margins": [0.02, 0.3]}}}
+    }
+    assert recorded_margins(report, [8, 16], "float16", path) == {8: (0.01, 0.2), 16: (0.02, 0.3)}
+    assert recorded_margins({}, [8], "float32", path) == {8: (margin_for("float32"),) * 2}
+    with pytest.raises(UsageError, match="records no selection margins for keep level 32 of this bfloat16"):
+        recorded_margins(report, [8, 32], "bfloat16", path)
+    ok = {
+        "passed": False,
+        "rows": [{"passed": True}],
+        "graph_check": {"ok": True},
+        "tensorrt": [{"passed": False}],
+    }
+    assert cpu_passed(ok)  # an earlier run's failed engine rows are not the CPU verdict
+    assert not cpu_passed({**ok, "rows": [{"passed": True}, {"passed": False}]})
+    assert not cpu_passed({**ok, "graph_check": {"ok": False}})
+
+
+@pytest.fixture
+def engines_only_export(cli_export, tmp_path, monkeypatch):
+    """A copy of the shared llava-keep16 export with engine entries (stand-in paths, never opened), a
+    stand-in recorded report.json (CPU rows as an export's validation would record them), TensorRT
+    "available", and onnxruntime standing in for the engines (``scale`` multiplies their logits).
+    Every CPU check and every model load beyond the one in the export's dtype fail the test. NOT TensorRT."""
+    import json
+    import shutil
+
+    import star_export.load as load_module
+    import star_export.validate as validate
+    from star_export.runtime import OnnxruntimeBackend
+
+    export = tmp_path / "export"
+    shutil.copytree(cli_export("llava-keep16", "--keep", "16"), export)
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["engines"] = {g: {"path": f"{g}.plan", "dtype": "fp32"} for g in ("prefill", "decode")}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    cpu_row = {
+        "check": "rewrite vs reference (recorded)",
+        "output": "logits",
+        "max_abs": 1e-7,
+        "max_rel": 1e-8,
+    }
+    cpu_row |= {"tolerance": 1e-5, "passed": True, "rule": "tol", "overlap": None, "gap": None, "detail": ""}
+    recorded = {
+        "passed": True,
+        "inputs": {"seed": 3, "batch": 2, "text_len": 20},
+        "rows": [cpu_row],
+        "graph_check": {"ok": True},
+        "comparator": None,
+        "tensorrt": None,
+    }
+    (export / "report.json").write_text(json.dumps(recorded))
+    state = {"scale": 1.0, "loads": []}
+
+    class OnnxruntimeAsEngines:
+        def __init__(self, prefill_engine, decode_engine, prefill, decode):
+            assert Path(prefill_engine) == export / "prefill.plan"
+
+        def __enter__(self):
+            ort = OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx")
+            run = ort.prefill
+            ort.prefill = lambda feeds: {
+                k: v * state["scale"] if k == "logits" else v for k, v in run(feeds).items()
+            }
+            return ort
+
+        def __exit__(self, *exc):
+            return None
+
+    def cpu_check(*args, **kwargs):
+        raise AssertionError("--engines-only re-ran a CPU check")
+
+    real_load = load_module.load
+
+    def counted_load(directory, *args, **kwargs):
+        state["loads"].append(str(kwargs.get("dtype")))
+        return real_load(directory, *args, **kwargs)
+
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in), no GPU"))
+    monkeypatch.setattr(parity, "TrtBackend", OnnxruntimeAsEngines)
+    for name in ("validate_directory", "validate_levels", "validate_export", "validate_half", "validate"):
+        monkeypatch.setattr(validate, name, cpu_check)
+    monkeypatch.setattr(load_module, "load", counted_load)
+    return export, recorded, state
+
+
+def _engines_only(export: Path, capsys) -> tuple[int, str, dict]:
+    import json
+
+    from star_export.cli import main
+
+    code = main(["validate", "--from", str(export), "--engines-only"])
+    return code, capsys.readouterr().out, json.loads((export / "report.json").read_text())
+
+
+def test_engines_only_runs_the_engine_rows_alone(engines_only_export, capsys):
+    export, recorded, state = engines_only_export
+    code, out, report = _engines_only(export, capsys)
+    assert code == 0, out
+    assert state["loads"] == ["torch.float32"]  # the checkpoint once, in the export's dtype
+    assert "CPU checks: not re-run (--engines-only); recorded in report.json: PASS" in out
+    assert "TensorRT engines: PASS" in out and out.splitlines()[-2] == "overall: PASS"
+    assert "onnxruntime fp32 vs torch fp32 (feed 0)" in out and "generate onnxruntime fp32" in out
+    assert report["rows"] == recorded["rows"] and report["passed"] is True  # CPU rows kept as recorded
+    assert report["tensorrt_engines_only"]["inputs"] == {"batch": 2, "text_len": 20, "seed": 3}
+    outputs = {r["output"] for r in report["tensorrt"]}
+    assert {"stage1_keep_idx", "stage2_keep_idx", "logits", "tokens", "cache lengths L1/L2+t"} <= outputs
+    assert all(r["passed"] for r in report["tensorrt"])
+
+
+def test_engines_only_fails_on_a_wrong_engine_or_a_failed_recorded_report(engines_only_export, capsys):
+    import json
+
+    export, recorded, state = engines_only_export
+    state["scale"] = 1.01  # prefill logits 1 % off: far beyond fp32's 1e-4
+    code, out, report = _engines_only(export, capsys)
+    assert code == 1 and "TensorRT engines: FAIL" in out and report["passed"] is False
+    (logits,) = [r for r in report["tensorrt"] if r["output"] == "logits" and "feed 0" in r["check"]]
+    assert not logits["passed"] and logits["max_rel"] == pytest.approx(0.01, rel=1e-3)
+
+    state["scale"] = 1.0
+    failed = {**recorded, "passed": False, "rows": [{**recorded["rows"][0], "passed": False}]}
+    (export / "report.json").write_text(json.dumps(failed))
+    code, out, report = _engines_only(export, capsys)
+    assert code == 1 and "recorded in report.json: FAIL" in out and "TensorRT engines: PASS" in out
+
+
+def test_engines_only_needs_the_recorded_report(engines_only_export, capsys):
+    export, _, _ = engines_only_export
+    (export / "report.json").unlink()
+    from star_export.cli import main
+
+    assert main(["validate", "--from", str(export), "--trt", "--engines-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report.json not found" in err[0] and "drop --engines-only" in err[0]
