@@ -25,8 +25,9 @@ Rules (``Finding.rule``), each an ``error`` unless marked otherwise:
   constant (an initializer or a Constant node, possibly through Identity/Cast/Reshape/
   Squeeze/Unsqueeze/Flatten); TensorRT 8.6+ accepts a runtime K, but a K computed from a
   shape (what ``torch.sort`` exports) makes the kept-token count follow the input, so the
-  policy is stricter than the parser. K must be less than 3840 (operators.md: "K input must be
-  less than 3840"; the TopK operator page says k <= 3840, the stricter bound is used) and <= the
+  policy is stricter than the parser. K must be at most 3840 (the TensorRT 10.16 / 11.1
+  headers, ``INetworkDefinition::addTopK`` / ``ITopKLayer``: K <= 3840, as the TopK operator
+  page says; operators.md's "less than 3840" is one short of what the headers allow) and <= the
   size of the reduced axis when that is known, and ``sorted`` must be 1 (default 1).
 - ``const-operand``: operands the parser table requires to be constant. Where operators.md says
   "must be an initializer" (``axis`` of CumSum, ``axes`` of Slice, Pad and the Reduce ops) the
@@ -82,7 +83,7 @@ from star_export.onnx_reader import op_key as _op_key
 from star_export.onnx_reader import prepare as _prepare
 from star_export.onnx_reader import topk_k as _topk_k
 
-TOPK_MAX_K = 3839  # operators.md (TensorRT 10.x): "`K` input must be less than 3840"
+TOPK_MAX_K = 3840  # NvInfer.h (TensorRT 10.16, 11.1) addTopK / ITopKLayer: K <= 3840
 
 # Policy: rejected even where the TensorRT parser would import them (see the module docstring).
 FORBIDDEN_OPS: Mapping[str, str] = MappingProxyType(
@@ -432,7 +433,7 @@ def _check_topk(graph: onnx.GraphProto, g: _Graph, found: _Findings) -> None:
         else:
             k = values[0]
             if not 1 <= k <= TOPK_MAX_K:
-                msg = f"TopK K={k} is outside TensorRT's limit 1..{TOPK_MAX_K} (K must be less than 3840)"
+                msg = f"TopK K={k} is outside TensorRT's limit 1..{TOPK_MAX_K} (K at most {TOPK_MAX_K})"
                 found.error("topk-k-limit", msg, name, "TopK")
             dims = shapes.get(node.input[0])
             axis = _attr_int(node, "axis", -1)

@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an export directory (`llava --out DIR`)",
     )
     from star_export.build import add_build_arguments
+    from star_export.build.engines_only import add_trt_flags
 
     add_build_arguments(b)
     b.set_defaults(func=cmd_build)
@@ -272,11 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="an export directory (`llava --out DIR`)",
     )
-    v.add_argument(
-        "--trt",
-        action="store_true",
-        help="also compare the TensorRT engines recorded in the manifest (needs TensorRT + a GPU)",
-    )
+    add_trt_flags(v)  # --trt, --engines-only
     v.add_argument(
         "--batch-size",
         type=_int,
@@ -428,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="TensorRT-readiness scan of an ONNX graph (no TensorRT needed)",
         description="Scan an ONNX graph for what TensorRT's ONNX parser cannot take or what breaks static "
-        "shapes: unsupported ops, TopK with a non-constant K or K >= 3840, NonZero and other "
+        "shapes: unsupported ops, TopK with a non-constant K or K > 3840, NonZero and other "
         "data-dependent shapes, opset range, dtypes. Exits 1 on a violation.",
     )
     c.add_argument("onnx", type=Path, help="path of the .onnx file")
@@ -524,11 +521,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from star_export.api import quiet_libraries
+    from star_export.build.engines_only import run_engines_only
     from star_export.validate import validate_directory
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     quiet_libraries()
+    if args.engines_only:  # implies --trt: the engine rows alone, against the recorded report.json
+        return run_engines_only(args.from_dir, max(2, args.batch_size), args.text_len, args.seed)
     report = validate_directory(
         args.from_dir, trt=args.trt, batch=max(2, args.batch_size), text_len=args.text_len, seed=args.seed
     )

@@ -258,6 +258,15 @@ def test_polygraphy_loaders_are_configured_without_tensorrt(tmp_path, prefill):
     )
     assert net.strongly_typed is True and cfg.fp16 is False and cfg.bf16 is False
     assert cfg.timing_cache_path is None and cfg.memory_pool_limits is None
+    assert cfg.version_compatible is False and cfg.hardware_compatibility_level is None
+
+    compat = BuildSettings(version_compatible=True, hardware_compatibility_level="ampere-plus")
+    _, cfg = build.polygraphy_loaders(
+        tmp_path / "prefill.onnx", compat, typed, [shapes], typed_flag=True, hardware_level="AMPERE_PLUS"
+    )
+    assert cfg.version_compatible is True and cfg.hardware_compatibility_level == "AMPERE_PLUS"
+    with pytest.raises(ValueError, match="HardwareCompatibilityLevel member"):
+        build.polygraphy_loaders(tmp_path / "prefill.onnx", compat, typed, [shapes], typed_flag=True)
 
 
 def test_polygraphy_requirement_is_the_reviewed_release():
@@ -347,11 +356,31 @@ def test_finish_command_repeats_flags(tmp_path):
         builder_optimization_level=4,
         strongly_typed=True,
         profile_flags=("--max-batch", "4"),
+        version_compatible=True,
+        hardware_compatibility_level="ampere-plus",
+        no_timing_cache=True,
     )
     assert finish_command(Path("o u t"), Path("e.plan"), s) == (
-        "python -m star_export build --from 'o u t' --engine e.plan --dtype bf16 --workspace 1025 "
-        "--builder-optimization-level 4 --strongly-typed --max-batch 4"
+        "python -m star_export build --from 'o u t' --engine e.plan --dtype bf16 --no-timing-cache "
+        "--workspace 1025 --builder-optimization-level 4 --strongly-typed --version-compatible "
+        "--hardware-compatibility-level ampere-plus --max-batch 4"
     )
+    args = _parse(
+        "--version-compatible",
+        "--hardware-compatibility-level",
+        "same-compute-capability",
+        "--no-timing-cache",
+    )
+    got = build.settings_from_args(args)
+    assert (got.version_compatible, got.hardware_compatibility_level, got.no_timing_cache) == (
+        True,
+        "same-compute-capability",
+        True,
+    )
+    with pytest.raises(UsageError, match="--no-timing-cache and --timing-cache exclude each other"):
+        build.settings_from_args(_parse("--no-timing-cache", "--timing-cache", "tc"))
+    with pytest.raises(SystemExit):
+        _parse("--hardware-compatibility-level", "turing")
 
 
 # -------------------------------------------------------------------------------------- run_build
@@ -526,18 +555,20 @@ def test_run_build_records_one_engine_per_level(tmp_path, level_contracts, monke
     from star_export.build import command, status
 
     out = _out_dir(tmp_path, level_contracts, levels=LEVELS)
-    calls = {}
+    calls, caches = {}, {}
 
     def recorder(onnx_path, engine_path, contract, settings, log=print, *, finish=None):
         Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
         Path(engine_path).write_bytes(b"stand-in, not an engine\n")
         calls[contract.graph] = (Path(onnx_path).name, Path(engine_path), settings.profiles[0], finish)
+        caches[contract.graph] = settings.timing_cache
         return {
             "path": str(engine_path),
             "graph": contract.graph,
             "bytes": 1,
             "sha256": "0" * 64,
             "tensorrt": "fake",
+            "timing_cache": str(settings.timing_cache) if settings.timing_cache else None,
         }
 
     monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in)"))
@@ -562,7 +593,28 @@ def test_run_build_records_one_engine_per_level(tmp_path, level_contracts, monke
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["engines"]) == ["decode", "prefill_k32", "prefill_k64"]
     assert manifest["engines"]["prefill_k32"]["path"] == str(tmp_path / "e" / "out.k32.plan")
-    assert "engine prefill_k64:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "engine prefill_k64:" in printed
+    # one timing cache per export directory by default, shared by every level's build (and named)
+    assert caches == dict.fromkeys(("prefill_k32", "prefill_k64", "decode"), out / "timing.cache")
+    assert manifest["engine_build"]["timing_cache"] == str(out / "timing.cache")
+    assert f"timing cache: {out / 'timing.cache'}" in printed
+    assert manifest["engine_build"]["version_compatible"] is False
+
+    caches.clear()
+    flags = ("--engine", str(engine), "--no-timing-cache", "--version-compatible")
+    assert run_build(_parse(*flags, "--hardware-compatibility-level", "ampere-plus"), out) == 0
+    assert caches == dict.fromkeys(("prefill_k32", "prefill_k64", "decode"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine_build"]["timing_cache"] is None
+    assert manifest["engine_build"]["version_compatible"] is True
+    assert manifest["engine_build"]["hardware_compatibility_level"] == "ampere-plus"
+    assert calls["decode"][3].endswith(
+        "--no-timing-cache --version-compatible --hardware-compatibility-level ampere-plus"
+    )
+    caches.clear()
+    assert run_build(_parse("--engine", str(engine), "--timing-cache", str(tmp_path / "tc")), out) == 0
+    assert set(caches.values()) == {tmp_path / "tc"}
 
 
 def test_run_build_fails_readiness_before_anything_else(tmp_path, prefill, capsys):

@@ -6,6 +6,7 @@ export with onnxruntime standing in for the engines. No TensorRT engine is run h
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -278,3 +279,218 @@ def test_trt_rows_usage(monkeypatch, tmp_path):
     two = [StarConfig(keep2=2, keep1=4, layer=1), CFG]
     with pytest.raises(UsageError, match="no prefill_k4 engine"):  # every level needs its own engine
         trt_rows(_manifest(two, {"prefill_k2": {}, "decode": {}}), tmp_path, None, [], (0.0, 0.0))
+
+
+def test_engine_margins_follow_the_lower_precision():
+    from star_export.selection import margin_for
+
+    fp32 = (margin_for("float32"), margin_for("float32"))
+    assert parity.engine_margins(fp32, "float32", "float32") == fp32
+    assert parity.engine_margins(fp32, "float16", "float32") == (margin_for("float16"),) * 2
+    assert parity.engine_margins(fp32, "bfloat16", "float32") == (margin_for("bfloat16"),) * 2
+    measured = (0.09, 1e-4)  # an fp16 export's measured margins: kept where wider than the floor
+    assert parity.engine_margins(measured, "float16", "float16") == measured
+    assert parity.engine_margins(measured, "bfloat16", "float16") == (0.09, margin_for("bfloat16"))
+
+
+@pytest.mark.parametrize("engine_dtype, passed", [("fp32", False), ("fp16", True)])
+def test_an_fp16_engine_of_an_fp32_export_is_judged_with_fp16_margins(
+    cli_export, monkeypatch, engine_dtype, passed
+):
+    """``build --dtype fp16`` on an fp32 export (TensorRT 10's FP16 flag): a stand-in engine whose
+    stage 1 swaps, in every row, the k-th and (k+1)-th tokens (a near-tie: gaps above fp32's margin,
+    below fp16's) and is otherwise the rewrite forced to that selection. Judged with fp32 margins
+    the swap fails; as an fp16 engine it is a near-tie and every prefill row passes. NOT TensorRT."""
+    import json
+
+    import star_export.validate as validate
+    from star_export.families import family_of
+    from star_export.load import load
+    from star_export.selection import margin_for
+    from star_export.validate import Rewrite
+
+    export = cli_export("llava-keep16", "--keep", "16")
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["engines"] = {g: {"path": f"{g}.plan", "dtype": engine_dtype} for g in ("prefill", "decode")}
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    lv = manifest["star"]["levels"][0]
+    cfg = StarConfig(keep2=lv["keep2"], keep1=lv["keep1"], layer=lv["layer_K"])
+    model = load(manifest["model"]["directory"]).model
+    rewrite = Rewrite(family_of(geo).prefill_module(model, geo, cfg).eval(), "float32")
+    feeds = dict(make_inputs(geo, batch=2, text_len=24, seed=0))
+    scores = rewrite.run(feeds)["stage1_scores"]
+    swapped, gaps = [], []
+    for row in scores:
+        order = np.argsort(-np.nan_to_num(row, nan=-np.inf), kind="stable")
+        kth, next_ = order[cfg.keep1 - 1], order[cfg.keep1]
+        gaps.append((row[kth] - row[next_]) / abs(row[kth]))
+        swapped.append(np.sort(np.r_[order[: cfg.keep1 - 1], next_]))
+    assert margin_for("float32") < max(gaps) < margin_for("float16"), gaps  # a near-tie at fp16, not fp32
+
+    class NearTieEngines:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return SimpleNamespace(
+                name="tensorrt", prefill=lambda f: rewrite.run(f, force1=np.array(swapped))
+            )
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in), no GPU"))
+    monkeypatch.setattr(parity, "TrtBackend", NearTieEngines)
+    monkeypatch.setattr(validate, "generation_rows", lambda *a, **k: None)  # the stand-in has no decode
+    margins = (margin_for("float32"),) * 2  # what validate_directory passes for an fp32 export
+    rows = {r["output"]: r for r in trt_rows(manifest, export, model, [feeds], margins, steps=1)}
+    stage1 = rows["stage1_keep_idx"]
+    assert stage1["rule"] == "margin" and stage1["gap"] == pytest.approx(max(gaps), rel=1e-6)
+    assert stage1["tolerance"] == margin_for("float16" if engine_dtype == "fp16" else "float32")
+    assert bool(stage1["passed"]) is passed
+    assert rows["stage2_keep_idx"]["passed"] and rows["logits"]["passed"]  # forced to the engine's selection
+
+
+# ------------------------------------------------------------------- validate --trt --engines-only
+
+
+def test_recorded_margins_and_cpu_verdict(tmp_path):
+    from star_export.build.engines_only import cpu_passed, recorded_margins
+    from star_export.selection import margin_for
+
+    path = tmp_path / "report.json"
+    report = {
+        "inputs": {"score_noise_per_keep": {"8": {"margins": [0.01, 0.2]}, "16": {"margins": [0.02, 0.3]}}}
+    }
+    assert recorded_margins(report, [8, 16], "float16", path) == {8: (0.01, 0.2), 16: (0.02, 0.3)}
+    assert recorded_margins({}, [8], "float32", path) == {8: (margin_for("float32"),) * 2}
+    with pytest.raises(UsageError, match="records no selection margins for keep level 32 of this bfloat16"):
+        recorded_margins(report, [8, 32], "bfloat16", path)
+    ok = {
+        "passed": False,
+        "rows": [{"passed": True}],
+        "graph_check": {"ok": True},
+        "tensorrt": [{"passed": False}],
+    }
+    assert cpu_passed(ok)  # an earlier run's failed engine rows are not the CPU verdict
+    assert not cpu_passed({**ok, "rows": [{"passed": True}, {"passed": False}]})
+    assert not cpu_passed({**ok, "graph_check": {"ok": False}})
+
+
+@pytest.fixture
+def engines_only_export(cli_export, tmp_path, monkeypatch):
+    """A copy of the shared llava-keep16 export with engine entries (stand-in paths, never opened), a
+    stand-in recorded report.json (CPU rows as an export's validation would record them), TensorRT
+    "available", and onnxruntime standing in for the engines (``scale`` multiplies their logits).
+    Every CPU check and every model load beyond the one in the export's dtype fail the test. NOT TensorRT."""
+    import json
+    import shutil
+
+    import star_export.load as load_module
+    import star_export.validate as validate
+    from star_export.runtime import OnnxruntimeBackend
+
+    export = tmp_path / "export"
+    shutil.copytree(cli_export("llava-keep16", "--keep", "16"), export)
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["engines"] = {g: {"path": f"{g}.plan", "dtype": "fp32"} for g in ("prefill", "decode")}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    cpu_row = {
+        "check": "rewrite vs reference (recorded)",
+        "output": "logits",
+        "max_abs": 1e-7,
+        "max_rel": 1e-8,
+    }
+    cpu_row |= {"tolerance": 1e-5, "passed": True, "rule": "tol", "overlap": None, "gap": None, "detail": ""}
+    recorded = {
+        "passed": True,
+        "inputs": {"seed": 3, "batch": 2, "text_len": 20},
+        "rows": [cpu_row],
+        "graph_check": {"ok": True},
+        "comparator": None,
+        "tensorrt": None,
+    }
+    (export / "report.json").write_text(json.dumps(recorded))
+    state = {"scale": 1.0, "loads": []}
+
+    class OnnxruntimeAsEngines:
+        def __init__(self, prefill_engine, decode_engine, prefill, decode):
+            assert Path(prefill_engine) == export / "prefill.plan"
+
+        def __enter__(self):
+            ort = OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx")
+            run = ort.prefill
+            ort.prefill = lambda feeds: {
+                k: v * state["scale"] if k == "logits" else v for k, v in run(feeds).items()
+            }
+            return ort
+
+        def __exit__(self, *exc):
+            return None
+
+    def cpu_check(*args, **kwargs):
+        raise AssertionError("--engines-only re-ran a CPU check")
+
+    real_load = load_module.load
+
+    def counted_load(directory, *args, **kwargs):
+        state["loads"].append(str(kwargs.get("dtype")))
+        return real_load(directory, *args, **kwargs)
+
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in), no GPU"))
+    monkeypatch.setattr(parity, "TrtBackend", OnnxruntimeAsEngines)
+    for name in ("validate_directory", "validate_levels", "validate_export", "validate_half", "validate"):
+        monkeypatch.setattr(validate, name, cpu_check)
+    monkeypatch.setattr(load_module, "load", counted_load)
+    return export, recorded, state
+
+
+def _engines_only(export: Path, capsys) -> tuple[int, str, dict]:
+    import json
+
+    from star_export.cli import main
+
+    code = main(["validate", "--from", str(export), "--engines-only"])
+    return code, capsys.readouterr().out, json.loads((export / "report.json").read_text())
+
+
+def test_engines_only_runs_the_engine_rows_alone(engines_only_export, capsys):
+    export, recorded, state = engines_only_export
+    code, out, report = _engines_only(export, capsys)
+    assert code == 0, out
+    assert state["loads"] == ["torch.float32"]  # the checkpoint once, in the export's dtype
+    assert "CPU checks: not re-run (--engines-only); recorded in report.json: PASS" in out
+    assert "TensorRT engines: PASS" in out and out.splitlines()[-2] == "overall: PASS"
+    assert "onnxruntime fp32 vs torch fp32 (feed 0)" in out and "generate onnxruntime fp32" in out
+    assert report["rows"] == recorded["rows"] and report["passed"] is True  # CPU rows kept as recorded
+    assert report["tensorrt_engines_only"]["inputs"] == {"batch": 2, "text_len": 20, "seed": 3}
+    outputs = {r["output"] for r in report["tensorrt"]}
+    assert {"stage1_keep_idx", "stage2_keep_idx", "logits", "tokens", "cache lengths L1/L2+t"} <= outputs
+    assert all(r["passed"] for r in report["tensorrt"])
+
+
+def test_engines_only_fails_on_a_wrong_engine_or_a_failed_recorded_report(engines_only_export, capsys):
+    import json
+
+    export, recorded, state = engines_only_export
+    state["scale"] = 1.01  # prefill logits 1 % off: far beyond fp32's 1e-4
+    code, out, report = _engines_only(export, capsys)
+    assert code == 1 and "TensorRT engines: FAIL" in out and report["passed"] is False
+    (logits,) = [r for r in report["tensorrt"] if r["output"] == "logits" and "feed 0" in r["check"]]
+    assert not logits["passed"] and logits["max_rel"] == pytest.approx(0.01, rel=1e-3)
+
+    state["scale"] = 1.0
+    failed = {**recorded, "passed": False, "rows": [{**recorded["rows"][0], "passed": False}]}
+    (export / "report.json").write_text(json.dumps(failed))
+    code, out, report = _engines_only(export, capsys)
+    assert code == 1 and "recorded in report.json: FAIL" in out and "TensorRT engines: PASS" in out
+
+
+def test_engines_only_needs_the_recorded_report(engines_only_export, capsys):
+    export, _, _ = engines_only_export
+    (export / "report.json").unlink()
+    from star_export.cli import main
+
+    assert main(["validate", "--from", str(export), "--trt", "--engines-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report.json not found" in err[0] and "drop --engines-only" in err[0]

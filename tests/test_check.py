@@ -122,14 +122,14 @@ def _topk_model(k: int) -> onnx.ModelProto:
     )
 
 
-@pytest.mark.parametrize("k, ok", [(3839, True), (3840, False), (3841, False)])
-def test_topk_k_must_be_less_than_3840(k: int, ok: bool):
-    """operators.md: "`K` input must be less than 3840" (the TopK page's k <= 3840 is the looser one)."""
+@pytest.mark.parametrize("k, ok", [(3839, True), (3840, True), (3841, False), (4096, False)])
+def test_topk_k_must_be_at_most_3840(k: int, ok: bool):
+    """The TensorRT 10.16 / 11.1 headers (addTopK / ITopKLayer): K <= 3840, so 3840 passes, 3841 fails."""
     report = check_onnx(_topk_model(k))
     assert report.ok is ok
     if not ok:
         assert _rules(report) == {"topk-k-limit"}
-        assert f"K={k}" in report.errors[0].message and "less than 3840" in report.errors[0].message
+        assert f"K={k}" in report.errors[0].message and "at most 3840" in report.errors[0].message
 
 
 def test_topk_k_larger_than_axis_fails():

@@ -315,6 +315,50 @@ def test_header_names_the_engines_build_recorded(levels_export):
     assert 'kDecodeEngine = "star.decode.plan";' in text
 
 
+def test_header_limits_are_the_built_engines_profiles(levels_export, tmp_path, monkeypatch):
+    """`build --max-batch 4 --max-text-len 256 --max-new-tokens 64` records profiles narrower than the
+    export's ONNX ranges; the header must carry the engines' limits (TensorRT rejects anything
+    beyond them), not the ONNX's. run_build's real plumbing, with build_engine replaced by a recorder
+    that records the profile as build_engine does (NO engine is built)."""
+    import argparse
+    import shutil
+
+    from star_export.build import add_build_arguments, command, profile_json, run_build, status
+
+    export = tmp_path / "export"
+    shutil.copytree(levels_export, export)
+    before = header_constants(deploy.cpp_header(json.loads((export / "manifest.json").read_text())))
+
+    def recorder(onnx_path, engine_path, contract, settings, log=print, *, finish=None):
+        return {"path": str(engine_path), "bytes": 1, "sha256": "0" * 64, "tensorrt": "stand-in"} | {
+            "profiles": [{"inputs": profile_json(p)} for p in settings.profiles]
+        }
+
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in)"))
+    monkeypatch.setattr(command, "build_engine", recorder)
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    flags = ["--max-batch", "4", "--max-text-len", "256", "--max-new-tokens", "64"]
+    assert run_build(parser.parse_args(flags), export) == 0
+    manifest = json.loads((export / "manifest.json").read_text())
+    profile = manifest["engines"]["decode"]["profiles"][0]["inputs"]
+    l1 = profile["attention_mask_l1"]["max"][1] - 1  # attention_mask_l1 [batch, past_len_l1 + 1]
+    l2 = profile["attention_mask_l2"]["max"][1] - 1
+    text = deploy.cpp_header(manifest)
+    got = header_constants(text)
+    assert (got["kMaxBatch"], got["kMaxTextLen"]) == (4, 256)
+    assert (got["kMaxPastLenL1"], got["kMaxPastLenL2"]) == (l1, l2)
+    geo, levels = manifest["model"]["geometry"], manifest["star"]["levels"]
+    assert l1 == 256 - 1 + max(lv["span1"] for lv in levels) + 64 - 1  # the longest level's span
+    assert (before["kMaxBatch"], before["kMaxTextLen"]) == (8, 512)  # the export's ONNX ranges
+    assert before["kMaxPastLenL1"] > l1 and before["kMaxPastLenL2"] > l2 and geo
+    assert "maxima of the engines' optimization profile 0" in text
+    # a graph without a recorded engine: the export's ranges, and the header says so
+    del manifest["engines"]["decode"]
+    text = deploy.cpp_header(manifest)
+    assert header_constants(text) == before and "the export's ONNX ranges (no engines recorded)" in text
+
+
 def _sources(tmp_path: Path, header: str, export: Path | None) -> Path:
     """main.cpp beside the star_model.h to compile it with (``#include "star_model.h"`` looks in the
     source file's own directory first, so the generated header must sit next to a copy of main.cpp)."""

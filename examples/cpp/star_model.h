@@ -14,7 +14,7 @@ constexpr int64_t kVocab = 1024;  // logits: [B, kVocab]
 constexpr int64_t kKvHeads = 2;  // present/past: [B, kKvHeads, S, kHeadDim]
 constexpr int64_t kHeadDim = 16;
 constexpr int64_t kImageTokenId = 1000;  // the ONE placeholder per prompt row
-constexpr int64_t kMaxBatch = 8;  // profile maxima
+constexpr int64_t kMaxBatch = 8;  // maxima of the export's ONNX ranges (no engines recorded)
 constexpr int64_t kMaxTextLen = 512;
 constexpr int64_t kMaxPastLenL1 = 894;  // decode: past_len_l1 (layers < K) <= this
 constexpr int64_t kMaxPastLenL2 = 830;  // decode: past_len_l2 (layers >= K) <= this

@@ -11,6 +11,8 @@ One job per module:
 - :mod:`~star_export.build.engine`: one engine through polygraphy's loaders;
 - :mod:`~star_export.build.parity`: TensorRT engines vs the PyTorch rewrite (every level's prefill, and
   greedy decode);
+- :mod:`~star_export.build.engines_only`: ``validate --trt --engines-only``: the engine rows alone,
+  with the margins and inputs of the export's recorded report.json;
 - :mod:`~star_export.build.command`: the ``build`` command's flags and :func:`run_build`.
 
 TensorRT is imported lazily (inside the functions that need it), so this package, its pure

@@ -16,7 +16,13 @@ from star_export.build import status
 from star_export.build.engine import build_engine
 from star_export.build.precision import DTYPES, contract_dtype
 from star_export.build.profiles import DimRange, profile_shapes
-from star_export.build.settings import BuildSettings, engine_files, finish_command
+from star_export.build.settings import (
+    DEFAULT_TIMING_CACHE,
+    HARDWARE_LEVELS,
+    BuildSettings,
+    engine_files,
+    finish_command,
+)
 from star_export.contract import GraphContract, contract_from_dict
 from star_export.errors import MissingComponent, UsageError
 from star_export.manifest import read_manifest
@@ -54,7 +60,14 @@ def add_build_arguments(parser: argparse.ArgumentParser, include_engine: bool = 
         type=Path,
         default=None,
         metavar="PATH",
-        help="tactic timing cache file, reused and updated",
+        help="tactic timing cache file, reused and updated (default: DIR/timing.cache, one per export "
+        "directory, shared by every keep level's build); a cache this GPU/TensorRT refuses is left alone "
+        "and a fresh one is started beside it (timing.1.cache, ...)",
+    )
+    g.add_argument(
+        "--no-timing-cache",
+        action="store_true",
+        help="build without a timing cache file (every tactic timed afresh, nothing written)",
     )
     g.add_argument(
         "--workspace", type=int, default=None, metavar="MiB", help="builder workspace memory pool limit"
@@ -67,6 +80,19 @@ def add_build_arguments(parser: argparse.ArgumentParser, include_engine: bool = 
         action=argparse.BooleanOptionalAction,
         default=None,
         help="force strong typing on/off (default: automatic; always on with TensorRT 11)",
+    )
+    g.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="engines that later TensorRT versions can load (BuilderFlag.VERSION_COMPATIBLE, lean runtime "
+        "embedded; may be slower); default: only the building TensorRT version loads them",
+    )
+    g.add_argument(
+        "--hardware-compatibility-level",
+        choices=tuple(HARDWARE_LEVELS),
+        default=None,
+        help="GPUs the engines may run on besides the building one (IBuilderConfig."
+        "hardware_compatibility_level; ampere-plus: any Ampere or newer GPU, may be slower); default: TensorRT's",
     )
     for dim, flags in DIM_FLAGS.items():
         for which, flag in zip(("min", "opt", "max"), flags, strict=True):
@@ -185,6 +211,9 @@ def settings_from_args(args: argparse.Namespace, default_dtype: str = "fp32") ->
         workspace_bytes=workspace << 20 if workspace else None,
         strongly_typed=getattr(args, "strongly_typed", None),
         builder_optimization_level=getattr(args, "builder_optimization_level", None),
+        version_compatible=bool(getattr(args, "version_compatible", False)),
+        hardware_compatibility_level=getattr(args, "hardware_compatibility_level", None),
+        no_timing_cache=bool(getattr(args, "no_timing_cache", False)),
     )
 
 
@@ -254,10 +283,15 @@ def run_build(args: argparse.Namespace, out_dir: Path) -> int:
     overrides, flags = graph_overrides(manifest, contracts, args)
     base = settings_from_args(args, default_dtype=contract_dtype(contracts[level_graphs[0]]))
     base = dataclasses.replace(base, profile_flags=tuple(flags))
-    per_graph = {
-        g: dataclasses.replace(base, profiles=[profile_shapes(contracts[g], overrides[g])]) for g in names
-    }
     finish = finish_command(out_dir, engine, base)  # the whole build, every level, from the one --engine
+    # one timing cache per export directory by default: each level's build reuses the tactics of the last
+    cache = None if base.no_timing_cache else (base.timing_cache or out_dir / DEFAULT_TIMING_CACHE)
+    per_graph = {
+        g: dataclasses.replace(
+            base, timing_cache=cache, profiles=[profile_shapes(contracts[g], overrides[g])]
+        )
+        for g in names
+    }
 
     # 3. TensorRT and a GPU
     ok, why = status.trt_status()
@@ -271,11 +305,18 @@ def run_build(args: argparse.Namespace, out_dir: Path) -> int:
     entries = {g: build_engine(onnx[g], targets[g], contracts[g], per_graph[g], finish=finish) for g in names}
     manifest = json.loads(manifest_path.read_text())  # re-read: keep anything written meanwhile
     manifest["engines"] = {**(manifest.get("engines") or {}), **entries}
-    manifest["engine_build"] = base.settings_summary() | {"tensorrt_status": status.trt_status()[1]}
+    manifest["engine_build"] = (
+        base.settings_summary()
+        | {"timing_cache": str(cache) if cache else None}
+        | {"tensorrt_status": status.trt_status()[1]}
+    )
     _write_manifest(manifest_path, manifest)
     for g in names:
         e = entries[g]
         print(
             f"engine {g}: {e['path']} ({e['bytes']} bytes, sha256 {e['sha256'][:12]}, TensorRT {e['tensorrt']})"
         )
+    written = sorted({e["timing_cache"] for e in entries.values() if e.get("timing_cache")})
+    if written:
+        print(f"timing cache: {', '.join(written)}")
     return 0

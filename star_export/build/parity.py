@@ -123,6 +123,19 @@ def _level_margins(
     return (float(margins[0]), float(margins[1]))
 
 
+def engine_margins(margins: tuple[float, float], engine_dtype: str, export_dtype: str) -> tuple[float, float]:
+    """The selection margins an engine is judged with: the export's (measured for its dtype), widened
+    to ``selection.margin_for(engine_dtype)`` where the engine computes in a lower precision than the
+    export (``build --dtype fp16`` on an fp32 export, TensorRT 10's FP16 builder flag): a flip
+    within fp16 rounding of the cut is then a near-tie, as it is for an fp16 export."""
+    from star_export import selection
+
+    if selection.PRECISION[engine_dtype] <= selection.PRECISION[export_dtype]:
+        return margins
+    floor = selection.margin_for(engine_dtype)
+    return (max(margins[0], floor), max(margins[1], floor))
+
+
 def trt_rows(
     manifest: Mapping[str, Any],
     from_dir: Path,
@@ -136,7 +149,8 @@ def trt_rows(
     (the checkpoint in the export's dtype), by the criterion of every other parity check
     (``validate.check_side``, ``validate.generation_rows``), for EVERY keep level with that level's
     engine: kept indices by the selection-with-margin rule (``margins``: stage 1, stage 2; one pair
-    for all levels or {keep2: pair}), logits and presents directly or with the rewrite forced to the
+    for all levels or {keep2: pair}; widened by :func:`engine_margins` where the engine's precision is
+    lower than the export's), logits and presents directly or with the rewrite forced to the
     engine's selection; then ``steps`` greedy decode steps through the shared decode engine (fp32:
     tokens identical; fp16/bf16: teacher-forced). With several levels every row's check starts with
     ``keep K2:``, as ``validate_levels`` names its rows.
@@ -174,7 +188,7 @@ def trt_rows(
     for level in held:
         cfg = level.cfg
         prefill = contract_from_dict(graphs[level.graph])
-        level_margins = _level_margins(margins, cfg.keep2)
+        level_margins = engine_margins(_level_margins(margins, cfg.keep2), dtype, model_dtype)
         report = ParityReport()
         rewrite = Rewrite(family.prefill_module(model, geo, cfg).eval(), model_dtype)
         backend = TrtBackend(

@@ -13,12 +13,24 @@ from star_export.build.precision import DTYPES, PrecisionPlan, precision_plan
 from star_export.build.profiles import ProfileShapes, profile_json
 from star_export.errors import UsageError
 
+# --hardware-compatibility-level values -> trt.HardwareCompatibilityLevel member names (TensorRT 10.x/11.x)
+HARDWARE_LEVELS = {
+    "none": "NONE",
+    "ampere-plus": "AMPERE_PLUS",
+    "same-compute-capability": "SAME_COMPUTE_CAPABILITY",
+}
+DEFAULT_TIMING_CACHE = "timing.cache"  # `build --from DIR` uses DIR/timing.cache unless told otherwise
+
 
 @dataclass
 class BuildSettings:
     """What a build is asked for. ``profiles``: one dict per optimization profile (input name ->
     (min, opt, max) shapes); empty means one profile from the contract's ranges.
-    ``profile_flags``: the CLI flags that shaped the profiles, repeated in the finish command."""
+    ``profile_flags``: the CLI flags that shaped the profiles, repeated in the finish command.
+    ``version_compatible`` / ``hardware_compatibility_level`` (a :data:`HARDWARE_LEVELS` key): what
+    polygraphy's ``CreateConfig`` sets as ``BuilderFlag.VERSION_COMPATIBLE`` /
+    ``IBuilderConfig.hardware_compatibility_level``. ``no_timing_cache``: ``--no-timing-cache`` was
+    given (``run_build`` then uses no default cache)."""
 
     dtype: str = "fp32"
     timing_cache: Path | None = None
@@ -27,6 +39,9 @@ class BuildSettings:
     strongly_typed: bool | None = None
     builder_optimization_level: int | None = None
     profile_flags: tuple[str, ...] = ()
+    version_compatible: bool = False
+    hardware_compatibility_level: str | None = None
+    no_timing_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -37,6 +52,13 @@ class BuildSettings:
             raise UsageError(
                 f"--builder-optimization-level must be in 0..5, got {self.builder_optimization_level}"
             )
+        level = self.hardware_compatibility_level
+        if level is not None and level not in HARDWARE_LEVELS:
+            raise UsageError(
+                f"--hardware-compatibility-level must be one of {', '.join(HARDWARE_LEVELS)}, got {level!r}"
+            )
+        if self.no_timing_cache and self.timing_cache is not None:
+            raise UsageError("--no-timing-cache and --timing-cache exclude each other")
         if self.timing_cache is not None:
             self.timing_cache = Path(self.timing_cache)
 
@@ -53,6 +75,8 @@ class BuildSettings:
             "workspace_bytes": self.workspace_bytes,
             "builder_optimization_level": self.builder_optimization_level,
             "tf32": False,
+            "version_compatible": self.version_compatible,
+            "hardware_compatibility_level": self.hardware_compatibility_level,
             "profiles": [profile_json(p) for p in self.profiles],
         }
 
@@ -63,12 +87,18 @@ def finish_command(out_dir: Path, engine: Path, settings: BuildSettings) -> str:
     parts += ["--dtype", settings.dtype]
     if settings.timing_cache is not None:
         parts += ["--timing-cache", str(settings.timing_cache)]
+    if settings.no_timing_cache:
+        parts.append("--no-timing-cache")
     if settings.workspace_bytes is not None:
         parts += ["--workspace", str(-(-settings.workspace_bytes // (1 << 20)))]
     if settings.builder_optimization_level is not None:
         parts += ["--builder-optimization-level", str(settings.builder_optimization_level)]
     if settings.strongly_typed is not None:
         parts.append("--strongly-typed" if settings.strongly_typed else "--no-strongly-typed")
+    if settings.version_compatible:
+        parts.append("--version-compatible")
+    if settings.hardware_compatibility_level is not None:
+        parts += ["--hardware-compatibility-level", settings.hardware_compatibility_level]
     parts += list(settings.profile_flags)
     return shlex.join(parts)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from star_export import __version__
-from star_export.deploy.source import dim_max, graph_names, levels_of, read_export
+from star_export.deploy.source import graph_names, levels_of, read_export, served_limits
 from star_export.errors import UsageError
 
 DEFAULT_ENGINE = "prefill.plan"  # `build`'s --engine default (DIR/prefill.plan)
@@ -60,11 +60,26 @@ def engine_names(manifest: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def header_limits(manifest: Mapping[str, Any]) -> tuple[dict[str, int], str]:
+    """(batch / text_len / past_len_l1 / past_len_l2 maxima, where they come from) for the header:
+    the built engines' optimization profile 0 as ``build`` recorded it in ``manifest["engines"]``
+    when every graph has an engine entry (the C++ example runs those engines, and TensorRT rejects
+    shapes outside their profiles), else the export's ONNX ranges."""
+    names = graph_names(manifest)
+    recorded = manifest.get("engines") or {}
+    engines = {g: (Path(str(recorded[g].get("path", ""))), recorded[g]) for g in names if g in recorded}
+    if len(engines) != len(names):
+        return served_limits(manifest["graphs"], {}, names), "the export's ONNX ranges (no engines recorded)"
+    source = "the engines' optimization profile 0 (manifest.json engines)"
+    return served_limits(manifest["graphs"], engines, names), source
+
+
 def cpp_header(manifest: Mapping[str, Any]) -> str:
     """``star_model.h`` for examples/cpp: the model constants, from the manifest (never by hand): the
-    geometry, the two past lengths' maxima, and one row per keep level (keep1, keep2, span1, span2,
+    geometry, the limits (:func:`header_limits`: the built engines' profiles where ``build`` recorded
+    them), and one row per keep level (keep1, keep2, span1, span2,
     its prefill engine's file name), the default level first."""
-    geo, star, graphs = manifest["model"]["geometry"], manifest["star"], manifest["graphs"]
+    geo, star = manifest["model"]["geometry"], manifest["star"]
     problem = unsupported_layout(manifest)
     if problem is not None:
         raise UsageError(
@@ -73,8 +88,8 @@ def cpp_header(manifest: Mapping[str, Any]) -> str:
             f"{problem}: use the manifest's tensor table"
         )
     levels = levels_of(manifest)
-    names = graph_names(manifest)
     engines = engine_names(manifest)
+    limits, source = header_limits(manifest)
     consts = [
         (
             "int32_t",
@@ -94,20 +109,10 @@ def cpp_header(manifest: Mapping[str, Any]) -> str:
         ("int64_t", "kKvHeads", geo["num_kv_heads"], "present/past: [B, kKvHeads, S, kHeadDim]"),
         ("int64_t", "kHeadDim", geo["head_dim"], ""),
         ("int64_t", "kImageTokenId", manifest["image_token_id"], "the ONE placeholder per prompt row"),
-        ("int64_t", "kMaxBatch", min(dim_max(graphs[g], "batch") for g in names), "profile maxima"),
-        ("int64_t", "kMaxTextLen", min(dim_max(graphs[g], "text_len") for g in names[:-1]), ""),
-        (
-            "int64_t",
-            "kMaxPastLenL1",
-            dim_max(graphs["decode"], "past_len_l1"),
-            "decode: past_len_l1 (layers < K) <= this",
-        ),
-        (
-            "int64_t",
-            "kMaxPastLenL2",
-            dim_max(graphs["decode"], "past_len_l2"),
-            "decode: past_len_l2 (layers >= K) <= this",
-        ),
+        ("int64_t", "kMaxBatch", limits["batch"], f"maxima of {source}"),
+        ("int64_t", "kMaxTextLen", limits["text_len"], ""),
+        ("int64_t", "kMaxPastLenL1", limits["past_len_l1"], "decode: past_len_l1 (layers < K) <= this"),
+        ("int64_t", "kMaxPastLenL2", limits["past_len_l2"], "decode: past_len_l2 (layers >= K) <= this"),
         (
             "int64_t",
             "kDefaultKeep",
