@@ -1,6 +1,6 @@
 """A synthetic visual question set in the Sort-of-CLEVR spirit, drawn with Pillow (no downloads).
 
-A scene is 2-5 small shapes (circle / square / triangle; six colours; two sizes) at random,
+A scene is 2-4 small shapes (circle / square / triangle; six colours; two sizes) at random,
 non-overlapping places on a plain or textured light background. The objects cover a small part of
 the image (a few percent of its area), so most visual tokens carry nothing an answer needs: the
 setting in which token pruning either keeps the right tokens or loses the answer.
@@ -18,6 +18,9 @@ presence Is there a {colour} {shape}?                   "yes" / "no"
 relation What colour is the shape left of the {shape}?  the colour of the nearest object whose
                                                         centre is left of it (unique shape)
 ======== ============================================== =====================================
+
+Prompts are the bare question: the model is trained to answer in one word, so LLaVA's
+"Answer the question using a single word or phrase." would only lengthen every sequence.
 
 Splits are separate random streams of one seed (``SPLITS``): the same (seed, split, index) always
 draws the same scene and question, so a split can be regenerated anywhere, byte for byte.
@@ -45,11 +48,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.055, "large": 0.085}  # radius as a fraction of the image side
+SIZES = {"small": 0.065, "large": 0.095}  # radius as a fraction of the image side
 KINDS = ("colour", "shape", "count", "position", "presence", "relation")
 SPLITS = {"train": 0, "val": 1, "test": 2}
-HINT = "Answer the question using a single word or phrase."  # LLaVA's short-answer instruction
-MAX_OBJECTS = 5
+MAX_OBJECTS = 4
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    """2-5 shapes at non-overlapping places, on a light background."""
+    """2-4 shapes at non-overlapping places, on a light background."""
     n = int(rng.integers(2, MAX_OBJECTS + 1))
     shapes: list[Shape] = []
     while len(shapes) < n:
@@ -230,8 +232,7 @@ def write_split(out: str | Path, seed: int, split: str, count: int, size: int = 
     for i, s in enumerate(samples(seed, split, count)):
         name = f"images/{split}_{i:05d}.png"
         render(s.scene, size).save(out / name)
-        text = f"{s.question}\n{HINT}"
-        rows.append({"question_id": i, "image": name, "text": text, "answer": s.answer, "kind": s.kind})
+        rows.append({"question_id": i, "image": name, "text": s.question, "answer": s.answer, "kind": s.kind})
     path = out / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

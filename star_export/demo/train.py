@@ -77,7 +77,7 @@ class Batcher:
 
     def __call__(self, batch: list[scenes.Sample]) -> dict[str, torch.Tensor]:
         images = [scenes.render(s.scene, self.size) for s in batch]
-        feeds = self.pre.encode(images, [f"{s.question}\n{scenes.HINT}" for s in batch])
+        feeds = self.pre.encode(images, [s.question for s in batch])
         rows, labels, extras = [], [], []
         for b, s in enumerate(batch):
             ids = feeds["input_ids"][b][feeds["attention_mask"][b] == 1].tolist()
