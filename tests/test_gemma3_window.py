@@ -160,6 +160,9 @@ def runs(windowed, export):
             "onnxruntime, window in slots": WrongPositions(pipe.backend(cfg.keep2), "slots"),
         }
         results = {k: generate(b, feeds, geo, cfg, gen, keep_logits=True) for k, b in backends.items()}
+        forced = TorchBackend(model, geo, cfg, pc, dc)  # the forced-selection path of half-precision checks
+        forced.forced = (results["onnxruntime"].stage1_keep_idx, results["onnxruntime"].stage2_keep_idx)
+        results["torch, forced"] = generate(forced, feeds, geo, cfg, gen, keep_logits=True)
         checks = {}
         for name, run in results.items():
             if cfg.keep2 == N:  # transformers' own generate: the tokens must match too
@@ -194,10 +197,11 @@ def test_the_export_admits_the_profile_and_carries_slot_positions(export):
 def test_decode_past_the_window_is_exact_at_every_level(windowed, runs, keep):
     """The prefill and every decode step of a 24-token answer after 78- and 74-position prompts,
     window 20: at keep = N onnxruntime and PyTorch give transformers' generate token for token, logits
-    within 1e-4 / 1e-5; at keep < N the windowed rewrite's logits, within the same tolerances."""
+    within 1e-4 / 1e-5; at keep < N the windowed rewrite's logits, within the same tolerances. The
+    PyTorch decode forced to onnxruntime's selection (the half-precision checks' path) agrees too."""
     feeds, out = runs
     results, checks = out[keep]
-    for name, tol in TOL.items():
+    for name, tol in (*TOL.items(), ("torch, forced", TOL["torch"])):
         same, worst = checks[name]
         assert same and worst <= tol, (name, same, worst)
     assert results["torch"].tokens == results["onnxruntime"].tokens
