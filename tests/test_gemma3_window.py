@@ -8,7 +8,8 @@ prefill and every step: at keep = N token for token and logit for logit like tra
 rewrite run on the prompt plus the answer so far (teacher-forced, its selection forced to the
 decode's kept indices). Deliberately broken decodes fail the same checks: the PyTorch decode without
 its window mask, the onnxruntime graph fed slot positions that never leave the window, and the window
-counted in cache slots instead of original positions (wrong wherever tokens were pruned).
+counted in cache slots instead of original positions (wrong wherever tokens were pruned). The
+PyTorch path without an export (``load_model``) is checked the same way on processor prompts.
 """
 
 from __future__ import annotations
@@ -225,3 +226,37 @@ def test_a_decode_that_ignores_the_window_fails_these_checks(runs, keep):
         assert worst > 100 * TOL["onnxruntime"], worst
     else:  # nothing pruned: slot distance is position distance, the mutation is harmless here
         assert same and worst <= TOL["onnxruntime"], worst
+
+
+def test_load_model_generates_past_the_window_like_transformers(windowed_dir):
+    """The PyTorch path without an export (``load_model``: ``generate`` without ``--from``, eval's
+    reference) on real processor prompts: 24 new tokens past the window, transformers' tokens and
+    logits (up to a stop token, where a row meets one); with the window ignored in decode it fails."""
+    from PIL import Image
+
+    from star_export import load_model
+
+    pipe = load_model(windowed_dir, keep=N, keep1=N)
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray((rng.random((48, 80, 3)) * 255).astype("uint8")),
+        Image.new("RGB", (64, 64), "red"),
+    ]
+    questions = ["What is in the picture, and what colour is it?", "colour?"]
+    got = pipe.generate(images, questions, max_new_tokens=STEPS, keep_logits=True).result
+    feeds = pipe.pre.encode(images, questions)
+    assert int(feeds["attention_mask"].sum(axis=1).min()) - 1 + N > WINDOW
+    tokens, logits = hf_generate(pipe.model, pipe.geo, feeds, STEPS)
+
+    def worst(run) -> float:
+        return max(
+            rel(run.step_logits[t][b], logits[t][b])
+            for b, row in enumerate(run.tokens)
+            for t in range(len(row))
+        )
+
+    assert all(row == tokens[b][: len(row)] for b, row in enumerate(got.tokens))
+    assert worst(got) <= TOL["torch"] and max(map(len, got.tokens)) > WINDOW
+    pipe.backend(N)._decode.window = None  # broken: the decode mask ignores the window
+    blind = pipe.generate(images, questions, max_new_tokens=STEPS, keep_logits=True).result
+    assert worst(blind) > 100 * TOL["onnxruntime"]
