@@ -230,18 +230,17 @@ class Gemma3Decode(Gemma3Text, StarDecode):
         slot_pos: tuple[torch.Tensor, ...],
     ) -> tuple[Any, Any]:
         """Per group (layers < K, >= K) additive masks (B, 1, 1, P + 1) float32 per layer type: padding
-        masked; sliding layers also ``position_ids - slot position < sliding_window``. Without slot
-        positions (graphs exported before they were carried) the window is not applied."""
+        masked; sliding layers also ``position_ids - slot position < sliding_window``."""
+        if len(slot_pos) != 2:  # a decode contract without past_positions_l1/_l2 (an older export)
+            raise ValueError("Gemma 3 decode needs past_positions_l1 / past_positions_l2: re-export")
         out = []
-        for mask, pos in zip((mask_l1, mask_l2), slot_pos or (None, None), strict=True):
+        for mask, pos in zip((mask_l1, mask_l2), slot_pos, strict=True):
             allowed = mask.to(torch.bool).unsqueeze(1)  # (B, 1, P + 1)
             zero = torch.zeros((), dtype=torch.float32, device=mask.device)
             neg = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=mask.device)
             masks = {"full_attention": torch.where(allowed, zero, neg).unsqueeze(1)}
             if "sliding_attention" in self.layer_types:
-                near = allowed
-                if self.window and pos is not None:
-                    near = allowed & window_ok(position_ids, pos, self.window)
+                near = allowed & window_ok(position_ids, pos, self.window) if self.window else allowed
                 masks["sliding_attention"] = torch.where(near, zero, neg).unsqueeze(1)
             out.append(masks)
         return out[0], out[1]
