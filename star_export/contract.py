@@ -157,8 +157,35 @@ def prefill_contract(
                     f"{'L1' if i < cfg.layer else 'L2'} = {length} slots",
                 )
             )
+    if slot_positions(geo):
+        for group, length in (("l1", l1), ("l2", l2)):
+            outputs.append(
+                TensorSpec(
+                    f"present_positions_{group}",
+                    "int64",
+                    ("batch", length),
+                    f"original position of each {group.upper()} slot (-1 at left padding): the decode "
+                    f"graph's past_positions_{group}",
+                )
+            )
     dims = (DynamicDim("batch", *batch), DynamicDim("text_len", *text_len))
     return GraphContract("prefill", inputs, tuple(outputs), dims, dict(TOLERANCES))
+
+
+def slot_positions(geo: Geometry) -> bool:
+    """Whether the family's graphs carry each cached slot's original position (``Family.slot_positions``:
+    the prefill outputs ``present_positions_l1/_l2``, the decode step takes ``past_positions_l1/_l2`` and
+    returns them with the new token's position appended, like the key/value caches)."""
+    from star_export.families import family_of
+
+    return family_of(geo).slot_positions
+
+
+def carried(name: str) -> str | None:
+    """The decode input that an output ``name`` (of the prefill or of a decode step) feeds at the next
+    step: ``present.{i}.key`` -> ``past.{i}.key``, ``present_positions_l1`` -> ``past_positions_l1``;
+    None for every other output."""
+    return "past" + name[len("present") :] if name.startswith("present") else None
 
 
 def decode_contract(
@@ -217,6 +244,26 @@ def decode_contract(
                     dtype,
                     ("batch", geo.num_kv_heads, f"{past} + 1", geo.head_dim),
                     f"layer {i} {kind}s with the new token appended",
+                )
+            )
+    if slot_positions(geo):
+        for group in ("l1", "l2"):
+            past = f"past_len_{group}"
+            inputs.append(
+                TensorSpec(
+                    f"past_positions_{group}",
+                    "int64",
+                    ("batch", past),
+                    f"present_positions_{group} of the previous step (prefill or decode): each past slot's "
+                    "original position (sliding layers mask slots >= sliding_window positions behind)",
+                )
+            )
+            outputs.append(
+                TensorSpec(
+                    f"present_positions_{group}",
+                    "int64",
+                    ("batch", f"{past} + 1"),
+                    f"past_positions_{group} with position_ids appended",
                 )
             )
     dims = [DynamicDim("batch", *batch)]

@@ -126,7 +126,9 @@ def build_manifest(
                 "position of the first new token = sum(attention_mask) - 1 + n_positions (the unpruned "
                 "image's extent); +1 per step",
                 "each step: input_ids = chosen token [B,1], position_ids [B,1], both masks with a 1 appended, "
-                "past.{i}.key/value = previous present.{i}.key/value",
+                "past.{i}.key/value = previous present.{i}.key/value (every output present* feeds the "
+                "input past*: also past_positions_l1/_l2 = previous present_positions_l1/_l2 where the "
+                "graphs have them)",
                 "decode steps do not prune further; every layer's cache grows by one per step",
             ],
         },

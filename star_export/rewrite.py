@@ -150,7 +150,8 @@ class StarPrefill(TextLayers):
     Outputs, in order (names in ``contract.prefill_contract``):
       logits (B, V) float32 at the last position, stage1_keep_idx (B, keep1),
       stage2_keep_idx (B, keep2), stage1_margin / stage2_margin (B,) float32 (the keep-th minus
-      the next score), then present.{i}.key / present.{i}.value for every layer.
+      the next score), then present.{i}.key / present.{i}.value for every layer, then (families with
+      ``slot_positions``) present_positions_l1 (B, L1) / present_positions_l2 (B, L2), int64.
     ``run`` is the same computation with the scores returned and an optional forced selection.
     """
 
@@ -158,6 +159,7 @@ class StarPrefill(TextLayers):
         super().__init__()
         bind_text(self, model, geometry, cfg)
         self.fixed_offsets: tuple[int, ...] = ()  # structural tokens' offsets in the span (constants)
+        self.slot_positions = carries_positions(geometry)
 
     # ---- family hooks: the image side ----------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -209,10 +211,11 @@ class StarPrefill(TextLayers):
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch = self._prefill(
+        logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch, slot_pos = self._prefill(
             pixel_values, input_ids, attention_mask
         )
-        return (logits, keep1_idx, keep2_idx, *self.margins(scores1, scores2, span_patch), *presents)
+        margins = self.margins(scores1, scores2, span_patch)
+        return (logits, keep1_idx, keep2_idx, *margins, *presents, *slot_pos)
 
     def margins(self, scores1: torch.Tensor, scores2: torch.Tensor, span_patch: torch.Tensor):
         """How close each cut was: (B,) stage-1 and stage-2 score margins (``star.cut_margin``); stage 2
@@ -234,7 +237,7 @@ class StarPrefill(TextLayers):
         stage-1 / stage-2 choice (forced-selection parity; ``force2`` must lie in the stage-1 set).
         Returns logits, the kept indices, presents, and the float32 scores: ``stage1_scores``
         (B, N) and ``stage2_scores`` (B, N) by patch index (NaN where not a stage-1 token)."""
-        logits, keep1, keep2, presents, scores1, scores2, span_patch = self._prefill(
+        logits, keep1, keep2, presents, scores1, scores2, span_patch, slot_pos = self._prefill(
             pixel_values, input_ids, attention_mask, force1, force2
         )
         margin1, margin2 = self.margins(scores1, scores2, span_patch)
@@ -247,6 +250,7 @@ class StarPrefill(TextLayers):
             "presents": presents,
             "stage1_scores": scores1,
             "stage2_scores": _by_patch(scores2, span_patch, self.geo.n_visual),
+            **dict(zip(("present_positions_l1", "present_positions_l2"), slot_pos, strict=False)),
         }
 
     def _prefill(self, pixel_values, input_ids, attention_mask, force1=None, force2=None) -> tuple:
@@ -272,6 +276,7 @@ class StarPrefill(TextLayers):
         text_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         h = star.splice(text_embeds, image_embeds.to(text_embeds.dtype), p)  # (B, L1, D)
         pos, valid = self.positions(attention_mask, p, offsets)  # (B, L1) (M-RoPE: (3, B, L1))
+        slot_pos = [pos, pos]  # each cached slot's original position, L1 then L2 (slot_positions)
         span = Span(p, span1, span_patch, extras)
         mask = self.attention_masks(valid, pos, span)
         rope = self.rotary(h, pos)
@@ -286,6 +291,7 @@ class StarPrefill(TextLayers):
                 src = star.stage2_layout(p, selected, span1, h.shape[1])  # (B, L2)
                 h = star.gather_rows(h, src)  # (B, L2, D)
                 pos = self.gather_positions(pos, src)
+                slot_pos[1] = pos
                 valid = torch.gather(valid, 1, src)
                 span = Span(p, geo.span(cfg.keep2), torch.gather(span_patch, 1, selected), extras)
                 mask = self.attention_masks(valid, pos, span)
@@ -306,7 +312,15 @@ class StarPrefill(TextLayers):
             h = self.after_layer(i, h, span)
 
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
-        return logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch
+        slot_pos = slot_pos if self.slot_positions else []
+        return logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch, slot_pos
+
+
+def carries_positions(geometry: Geometry) -> bool:
+    """``Family.slot_positions`` of the geometry's family (the contract reads the same flag)."""
+    from star_export.contract import slot_positions
+
+    return slot_positions(geometry)
 
 
 def _by_patch(scores: torch.Tensor, span_patch: torch.Tensor, n: int) -> torch.Tensor:
@@ -322,8 +336,11 @@ class StarDecode(TextLayers):
     Inputs (names in ``contract.decode_contract``): input_ids (B, 1), position_ids (B, 1) the
     original position of the new token, attention_mask_l1 (B, P1 + 1) and attention_mask_l2
     (B, P2 + 1) (1 = attend: real/visual slots and the new token; 0 = padding), then
-    past.{i}.key / past.{i}.value (B, Hkv, P_i, hd) with P_i = P1 for i < K, P2 for i >= K.
-    Outputs: logits (B, V) float32, present.{i}.key / value (B, Hkv, P_i + 1, hd).
+    past.{i}.key / past.{i}.value (B, Hkv, P_i, hd) with P_i = P1 for i < K, P2 for i >= K, then
+    (families with ``slot_positions``) past_positions_l1 (B, P1) / past_positions_l2 (B, P2), each
+    past slot's original position.
+    Outputs: logits (B, V) float32, present.{i}.key / value (B, Hkv, P_i + 1, hd), then
+    present_positions_l1 / _l2 (B, P_i + 1): the past positions with position_ids appended.
     """
 
     def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
@@ -334,8 +351,16 @@ class StarDecode(TextLayers):
         """``rope`` of the new token's position (B, 1): default cos/sin (B, 1, hd) each."""
         return self.rotary_emb(h, position_ids)
 
-    def decode_masks(self, mask_l1: torch.Tensor, mask_l2: torch.Tensor) -> tuple[Any, Any]:
-        """The ``mask`` of layers < K and >= K from the 0/1 inputs: default additive (B, 1, 1, P + 1)."""
+    def decode_masks(
+        self,
+        mask_l1: torch.Tensor,
+        mask_l2: torch.Tensor,
+        position_ids: torch.Tensor,
+        slot_pos: tuple[torch.Tensor, ...],
+    ) -> tuple[Any, Any]:
+        """The ``mask`` of layers < K and >= K from the 0/1 inputs: default additive (B, 1, 1, P + 1).
+        ``slot_pos``: (B, P1 + 1) / (B, P2 + 1) original positions of the past slots and the new token
+        (``slot_positions`` families; () otherwise)."""
         return star.decode_mask(mask_l1, torch.float32), star.decode_mask(mask_l2, torch.float32)
 
     def forward(
@@ -346,13 +371,15 @@ class StarDecode(TextLayers):
         attention_mask_l2: torch.Tensor,
         *pasts: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        caches = len(self.layers) * 2
+        slot_pos = tuple(torch.cat([p, position_ids], dim=1) for p in pasts[caches:])  # (B, P_i + 1)
         h = self.embed_tokens(input_ids)  # (B, 1, D)
         rope = self.rotary(h, position_ids)
-        masks = self.decode_masks(attention_mask_l1, attention_mask_l2)
+        masks = self.decode_masks(attention_mask_l1, attention_mask_l2, position_ids, slot_pos)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             mask = masks[0] if i < self.cfg.layer else masks[1]
             h, k, v, _ = self.run_layer(i, layer, h, rope, mask, (pasts[2 * i], pasts[2 * i + 1]))
             presents += [k, v]
         logits = self.lm_head(self.norm(h[:, -1])).to(torch.float32)  # (B, V)
-        return (logits, *presents)
+        return (logits, *presents, *slot_pos)

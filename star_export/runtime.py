@@ -9,7 +9,9 @@ recipe a C++ or Triton user follows with the exported graphs (all names from the
    ``T - real`` slots are padding (0) and the rest are real text or visual tokens (1).
 3. The first new token sits at original position ``real - 1 + N`` (the unpruned count).
 4. Each decode step feeds the chosen token, its position, both masks with a 1 appended, and
-   the previous presents as pasts; every layer's cache grows by one.
+   the previous presents as pasts (every output named ``present*`` feeds the input ``past*``:
+   the caches and, where the family carries them, the slots' original positions); every layer's
+   cache grows by one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from star_export.contract import GraphContract
+from star_export.contract import GraphContract, carried
 from star_export.geometry import Geometry
 from star_export.star import StarConfig, check_prompts
 
@@ -114,6 +116,7 @@ class TorchBackend:
             out = self._prefill.run(*self._args(self._pc, feeds), force1=force1, force2=force2)
         names = ("logits", "stage1_keep_idx", "stage2_keep_idx", "stage1_margin", "stage2_margin")
         flat = (*(out[n] for n in names), *out["presents"])
+        flat += tuple(out[n] for n in self._pc.output_names[len(flat) :])  # present_positions_*
         return {n: self._numpy(o) for n, o in zip(self._pc.output_names, flat, strict=True)}
 
     def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -195,7 +198,7 @@ def generate(
     mask_l1 = (np.arange(l1)[None] >= pad[:, None]).astype(np.int64)  # (B, L1)
     mask_l2 = (np.arange(l2)[None] >= pad[:, None]).astype(np.int64)  # (B, L2)
     position = real - 1 + geo.n_positions  # (B,) original position of the first new token
-    pasts = {f"past.{i}.{k}": out[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
+    pasts = _pasts(out)
 
     result = GenerationResult(
         tokens=[[] for _ in range(batch)],
@@ -233,7 +236,12 @@ def generate(
         )
         result.decode_steps += 1
         logits = out["logits"]
-        pasts = {f"past.{i}.{k}": out[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
+        pasts = _pasts(out)
     result.decode_s = time.perf_counter() - decode_start
     result.final_present_lengths = [pasts[f"past.{i}.key"].shape[2] for i in range(n_layers)]
     return result
+
+
+def _pasts(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The next decode step's carried inputs from a step's outputs (``contract.carried``)."""
+    return {carried(n): v for n, v in out.items() if carried(n)}

@@ -143,9 +143,21 @@ def manifest(export) -> dict:
     return json.loads((export / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module", params=["one level", "two levels"])
+@pytest.fixture(scope="module")
+def gemma_export(cli_export) -> Path:
+    """gemma3-tiny at keep 8, whose graphs carry slot positions (shared with the Gemma 3, ties and
+    Triton tests: same name and arguments)."""
+    return cli_export("gemma3-tiny-keep8", "--recipe", "gemma3-tiny", "--keep", "8")
+
+
+@pytest.fixture(scope="module", params=["one level", "two levels", "slot positions"])
 def any_export(request) -> Path:
-    return request.getfixturevalue("export" if request.param == "one level" else "levels_export")
+    names = {"one level": "export", "two levels": "levels_export", "slot positions": "gemma_export"}
+    return request.getfixturevalue(names[request.param])
+
+
+def slot_positions(manifest: dict) -> bool:
+    return any(t["name"] == "past_positions_l1" for t in manifest["graphs"]["decode"]["inputs"])
 
 
 def source() -> str:
@@ -155,10 +167,11 @@ def source() -> str:
     return re.sub(r"//[^\n]*", "", text)
 
 
-def table() -> list[tuple[str, str, str, str]]:
-    """(graph, input|output, name pattern, dtype) rows between STAR_TENSORS_BEGIN / _END."""
+def table(block: str = "TENSORS") -> list[tuple[str, str, str, str]]:
+    """(graph, input|output, name pattern, dtype) rows between STAR_TENSORS_BEGIN / _END (``block``
+    "SLOT_POSITIONS": the rows main.cpp adds where star_model::kSlotPositions)."""
     text = MAIN.read_text()
-    body = text[text.index("// STAR_TENSORS_BEGIN") : text.index("// STAR_TENSORS_END")]
+    body = text[text.index(f"// STAR_{block}_BEGIN") : text.index(f"// STAR_{block}_END")]
     rows = re.findall(r'\{Graph::k(\w+), Mode::k(\w+), "([^"]+)", DType::k(\w+)\}', body)
     assert rows, "no tensor table in main.cpp"
     return [(g.lower(), m.lower(), name, CPP_DTYPES[d]) for g, m, name, d in rows]
@@ -173,7 +186,8 @@ def test_tensor_table_is_exactly_the_manifest(any_export):
     its decode rows are the one decode graph."""
     manifest = json.loads((any_export / "manifest.json").read_text())
     layers = manifest["model"]["geometry"]["num_layers"]
-    in_cpp = {(g, m, n, d) for g, m, pattern, d in table() for n in expand(pattern, layers)}
+    rows = table() + (table("SLOT_POSITIONS") if slot_positions(manifest) else [])
+    in_cpp = {(g, m, n, d) for g, m, pattern, d in rows for n in expand(pattern, layers)}
     graphs = [(lv["graph"], "prefill") for lv in manifest["star"]["levels"]] + [("decode", "decode")]
     assert len(graphs) == len(manifest["graphs"])
     for graph, role in graphs:
@@ -196,7 +210,7 @@ def test_every_name_main_binds_is_in_the_table_and_every_tensor_is_bound():
     assert len(calls) == len(re.findall(r"\b(?:prefill|decode)\.(?:set_shape|bind)\(", code)), (
         "a set_shape/bind call whose tensor name is not a literal"
     )
-    rows = {(g, n): m for g, m, n, _ in table()}
+    rows = {(g, n): m for g, m, n, _ in table() + table("SLOT_POSITIONS")}
     for graph, call, name in calls:
         assert (graph, name) in rows, f"{graph}.{call}({name!r}) is not in the tensor table"
         if call == "set_shape":
@@ -235,6 +249,7 @@ def test_generated_header_matches_the_manifest(any_export, tmp_path):
         "kVocab": geo["vocab_size"],
         "kKvHeads": geo["num_kv_heads"],
         "kHeadDim": geo["head_dim"],
+        "kSlotPositions": int(slot_positions(manifest)),
         "kImageTokenId": manifest["image_token_id"],
         "kMaxBatch": min(prefill["batch"], decode["batch"]),
         "kMaxTextLen": prefill["text_len"],
@@ -378,9 +393,14 @@ GXX = ["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror"]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
-@pytest.mark.parametrize("header", ["committed", "generated", "generated-levels"])
+@pytest.mark.parametrize("header", ["committed", "generated", "generated-levels", "generated-slot-positions"])
 def test_main_cpp_is_well_formed_against_stub_headers(request, tmp_path, header):
-    export = {"committed": None, "generated": "export", "generated-levels": "levels_export"}[header]
+    export = {
+        "committed": None,
+        "generated": "export",
+        "generated-levels": "levels_export",
+        "generated-slot-positions": "gemma_export",
+    }[header]
     main = _sources(tmp_path, header, request.getfixturevalue(export) if export else None)
     proc = subprocess.run(
         [*GXX, "-fsyntax-only", f"-I{tmp_path / 'stubs'}", str(main)],

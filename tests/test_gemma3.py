@@ -7,7 +7,8 @@ Gemma3ForConditionalGeneration (with token_type_ids: the bidirectional image blo
 against the row alone, the attention mask (bidirectional over the KEPT image tokens, the window in
 ORIGINAL positions, with a window small enough to bite), the exported graphs in onnxruntime, greedy
 decoding against transformers' generate, the real Gemma3Processor's prompts, the CLI with
-``--model DIR``, and the refusals (one line, exit 2, nothing written).
+``--model DIR``, and the refusals (one line, exit 2, nothing written). Decoding past a window shorter
+than the prompt and the answer: tests/test_gemma3_window.py.
 """
 
 from __future__ import annotations
@@ -211,8 +212,7 @@ def test_the_pruned_mask_is_bidirectional_on_kept_image_tokens_and_windowed_in_o
 
 @pytest.fixture(scope="module")
 def narrow(_isolated_cache):
-    """gemma3-tiny with a sliding window of 12: the window cuts into every prompt (never exported:
-    the profile check refuses it; the prefill rewrite applies it)."""
+    """gemma3-tiny with a sliding window of 12: the window cuts into every prompt."""
     from star_export.load import load, materialise
     from star_export.recipes import load_recipe
 
@@ -404,7 +404,6 @@ def _set(path: str, value):
             [],
             "resizes to 96x96, the vision tower takes 64x64",
         ),
-        ("window", _set("config.text_config.sliding_window", 512), [], "beyond the sliding window of 512"),
         (
             "rope",
             _set(

@@ -13,7 +13,9 @@
 //      (pad_b = T - real_b), in both layouts, and every new token appends a 1;
 //   3. the first new token sits at the ORIGINAL position real_b - 1 + N (the unpruned count), +1 per step;
 //   4. each decode step feeds the chosen token, its position, both masks and past.{i}.* = the previous
-//      present.{i}.*: every layer's cache grows by one (ping-pong buffers, no copies).
+//      present.{i}.*: every layer's cache grows by one (ping-pong buffers, no copies); where the graphs
+//      carry each cached slot's original position (star_model::kSlotPositions: Gemma 3's sliding
+//      window), past_positions_l1/_l2 = the previous present_positions_l1/_l2 the same way.
 //
 // Input is pre-tokenised (raw little-endian files, see README.md): pixel_values float32
 // [B, 3, S, S], input_ids and attention_mask int64 [B, T] (left padded, ONE image placeholder per row).
@@ -89,6 +91,19 @@ constexpr TensorSpec kTensors[] = {
 };
 // STAR_TENSORS_END
 
+// Only where star_model::kSlotPositions (the export's decode graph takes past_positions_l1/_l2): each
+// cached slot's original position, output by the prefill and carried by every decode step.
+// STAR_SLOT_POSITIONS_BEGIN
+constexpr TensorSpec kSlotPositionTensors[] = {
+    {Graph::kPrefill, Mode::kOutput, "present_positions_l1", DType::kInt64},
+    {Graph::kPrefill, Mode::kOutput, "present_positions_l2", DType::kInt64},
+    {Graph::kDecode, Mode::kInput, "past_positions_l1", DType::kInt64},
+    {Graph::kDecode, Mode::kInput, "past_positions_l2", DType::kInt64},
+    {Graph::kDecode, Mode::kOutput, "present_positions_l1", DType::kInt64},
+    {Graph::kDecode, Mode::kOutput, "present_positions_l2", DType::kInt64},
+};
+// STAR_SLOT_POSITIONS_END
+
 const char* graph_name(Graph g) { return g == Graph::kPrefill ? "prefill" : "decode"; }
 
 std::string layer_name(const std::string& pattern, int layer) {
@@ -109,6 +124,9 @@ std::map<std::string, TensorSpec> expanded(Graph graph) {
         } else {
             for (int i = 0; i < star_model::kNumLayers; ++i) out.emplace(layer_name(pattern, i), t);
         }
+    }
+    for (const TensorSpec& t : kSlotPositionTensors) {
+        if (star_model::kSlotPositions && t.graph == graph) out.emplace(t.name, t);
     }
     return out;
 }
@@ -335,6 +353,11 @@ int run(const Args& a) {
     DeviceBuffer d_token(B * 8), d_position(B * 8);
     DeviceBuffer d_mask_l1(B * (L1 + a.max_new_tokens) * 8), d_mask_l2(B * (L2 + a.max_new_tokens) * 8);
     std::vector<std::unique_ptr<DeviceBuffer>> cache[2];  // [set][2 * layer + (0 key, 1 value)]
+    std::vector<std::unique_ptr<DeviceBuffer>> slot_pos[2];  // [set][0: layers < K, 1: >= K] (kSlotPositions)
+    for (auto& set : slot_pos) {
+        if (!star_model::kSlotPositions) break;
+        for (const int64_t slots : {L1, L2}) set.push_back(std::make_unique<DeviceBuffer>(B * (slots + a.max_new_tokens) * 8));
+    }
     for (auto& set : cache) {
         for (int i = 0; i < kNumLayers; ++i) {
             const int64_t slots = (i < kLayerK ? L1 : L2) + a.max_new_tokens;
@@ -363,6 +386,10 @@ int run(const Args& a) {
     for (int i = 0; i < kNumLayers; ++i) {
         prefill.bind(layer_name("present.{i}.key", i), cache[0][2 * i]->get());
         prefill.bind(layer_name("present.{i}.value", i), cache[0][2 * i + 1]->get());
+    }
+    if (star_model::kSlotPositions) {  // each cached slot's original position (-1 at padding)
+        prefill.bind("present_positions_l1", slot_pos[0][0]->get());
+        prefill.bind("present_positions_l2", slot_pos[0][1]->get());
     }
     if (!prefill.context->allInputDimensionsSpecified()) throw std::runtime_error("prefill: input shapes missing");
     if (!prefill.context->enqueueV3(stream)) throw std::runtime_error("prefill: enqueueV3 failed");
@@ -426,6 +453,14 @@ int run(const Args& a) {
             decode.bind(layer_name("past.{i}.value", i), cache[cur][2 * i + 1]->get());
             decode.bind(layer_name("present.{i}.key", i), cache[1 - cur][2 * i]->get());
             decode.bind(layer_name("present.{i}.value", i), cache[1 - cur][2 * i + 1]->get());
+        }
+        if (star_model::kSlotPositions) {  // carried like the caches: the new position is appended
+            decode.set_shape("past_positions_l1", dims({B, p1}));
+            decode.set_shape("past_positions_l2", dims({B, p2}));
+            decode.bind("past_positions_l1", slot_pos[cur][0]->get());
+            decode.bind("past_positions_l2", slot_pos[cur][1]->get());
+            decode.bind("present_positions_l1", slot_pos[1 - cur][0]->get());
+            decode.bind("present_positions_l2", slot_pos[1 - cur][1]->get());
         }
         if (!decode.context->allInputDimensionsSpecified()) throw std::runtime_error("decode: input shapes missing");
         if (!decode.context->enqueueV3(stream)) throw std::runtime_error("decode: enqueueV3 failed");

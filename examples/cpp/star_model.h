@@ -13,6 +13,7 @@ constexpr int64_t kImageSize = 336;  // pixel_values: [B, 3, kImageSize, kImageS
 constexpr int64_t kVocab = 1024;  // logits: [B, kVocab]
 constexpr int64_t kKvHeads = 2;  // present/past: [B, kKvHeads, S, kHeadDim]
 constexpr int64_t kHeadDim = 16;
+constexpr int32_t kSlotPositions = 0;  // 1: the graphs carry each cached slot's original position (present_positions_* -> past_positions_*)
 constexpr int64_t kImageTokenId = 1000;  // the ONE placeholder per prompt row
 constexpr int64_t kMaxBatch = 8;  // maxima of the export's ONNX ranges (no engines recorded)
 constexpr int64_t kMaxTextLen = 512;

@@ -20,6 +20,7 @@ import torch
 
 from star_export import cost as cost_mod
 from star_export.bench.timing import Log, RssSampler, Stats
+from star_export.contract import carried
 from star_export.errors import UsageError
 from star_export.geometry import Geometry
 from star_export.star import StarConfig
@@ -71,8 +72,7 @@ def decode_numpy(
     m1 = (np.arange(text_len - 1 + cfg.keep1)[None] >= pad[:, None]).astype(np.int64)
     m2 = (np.arange(text_len - 1 + cfg.keep2)[None] >= pad[:, None]).astype(np.int64)
     position = real - 1 + geo.n_visual
-    names = [f"{i}.{k}" for i in range(geo.num_layers) for k in ("key", "value")]
-    pasts = {f"past.{n}": first[f"present.{n}"] for n in names}
+    pasts = {carried(n): v for n, v in first.items() if carried(n)}  # caches (+ slot positions)
     logits = first["logits"]
     one = np.ones((batch, 1), dtype=np.int64)
     for step in range(steps):
@@ -89,7 +89,7 @@ def decode_numpy(
             }
         )
         logits = out["logits"]
-        pasts = {f"past.{n}": out[f"present.{n}"] for n in names}
+        pasts = {carried(n): v for n, v in out.items() if carried(n)}
     return batch * steps
 
 

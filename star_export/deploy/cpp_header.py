@@ -108,6 +108,12 @@ def cpp_header(manifest: Mapping[str, Any]) -> str:
         ("int64_t", "kVocab", geo["vocab_size"], "logits: [B, kVocab]"),
         ("int64_t", "kKvHeads", geo["num_kv_heads"], "present/past: [B, kKvHeads, S, kHeadDim]"),
         ("int64_t", "kHeadDim", geo["head_dim"], ""),
+        (
+            "int32_t",
+            "kSlotPositions",
+            int(_input_shape(graphs["decode"], "past_positions_l1") is not None),
+            "1: the graphs carry each cached slot's original position (present_positions_* -> past_positions_*)",
+        ),
         ("int64_t", "kImageTokenId", manifest["image_token_id"], "the ONE placeholder per prompt row"),
         ("int64_t", "kMaxBatch", limits["batch"], f"maxima of {source}"),
         ("int64_t", "kMaxTextLen", limits["text_len"], ""),

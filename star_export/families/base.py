@@ -66,6 +66,10 @@ class Family:
     architecture: ClassVar[str]  # the transformers class
     options: ClassVar[frozenset[str]] = frozenset()  # layout options it takes: "grid", "image_size"
     text_models: ClassVar[frozenset[str] | None] = LLAMA_FAMILY  # text decoders it runs (None: its own)
+    # The decode graph needs each cached slot's ORIGINAL position (a sliding window counted in original
+    # positions): the prefill then outputs ``present_positions_l1`` / ``_l2`` and the decode graph takes
+    # ``past_positions_l1`` / ``_l2`` and returns them with the new token's appended (``contract``).
+    slot_positions: ClassVar[bool] = False
 
     # ---- 1. recognise the checkpoint ---------------------------------------------------------------
     def check_config(self, cfg: dict[str, Any], where: str) -> None:
@@ -99,7 +103,7 @@ class Family:
     def check_profile(self, config: Any, geo: Geometry, longest: int) -> None:
         """Refuse (UsageError) an export profile the graphs cannot serve exactly; ``longest`` is the
         longest sequence it admits in original positions (text_len max - 1 + n_positions +
-        max_new_tokens), e.g. one beyond a sliding window the decode graph does not apply. Default none."""
+        max_new_tokens). Default none."""
 
     # ---- 3. the exported modules ----------------------------------------------------------------
     def prefill_module(self, model: Any, geo: Geometry, cfg: Any) -> torch.nn.Module:

@@ -34,15 +34,15 @@ image (the span: keep1 slots before layer K, keep2 from K on; dropped tokens are
 keys and queries), padding keys masked, and for sliding layers the window counted in ORIGINAL
 positions (``pos_q - pos_k < sliding_window``, the unpruned model's distance).
 
-The decode graph has no original position per cached slot (the generic decode contract gives the
-new token's position and 0/1 masks only; the kept image tokens' offsets are not recoverable from
-them), so the window cannot be applied there exactly. The static choice: an export whose profile
-admits a sequence longer than the window in original positions (text_len max - 1 + N +
-max_new_tokens > sliding_window) is refused (``check_profile``). Within an accepted profile every
-query-key distance is below the window, sliding layers attend exactly like global ones, and the
-decode graph needs nothing new; the prefill mask applies the window anyway (a no-op within the
-profile, correct outside it). Real checkpoints: window 1024 with N = 256 admits text_len max +
-max_new_tokens <= 769 (the generic 512 + 256 profile fits).
+The decode step applies the same window. The 0/1 decode masks cannot say how far behind a cached
+slot lies (after pruning, slot distance is not position distance), so the family sets
+``slot_positions``: the prefill also outputs each cached slot's original position
+(``present_positions_l1`` (B, L1), ``present_positions_l2`` (B, L2), -1 at left padding), and the
+decode graph takes them as ``past_positions_l1`` / ``_l2`` and returns them with the new token's
+``position_ids`` appended, carried from step to step like the key/value caches (``contract.carried``).
+Global layers use the generic decode mask; sliding layers also mask every slot with
+``pos_new - pos_slot >= sliding_window`` (``window_ok``, the prefill's rule). So decode is exact at
+any length: no profile limit, long answers and long chats past the window.
 
 Decoder (``run_layer``): Gemma 3's block, ``h + post_attention_layernorm(attn(input_layernorm(h)))``
 then ``h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``; q_norm / k_norm per head
@@ -133,10 +133,10 @@ def pool_patches(projector: nn.Module, hidden: torch.Tensor, patches: int) -> to
     return projector.avg_pool(grid).flatten(2).transpose(1, 2)  # (B, t*t, dv)
 
 
-def window_ok(pos: torch.Tensor, window: int) -> torch.Tensor:
+def window_ok(pos_q: torch.Tensor, pos_k: torch.Tensor, window: int) -> torch.Tensor:
     """Query-key pairs within a sliding window counted in original positions: pos_q - pos_k < window.
-    pos: (B, L) -> (B, L, L) bool [b, q, k]"""
-    return (pos.unsqueeze(2) - pos.unsqueeze(1)) < window
+    pos_q: (B, Lq), pos_k: (B, Lk) -> (B, Lq, Lk) bool [b, q, k]"""
+    return (pos_q.unsqueeze(2) - pos_k.unsqueeze(1)) < window
 
 
 # ---------------------------------------------------------------------------- the exported modules
@@ -166,7 +166,7 @@ class Gemma3Text(TextLayers):
         """Gemma3DecoderLayer: four norms (input, post-attention, pre- and post-feedforward)."""
         kind = self.layer_types[i]
         cos, sin = rope[kind]
-        m = mask[kind] if isinstance(mask, dict) else mask  # decode: one mask for both kinds
+        m = mask[kind] if isinstance(mask, dict) else mask  # one mask for both kinds: no sliding layer
         a, k, v, probs = decoder_attention(
             layer.self_attn, layer.input_layernorm(h), cos, sin, m, self.geo.head_dim, past
         )
@@ -209,18 +209,41 @@ class Gemma3Prefill(Gemma3Text, StarPrefill):
         neg = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=valid.device)
         masks = {"full_attention": torch.where(allowed, zero, neg).unsqueeze(1)}
         if "sliding_attention" in self.layer_types:
-            near = allowed & window_ok(pos, self.window) if self.window else allowed
+            near = allowed & window_ok(pos, pos, self.window) if self.window else allowed
             masks["sliding_attention"] = torch.where(near, zero, neg).unsqueeze(1)
         return masks
 
 
 class Gemma3Decode(Gemma3Text, StarDecode):
-    """One decode step: the generic masks serve both layer types (the profile keeps every distance
-    within the sliding window, see the module docstring); RoPE per layer type."""
+    """One decode step: RoPE per layer type, the generic mask for global layers and, for sliding
+    layers, the window in original positions from the carried slot positions."""
 
     def __init__(self, model: nn.Module, geometry: Geometry, cfg: StarConfig):
         super().__init__(model, geometry, cfg)
         self.bind_gemma(model)
+
+    def decode_masks(
+        self,
+        mask_l1: torch.Tensor,
+        mask_l2: torch.Tensor,
+        position_ids: torch.Tensor,
+        slot_pos: tuple[torch.Tensor, ...],
+    ) -> tuple[Any, Any]:
+        """Per group (layers < K, >= K) additive masks (B, 1, 1, P + 1) float32 per layer type: padding
+        masked; sliding layers also ``position_ids - slot position < sliding_window``."""
+        if len(slot_pos) != 2:  # a decode contract without past_positions_l1/_l2 (an older export)
+            raise ValueError("Gemma 3 decode needs past_positions_l1 / past_positions_l2: re-export")
+        out = []
+        for mask, pos in zip((mask_l1, mask_l2), slot_pos, strict=True):
+            allowed = mask.to(torch.bool).unsqueeze(1)  # (B, 1, P + 1)
+            zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+            neg = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=mask.device)
+            masks = {"full_attention": torch.where(allowed, zero, neg).unsqueeze(1)}
+            if "sliding_attention" in self.layer_types:
+                near = allowed & window_ok(position_ids, pos, self.window) if self.window else allowed
+                masks["sliding_attention"] = torch.where(near, zero, neg).unsqueeze(1)
+            out.append(masks)
+        return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------- the family
@@ -231,6 +254,7 @@ class Gemma3(Family):
     model_type = "gemma3"
     architecture = "Gemma3ForConditionalGeneration"
     text_models = frozenset({"gemma3_text"})
+    slot_positions = True  # the decode graph's sliding layers need each cached slot's original position
 
     # ---- 1. recognise ---------------------------------------------------------------------------
     def check_config(self, cfg: dict[str, Any], where: str) -> None:
@@ -293,18 +317,6 @@ class Gemma3(Family):
             raise UsageError(
                 f"the checkpoint's image processor resizes to {hw[0]}x{hw[1]}, the vision tower takes "
                 f"{geo.image_size}x{geo.image_size} (preprocessor_config.json size)"
-            )
-
-    def check_profile(self, config: Any, geo: Geometry, longest: int) -> None:
-        """Refuse a profile whose longest sequence (original positions) exceeds the sliding window:
-        the decode graph cannot apply the window (see the module docstring)."""
-        tc = config.text_config
-        window = getattr(tc, "sliding_window", None)
-        if window and "sliding_attention" in tc.layer_types and longest > window:
-            raise UsageError(
-                f"the profile admits sequences of {longest} positions (text_len max - 1 + {geo.n_positions} "
-                f"image tokens + max_new_tokens), beyond the sliding window of {window}: the decode graph "
-                "applies no window; lower [profile] text_len / max_new_tokens"
             )
 
     # ---- 3. the exported modules ----------------------------------------------------------------

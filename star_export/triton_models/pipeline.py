@@ -15,7 +15,8 @@ are the only code of the project it loads. Per request (batch B rows, one image 
 3. greedy loop over the ``decode`` model (BLS; one decode model serves every level: its two past
    lengths are dynamic), exactly as ``star_export.runtime.generate``:
    cached-slot masks ``[0]*pad + [1]*(L - pad)``, first new position ``real - 1 + n_positions``, both
-   masks with a 1 appended per step, ``past.{i}.*`` = previous ``present.{i}.*``;
+   masks with a 1 appended per step, ``past.{i}.*`` = previous ``present.{i}.*`` (every output named
+   ``present*`` feeds the input ``past*``: also ``past_positions_l1/_l2`` where the export has them);
 4. detokenise.
 
 Inputs: ``image`` (BYTES [B, 1], a PNG/JPEG file's bytes), ``prompt`` (BYTES [B, 1], UTF-8),
@@ -134,7 +135,10 @@ class TritonPythonModel:
         self.past_max2 = int(params.get("past_len_l2_max") or decode_dims["past_len_l2"]["max"])
         prefill_inputs = {t["name"]: t for t in default_graph["inputs"]}
         self.pixel_dtype = np.dtype(prefill_inputs["pixel_values"]["dtype"])
-        self.present_names = [f"present.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+        # carried from step to step: present.{i}.* and, where the family has them, present_positions_*
+        self.present_names = [
+            t["name"] for t in graphs["decode"]["outputs"] if t["name"].startswith("present")
+        ]
 
         # pre-processing exactly as star_export.preprocess: the manifest's image section, carried out
         # by the copy of star_export/encoding.py that `triton` puts beside this file
@@ -205,9 +209,9 @@ class TritonPythonModel:
         return {name: pb_utils.get_output_tensor_by_name(response, name) for name in outputs}
 
     def _pasts(self, out: dict) -> list:
-        """present.{i}.* of one step -> past.{i}.* of the next (renamed, not copied: DLPack)."""
+        """present* of one step -> past* of the next (renamed, not copied: DLPack)."""
         return [
-            pb_utils.Tensor.from_dlpack(n.replace("present.", "past.", 1), out[n]) for n in self.present_names
+            pb_utils.Tensor.from_dlpack(n.replace("present", "past", 1), out[n]) for n in self.present_names
         ]
 
     def _generate(
