@@ -168,3 +168,20 @@ def test_declared_dtypes_reads_onnxruntime_types():
 
     args = [_Arg("pixel_values", "tensor(float16)"), _Arg("input_ids", "tensor(int64)")]
     assert declared_dtypes(args) == {"pixel_values": "float16", "input_ids": "int64"}
+
+
+def test_a_bf16_export_on_onnxruntime_is_refused_in_one_line(cli_export, tmp_path, capsys):
+    """onnxruntime's CPU provider has no bfloat16 kernels: ``generate --from`` a bf16 export (here a
+    copy of the fp16 one whose manifest declares bfloat16) exits 2 with one line naming the way out."""
+    import shutil
+
+    name, args = FAMILIES["llava-tiny"]
+    source = tmp_path / "bf16"
+    shutil.copytree(cli_export(name, *args), source)
+    manifest = source / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"float16"', '"bfloat16"'))
+    argv = ["generate", "--from", str(source), "--image", str(IMAGES[0]), "--prompt", PROMPTS[0]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a bf16 export cannot run in onnxruntime's CPU provider" in err[0], err
+    assert "--runtime torch" in err[0]
