@@ -23,6 +23,10 @@ expanded), LEFT padding, at least one token after the placeholder.
 the image where the processor writes more text around its placeholder (say, image tokens between
 start/end-of-image tokens): the chat-templated text gets every M replaced by X, which holds
 ``image_token`` (the spec's, not the processor's) once.
+
+Pixels are always made in float32; :func:`cast_inputs` casts every input to the dtype its graph
+declares (an fp16 export takes fp16 pixels and pasts). Every runtime feeds the graphs through it:
+onnxruntime, the PyTorch rewrite, TensorRT and the Triton pipeline.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +272,69 @@ def encode_prompts(
         input_ids[b, length - len(ids) :] = ids
         attention_mask[b, length - len(ids) :] = 1
     return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------- graph inputs
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+ONNX_TENSOR_TYPES = {  # onnxruntime NodeArg.type -> numpy dtype name
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+
+
+def declared_dtypes(inputs: Iterable[Any]) -> dict[str, str]:
+    """{input name: dtype name} of a graph's inputs as the graph declares them: manifest entries
+    (``{"name", "dtype"}``), contract ``TensorSpec``s (``.dtype``) or onnxruntime ``NodeArg``s
+    (``.type``, e.g. ``tensor(float16)``)."""
+    out = {}
+    for t in inputs:
+        if isinstance(t, Mapping):
+            out[str(t["name"])] = str(t["dtype"])
+        elif hasattr(t, "dtype"):
+            out[str(t.name)] = str(t.dtype)
+        else:
+            out[str(t.name)] = ONNX_TENSOR_TYPES.get(str(t.type), str(t.type))
+    return out
+
+
+def _kind(value: Any) -> str:
+    """The numpy kind letter of an array or torch tensor ("f" float, "i" integer, unsigned counted as "i")."""
+    if hasattr(value, "is_floating_point"):  # a torch tensor (bfloat16 has no numpy dtype)
+        return "f" if value.is_floating_point() else "i"
+    kind = np.asarray(value).dtype.kind
+    return "i" if kind == "u" else kind
+
+
+def cast_inputs(
+    feeds: Mapping[str, Any],
+    declared: Mapping[str, str],
+    bfloat16: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
+    """``feeds`` with every input in the dtype its graph declares (``declared``: :func:`declared_dtypes`):
+    floating-point values to the declared float type (float32 pixels reach an fp16 graph as fp16),
+    integer values to the declared integer type (int32 ids -> int64). A value of the other kind (a float
+    for an integer input) and an input the graph does not declare are passed as given, for the runtime
+    to reject. bfloat16, which numpy cannot hold, goes through ``bfloat16`` (the PyTorch rewrite and
+    TensorRT pass a converter to a torch tensor); without one a bfloat16 input is a TypeError."""
+    out: dict[str, Any] = {}
+    for name, value in feeds.items():
+        want = declared.get(name)
+        kind = _kind(value)
+        if want is None or (kind == "f") != (want in FLOAT_DTYPES) or kind not in "fi":
+            out[name] = value
+        elif want == "bfloat16":
+            if bfloat16 is None:
+                raise TypeError(
+                    f"input {name}: the graph declares bfloat16, which numpy cannot hold "
+                    "(feed it as a torch tensor, e.g. through DLPack)"
+                )
+            out[name] = bfloat16(value)
+        else:
+            out[name] = np.ascontiguousarray(value, dtype=want)
+    return out

@@ -16,6 +16,8 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from star_export.contract import GraphContract
+from star_export.encoding import cast_inputs, declared_dtypes
+from star_export.runtime import as_bfloat16
 
 
 def input_metadata(contract: GraphContract) -> TensorMetadata:
@@ -43,9 +45,14 @@ class TorchRunner(BaseRunner):
         return input_metadata(self.contract)
 
     def infer_impl(self, feed_dict):
+        fed = cast_inputs(
+            {n: feed_dict[n] for n in self.contract.input_names},
+            declared_dtypes(self.contract.inputs),
+            as_bfloat16,
+        )
         args = [
-            torch.from_numpy(np.ascontiguousarray(feed_dict[name])).to(self.device)
-            for name in self.contract.input_names
+            (v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))).to(self.device)
+            for v in fed.values()
         ]
         with torch.no_grad():
             start = time.perf_counter()

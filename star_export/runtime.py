@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from star_export.contract import GraphContract, carried
+from star_export.contract import FLOAT_DTYPES, GraphContract, carried
+from star_export.encoding import cast_inputs, declared_dtypes
 from star_export.geometry import Geometry
 from star_export.star import StarConfig, check_prompts
 
@@ -63,12 +64,26 @@ class OnnxruntimeBackend:
         )
         self._prefill_out = [o.name for o in self._prefill.get_outputs()]
         self._decode_out = [o.name for o in self.decode_session.get_outputs()]
+        # the graphs' declared input dtypes: float32 pixels become fp16 for an fp16 export
+        self._prefill_in = declared_dtypes(self._prefill.get_inputs())
+        self._decode_in = declared_dtypes(self.decode_session.get_inputs())
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._prefill_out, self._prefill.run(self._prefill_out, feeds), strict=True))
+        fed = cast_inputs(feeds, self._prefill_in)
+        return dict(zip(self._prefill_out, self._prefill.run(self._prefill_out, fed), strict=True))
 
     def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._decode_out, self.decode_session.run(self._decode_out, feeds), strict=True))
+        fed = cast_inputs(feeds, self._decode_in)
+        return dict(zip(self._decode_out, self.decode_session.run(self._decode_out, fed), strict=True))
+
+
+def as_bfloat16(value: Any) -> Any:
+    """A float array or tensor as a torch bfloat16 tensor (numpy has no bfloat16): ``cast_inputs``'
+    converter for the PyTorch rewrite and TensorRT."""
+    import torch
+
+    t = value if torch.is_tensor(value) else torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    return t.to(torch.bfloat16)
 
 
 class TorchBackend:
@@ -86,6 +101,7 @@ class TorchBackend:
         family = family_of(geo)
         self._torch = torch
         self._dtype = next(model.parameters()).dtype  # float inputs (pixels, pasts) are cast to it
+        self._float = str(self._dtype).removeprefix("torch.")
         self._prefill = family.prefill_module(model, geo, cfg).eval()
         self._decode = family.decode_module(model, geo, cfg).eval()
         self._pc, self._dc = prefill, decode
@@ -93,8 +109,9 @@ class TorchBackend:
 
     def _args(self, contract: GraphContract, feeds: dict[str, np.ndarray]) -> list:
         torch = self._torch
-        args = [torch.as_tensor(np.ascontiguousarray(feeds[n])) for n in contract.input_names]
-        return [a.to(self._dtype) if a.is_floating_point() else a for a in args]
+        declared = {t.name: (self._float if t.dtype in FLOAT_DTYPES else t.dtype) for t in contract.inputs}
+        fed = cast_inputs({n: feeds[n] for n in contract.input_names}, declared, as_bfloat16)
+        return [v if torch.is_tensor(v) else torch.as_tensor(np.ascontiguousarray(v)) for v in fed.values()]
 
     @staticmethod
     def _numpy(t) -> np.ndarray:

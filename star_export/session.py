@@ -166,6 +166,12 @@ def load_export(directory: str | Path, runtime: str = "onnxruntime") -> Pipeline
     if runtime == "onnxruntime":
         from star_export.runtime import OnnxruntimeBackend
 
+        if any(t.get("dtype") == "bfloat16" for t in graphs[held[0].graph].get("inputs", [])):
+            raise UsageError(
+                f"--from {directory}: a bf16 export cannot run in onnxruntime's CPU provider (no bfloat16 "
+                "kernels); use --runtime torch, or TensorRT engines on a GPU host"
+            )
+
         shared: dict[str, Any] = {}
 
         def backend_for(cfg: StarConfig) -> Any:  # one decode session for every level

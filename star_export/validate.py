@@ -76,11 +76,11 @@ def row_alone(feeds: OrderedDict[str, np.ndarray], b: int) -> OrderedDict[str, n
 
 
 def cast_pixels(feeds: dict[str, np.ndarray], dtype: str) -> OrderedDict[str, np.ndarray]:
-    """The feeds with pixel_values in ``dtype`` (numpy has no bfloat16: float32 stays)."""
-    out = OrderedDict(feeds)
-    if dtype != "bfloat16":
-        out["pixel_values"] = feeds["pixel_values"].astype(dtype)
-    return out
+    """The feeds with pixel_values in ``dtype`` (``encoding.cast_inputs``, as every runtime casts; numpy
+    has no bfloat16: float32 stays, the bf16 backends cast it themselves)."""
+    from star_export.encoding import cast_inputs
+
+    return OrderedDict(cast_inputs(feeds, {} if dtype == "bfloat16" else {"pixel_values": dtype}))
 
 
 # ---------------------------------------------------------------------------- one side vs the rewrite

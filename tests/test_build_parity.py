@@ -494,3 +494,86 @@ def test_engines_only_needs_the_recorded_report(engines_only_export, capsys):
     assert main(["validate", "--from", str(export), "--trt", "--engines-only"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report.json not found" in err[0] and "drop --engines-only" in err[0]
+
+
+# --------------------------------------------------------------- bf16: the cast path, once (issue #20)
+
+
+def test_trt_rows_on_a_bf16_export_feed_the_engines_bf16_tensors_once(monkeypatch, tmp_path, _isolated_cache):
+    """``validate --trt`` on a bf16 export used to crash (``trt_rows`` cast the feeds, ``TrtBackend`` cast
+    them again: ``np.asarray(<torch bf16>, dtype=float32)`` raises TypeError). A stand-in for polygraphy's
+    TrtRunner checks what an engine would be given (float inputs as torch bfloat16 tensors, the rest
+    int64 arrays) and answers with the bf16 PyTorch rewrite as torch tensors, as TrtRunner does for
+    torch inputs; the rows then compare it with the rewrite by the usual bf16 criterion. NOT TensorRT."""
+    import polygraphy.backend.common as poly_common
+    import polygraphy.backend.trt as poly_trt
+    import torch
+
+    from star_export.contract import decode_contract, prefill_contract
+    from star_export.load import load_recipe_model
+    from star_export.manifest import build_manifest
+    from star_export.recipes import load_recipe
+
+    loaded = load_recipe_model(load_recipe("llava-tiny"), dtype=torch.bfloat16)
+    geo, family, model = loaded.geometry, loaded.family, loaded.model
+    cfg = StarConfig.resolve(keep=16, keep1=None, layer=2, n_visual=geo.n_visual, num_layers=geo.num_layers)
+    pc = prefill_contract(geo, cfg, (1, 2, 8), (2, 24, 64), dtype="bfloat16")
+    dc = decode_contract(geo, cfg, (1, 2, 8), (2, 24, 64), 16, dtype="bfloat16")
+    manifest = build_manifest(
+        contracts=[pc, dc],
+        levels=[cfg],
+        geo=geo,
+        family=family,
+        model_dir=loaded.model_dir,
+        source=loaded.source,
+        files=[],
+        opset=18,
+        dtype="bfloat16",
+    )
+    manifest["engines"] = {g: {"path": f"{g}.plan", "dtype": "bf16"} for g in ("prefill", "decode")}
+    modules = {"prefill": (family.prefill_module(model, geo, cfg).eval(), pc)}
+    modules["decode"] = (family.decode_module(model, geo, cfg).eval(), dc)
+    given: dict[str, set] = {"prefill": set(), "decode": set()}
+
+    class EngineStandIn:
+        def __init__(self, engine, name):
+            self.graph, self.is_active = name.removeprefix("tensorrt-"), False
+
+        def activate(self):
+            self.is_active = True
+
+        def deactivate(self):
+            self.is_active = False
+
+        def infer(self, feed):
+            module, contract = modules[self.graph]
+            for spec in contract.inputs:
+                value = feed[spec.name]
+                if spec.dtype == "bfloat16":
+                    assert torch.is_tensor(value) and value.dtype == torch.bfloat16, (spec.name, type(value))
+                else:
+                    assert isinstance(value, np.ndarray) and value.dtype == spec.dtype, (
+                        spec.name,
+                        value.dtype,
+                    )
+                given[self.graph].add((spec.name.split(".")[0], str(value.dtype)))
+            with torch.no_grad():
+                outs = module(*(torch.as_tensor(feed[n]) for n in contract.input_names))
+            return dict(zip(contract.output_names, outs, strict=True))
+
+    monkeypatch.setattr(poly_common, "BytesFromPath", lambda path: path)
+    monkeypatch.setattr(poly_trt, "EngineFromBytes", lambda data: data)
+    monkeypatch.setattr(poly_trt, "TrtRunner", EngineStandIn)
+    monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in), no GPU"))
+    feeds = [make_inputs(geo, batch=b, text_len=20, seed=b) for b in (2, 1)]
+    rows = trt_rows(manifest, tmp_path, model, feeds, (1e-6, 1e-6), steps=3)
+    assert given["prefill"] == {
+        ("pixel_values", "torch.bfloat16"),
+        ("input_ids", "int64"),
+        ("attention_mask", "int64"),
+    }
+    assert ("past", "torch.bfloat16") in given["decode"] and ("position_ids", "int64") in given["decode"]
+    checks = {r["check"] for r in rows}
+    assert {"tensorrt bf16 vs torch bf16 (feed 0)", "tensorrt bf16 vs torch bf16 (feed 1)"} <= checks
+    assert "generate tensorrt bf16 vs torch bf16 (3 steps, teacher-forced)" in checks
+    assert rows and all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]

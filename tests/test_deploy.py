@@ -1,5 +1,6 @@
 """star_export.deploy checks that need no Triton server: the tensorrt_plan repository refuses engines
-whose optimization profile does not start at batch 1 (Triton sends batch-1 requests)."""
+whose optimization profile does not start at batch 1 (Triton sends batch-1 requests); `triton`
+refuses a bf16 export (the pipeline cannot carry bfloat16)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,30 @@ def test_tensorrt_repository_with_batch_1_profiles(export, tmp_path, min_batch):
     if min_batch is not None:
         assert repo.limits["batch"] == 4  # the profile's max batch
     assert (tmp_path / "repo" / "prefill" / "1" / "model.plan").is_file()
+
+
+def _as_bf16(export: Path, target: Path) -> Path:
+    """A copy of an fp16 export whose manifest declares bfloat16 (what a bf16 export records)."""
+    shutil.copytree(export, target)
+    path = target / "manifest.json"
+    path.write_text(path.read_text().replace('"float16"', '"bfloat16"'))
+    return target
+
+
+def test_triton_refuses_a_bf16_export_in_one_line(cli_export, tmp_path, capsys):
+    """The Triton pipeline cannot carry bfloat16 (pb_utils.Tensor; numpy has no bfloat16): ``triton``
+    refuses a bf16 export, exit 2, one line, nothing written; the same export in fp16 is served."""
+    from star_export.cli import main
+
+    fp16 = cli_export("llava-keep16-fp16", "--keep", "16", "--dtype", "fp16")  # shared with test_half
+    source = _as_bf16(fp16, tmp_path / "bf16")
+    code = main(["triton", "--from", str(source), "--repo", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "a bf16 export cannot be served by the Triton pipeline" in err[0] and "--dtype fp16" in err[0]
+    assert "graphs decode, prefill" in err[0] and not (tmp_path / "r").exists()
+    with pytest.raises(UsageError, match="bf16 export"):
+        deploy.write_repository(source, tmp_path / "r", "onnxruntime")
+    repo = deploy.write_repository(fp16, tmp_path / "r16", "python")
+    config = (tmp_path / "r16" / "prefill" / "config.pbtxt").read_text()
+    assert repo.backend == "python" and "TYPE_FP16" in config

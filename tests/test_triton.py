@@ -913,6 +913,26 @@ def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     assert texts == [pre.decode(t) for t in tokens]
 
 
+def test_an_fp16_export_on_a_real_server_equals_load_export(tmp_path_factory, cli_export, images):
+    """An fp16 export served by tritonserver: the pipeline casts its float32 pixels to the graphs'
+    declared fp16 (``star_encoding.cast_inputs``, as every runtime) and answers as
+    ``load_export(dir).generate`` does, token for token (issue #20)."""
+    from star_export.session import load_export
+
+    export = cli_export("llava-keep16-fp16", "--keep", "16", "--dtype", "fp16")  # shared with test_half
+    rows, prompts = images[:2], PROMPTS[:2]
+    expected = load_export(export).generate(rows, prompts, max_new_tokens=4)
+    with serving(export, tmp_path_factory, "triton-fp16", pipeline_instances=1) as srv:
+        module, client = http_client(srv)
+        try:
+            assert client.get_model_config("prefill")["input"][0]["data_type"] == "TYPE_FP16"
+            result = client.infer("pipeline", pipeline_inputs(module, rows, prompts, max_new=4))
+        finally:
+            client.close()
+    tokens, texts = answer(result)
+    assert tokens == expected.result.tokens and texts == expected.answers
+
+
 # ------------------------------------------------------------------- several keep levels, one server
 @pytest.fixture(scope="module")
 def levels_server(levels_export, tmp_path_factory):

@@ -21,6 +21,7 @@ import numpy as np
 from star_export import cost as cost_mod
 from star_export.bench.timing import Log, Stats
 from star_export.bench.variants import CallRunner, Variant, interleave
+from star_export.encoding import cast_inputs, declared_dtypes
 
 SCORING_SOURCES = ("topk_sorted(", "stage1_scores(", "stage2_scores(")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
@@ -77,13 +78,16 @@ class OrtBackend:
         self._decode = ort_session(decode_path, options) if decode_path else None
         self._pout = [o.name for o in self._prefill.get_outputs()]
         self._dout = [o.name for o in self._decode.get_outputs()] if self._decode else []
+        self._pin = declared_dtypes(self._prefill.get_inputs())  # float32 pixels -> an fp16 graph's fp16
+        self._din = declared_dtypes(self._decode.get_inputs()) if self._decode else {}
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._pout, self._prefill.run(self._pout, feeds), strict=True))
+        fed = cast_inputs(feeds, self._pin)
+        return dict(zip(self._pout, self._prefill.run(self._pout, fed), strict=True))
 
     def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self._decode is not None
-        return dict(zip(self._dout, self._decode.run(self._dout, feeds), strict=True))
+        return dict(zip(self._dout, self._decode.run(self._dout, cast_inputs(feeds, self._din)), strict=True))
 
     def end_profiling(self) -> str:
         return self._prefill.end_profiling()

@@ -29,19 +29,14 @@ ELEMENT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _feed(contract: GraphContract, feeds: Mapping[str, Any]) -> dict[str, Any]:
-    """Inputs cast to the contract's dtypes (bfloat16 as torch tensors: numpy has no bfloat16)."""
-    import numpy as np
+    """The contract's inputs cast to its dtypes (``encoding.cast_inputs``; bfloat16 as torch tensors:
+    numpy has no bfloat16). Casting twice is harmless: a bf16 tensor stays one."""
+    from star_export.encoding import cast_inputs, declared_dtypes
+    from star_export.runtime import as_bfloat16
 
-    out: dict[str, Any] = {}
-    for spec in contract.inputs:
-        value = feeds[spec.name]
-        if spec.dtype == "bfloat16":
-            import torch
-
-            out[spec.name] = torch.as_tensor(np.asarray(value, dtype=np.float32)).to(torch.bfloat16)
-        else:
-            out[spec.name] = np.ascontiguousarray(np.asarray(value, dtype=spec.dtype))
-    return out
+    return cast_inputs(
+        {n: feeds[n] for n in contract.input_names}, declared_dtypes(contract.inputs), as_bfloat16
+    )
 
 
 def _numpy(x: Any) -> Any:
@@ -200,7 +195,7 @@ def trt_rows(
         with backend as got:
             name = f"{got.name} {SHORT[dtype]}"
             for i, feeds in enumerate(feeds_list):
-                out = got.prefill(_feed(prefill, feeds))
+                out = got.prefill(dict(feeds))  # the backend casts to the contract's dtypes
                 check_side(
                     report,
                     f"{name} vs torch {SHORT[model_dtype]} (feed {i})",

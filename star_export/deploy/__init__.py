@@ -69,6 +69,7 @@ from star_export.deploy.readme import repository_readme
 from star_export.deploy.settings import BACKENDS, Repository, RepositorySettings, check_settings
 from star_export.deploy.source import (
     batch_first,
+    check_servable,
     find_engines,
     graph_names,
     levels_of,
@@ -134,6 +135,7 @@ def write_repository(
     )
     check_settings(settings)
     manifest = read_export(from_dir)
+    check_servable(from_dir, manifest)  # bf16: refused here, not at the server's first request
     graphs = manifest["graphs"]
     names = graph_names(manifest)  # every level's prefill graph, then decode
     for g in names:

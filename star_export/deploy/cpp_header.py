@@ -111,7 +111,7 @@ def cpp_header(manifest: Mapping[str, Any]) -> str:
         (
             "int32_t",
             "kSlotPositions",
-            int(_input_shape(graphs["decode"], "past_positions_l1") is not None),
+            int(_input_shape(manifest["graphs"]["decode"], "past_positions_l1") is not None),
             "1: the graphs carry each cached slot's original position (present_positions_* -> past_positions_*)",
         ),
         ("int64_t", "kImageTokenId", manifest["image_token_id"], "the ONE placeholder per prompt row"),

@@ -37,6 +37,21 @@ def read_export(from_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_servable(from_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """A one-line UsageError for an export the Triton pipeline cannot serve: bfloat16 tensors, which the
+    Python backend's ``pb_utils.Tensor`` cannot carry (``as_numpy()`` has no BF16; numpy has no bfloat16)."""
+    bf16 = sorted(
+        g
+        for g, graph in manifest["graphs"].items()
+        if any(t.get("dtype") == "bfloat16" for t in (*graph.get("inputs", []), *graph.get("outputs", [])))
+    )
+    if bf16:
+        raise UsageError(
+            f"--from {from_dir}: a bf16 export cannot be served by the Triton pipeline (its Python backend "
+            f"cannot carry bfloat16 tensors; graphs {', '.join(bf16)}); re-export with --dtype fp16 or fp32"
+        )
+
+
 def levels_of(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The manifest's keep levels (``star.levels``: keep1, keep2, span1, span2, graph, ...), the
     default first (a manifest :func:`read_export` checked)."""

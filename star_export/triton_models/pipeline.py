@@ -133,8 +133,13 @@ class TritonPythonModel:
         self.text_max = int(params.get("text_len_max") or min(d["max"] for d in text_dims))
         self.past_max1 = int(params.get("past_len_l1_max") or decode_dims["past_len_l1"]["max"])
         self.past_max2 = int(params.get("past_len_l2_max") or decode_dims["past_len_l2"]["max"])
-        prefill_inputs = {t["name"]: t for t in default_graph["inputs"]}
-        self.pixel_dtype = np.dtype(prefill_inputs["pixel_values"]["dtype"])
+        # the prefill graphs' declared input dtypes: float32 pixels are cast to them (fp16 exports)
+        self.prefill_dtypes = star_encoding.declared_dtypes(default_graph["inputs"])
+        if any(t["dtype"] == "bfloat16" for g in graphs.values() for t in (*g["inputs"], *g["outputs"])):
+            raise pb_utils.TritonModelException(
+                "a bf16 export cannot be served by this pipeline (pb_utils.Tensor cannot carry bfloat16); "
+                "export with --dtype fp16 or fp32"
+            )
         # carried from step to step: present.{i}.* and, where the family has them, present_positions_*
         self.present_names = [
             t["name"] for t in graphs["decode"]["outputs"] if t["name"].startswith("present")
@@ -197,8 +202,7 @@ class TritonPythonModel:
                 pil.append(star_encoding.open_image(data, label=f"image {i}"))
             except star_encoding.InputError:
                 raise RequestError(f"image {i}: not a readable image") from None
-        out = star_encoding.pixel_values(pil, self.image_spec, self.processor.image_processor)
-        return np.ascontiguousarray(out, dtype=self.pixel_dtype)
+        return star_encoding.pixel_values(pil, self.image_spec, self.processor.image_processor)  # float32
 
     # ---- BLS -------------------------------------------------------------------------------------
     def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict:
@@ -301,11 +305,12 @@ class TritonPythonModel:
                 f"max_new_tokens {max(limits)} exceeds the exported decode profile (at most {allowed} here, "
                 f"keep {level.keep2})"
             )
-        feeds = {
+        raw = {
             "pixel_values": self._pixel_values(images),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
         }
+        feeds = star_encoding.cast_inputs(raw, self.prefill_dtypes)  # as every runtime: the declared dtypes
         tokens = self._generate(feeds, limits, stops, level)
 
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
