@@ -24,12 +24,12 @@ from star_export.errors import UsageError
 
 REQUIRED = {"model": dict, "star": dict, "graphs": dict, "image": dict, "image_token_id": int}
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32", 9: "bool"}
-_IO_CACHE: dict[tuple[str, int, int], dict[str, tuple[str, list[Any]]]] = {}
+_IO_CACHE: dict[tuple[str, int, int], dict[str, tuple[str, str, list[Any]]]] = {}
 REEXPORT = "re-export the directory (python -m star_export llava --out DIR)"
 
 
-def graph_io(path: Path) -> dict[str, tuple[str, list[Any]]]:
-    """{tensor name: (dtype, dims)} of an ONNX file's inputs and outputs, read without its weights
+def graph_io(path: Path) -> dict[str, tuple[str, str, list[Any]]]:
+    """{tensor name: ("input" | "output", dtype, dims)} of an ONNX file, read without its weights
     (cached per file, size and modification time)."""
     import onnx
 
@@ -43,9 +43,10 @@ def graph_io(path: Path) -> dict[str, tuple[str, list[Any]]]:
         except Exception as e:  # protobuf's DecodeError and friends
             raise UsageError(f"{path}: not an ONNX model ({type(e).__name__}); {REEXPORT}") from None
         io = {}
-        for value in (*model.graph.input, *model.graph.output):
-            elem = value.type.tensor_type.elem_type
-            io[value.name] = (ONNX_DTYPES.get(elem, f"onnx type {elem}"), dims(value) or [])
+        for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+            for value in values:
+                elem = value.type.tensor_type.elem_type
+                io[value.name] = (kind, ONNX_DTYPES.get(elem, f"onnx type {elem}"), dims(value) or [])
         _IO_CACHE.clear()  # one export at a time is enough
         _IO_CACHE[key] = io
     return _IO_CACHE[key]
@@ -82,18 +83,17 @@ def _against_file(directory: Path, name: str, entry: Mapping[str, Any], where: s
     if not path.is_file():
         return
     io = graph_io(path)
-    listed = {}
-    for t in (*entry["inputs"], *entry["outputs"]):
-        listed[t["name"]] = (t["dtype"], list(t["shape"]))
-    if set(listed) != set(io):
-        missing, extra = sorted(set(io) - set(listed)), sorted(set(listed) - set(io))
+    listed = {t["name"]: (t["dtype"], list(t["shape"])) for t in (*entry["inputs"], *entry["outputs"])}
+    missing = sorted(n for n in listed if n not in io)
+    unfed = sorted(n for n, (kind, _, _) in io.items() if kind == "input" and n not in listed)
+    if missing or unfed:  # (a graph output the manifest does not list is harmless)
+        detail = f"{missing[:3]} not in the graph" if missing else f"graph inputs {unfed[:3]} not listed"
         raise UsageError(
-            f"{where}: manifest.json's {name} graph does not name {path.name}'s tensors (not listed: "
-            f"{missing[:3]}, not in the graph: {extra[:3]}); {REEXPORT}"
+            f"{where}: manifest.json's {name} graph does not match {path.name}: {detail}; {REEXPORT}"
         )
     for tensor, (dtype, shape) in listed.items():
-        if (dtype, shape) != io[tensor]:
-            held = io[tensor]
+        held = io[tensor][1:]
+        if (dtype, shape) != held:
             raise UsageError(
                 f"{where}: manifest.json says {name}'s {tensor} is {dtype} {shape}, {path.name} holds "
                 f"{held[0]} {held[1]}; {REEXPORT}"
@@ -108,11 +108,6 @@ def _levels_against_graphs(manifest: Mapping[str, Any], geo: Any, held: list[Any
         file = str(graph.get("file", f"{lv.graph}.onnx"))
         if lv.file != file:
             raise UsageError(f"{say} names file {lv.file}, its graph {lv.graph!r} is {file}; {REEXPORT}")
-        for key, keep in (("span1", cfg.keep1), ("span2", cfg.keep2)):
-            if key in entry and entry[key] != geo.span(keep):
-                raise UsageError(
-                    f"{say} says {key} {entry[key]}, the geometry gives {geo.span(keep)}; {REEXPORT}"
-                )
         for tensor, keep, what in (
             ("stage1_keep_idx", cfg.keep1, "keep1"),
             ("stage2_keep_idx", cfg.keep2, "keep2"),
@@ -123,6 +118,11 @@ def _levels_against_graphs(manifest: Mapping[str, Any], geo: Any, held: list[Any
                     f"{say} does not match its graph {lv.file}: {tensor} is {shape}, {what} {keep} needs "
                     f"['batch', {keep}]; {REEXPORT}"
                 )
+        for key, keep in (("span1", cfg.keep1), ("span2", cfg.keep2)):
+            if key in entry and entry[key] != geo.span(keep):
+                raise UsageError(
+                    f"{say} says {key} {entry[key]}, the geometry gives {geo.span(keep)}; {REEXPORT}"
+                )
         for i in range(geo.num_layers):
             span = geo.span(cfg.keep1 if i < cfg.layer else cfg.keep2)
             shape = _shape(graph, f"present.{i}.key")
@@ -131,7 +131,15 @@ def _levels_against_graphs(manifest: Mapping[str, Any], geo: Any, held: list[Any
                     f"{say} does not match its graph {lv.file}: present.{i}.key is {shape}, the level needs "
                     f"text_len + {span - 1} slots at layer {i}; {REEXPORT}"
                 )
-    layer = held[0].cfg.layer
+    star, first = manifest["star"], held[0].cfg
+    flat = {"keep1": first.keep1, "keep2": first.keep2, "layer_K": first.layer, "default_keep": first.keep2}
+    for key, want in flat.items():  # the default level, flat for simple consumers (Triton's pipeline)
+        if key in star and star[key] != want:
+            raise UsageError(
+                f"{where}: manifest.json says star.{key} {star[key]}, its default (first) keep level has "
+                f"{want}; {REEXPORT}"
+            )
+    layer = first.layer
     decode = graphs["decode"]
     for i in range(geo.num_layers):
         symbol = "past_len_l1" if i < layer else "past_len_l2"

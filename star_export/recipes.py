@@ -72,6 +72,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 REQUIRED = {"name": str, "architecture": str}
 OPTIONAL = {"description": str, "embedded": bool, "seed": int}
+KINDS = {str: "a string", bool: "true or false", int: "an integer"}
 TABLES = ("config", "expect", "image", "star", "profile", "layout")
 PROFILE_RANGES = ("batch", "text_len")
 
@@ -85,7 +86,7 @@ def _check_recipe(data: dict[str, Any], path: Path) -> None:
         raise UsageError(f"recipe {path}: missing required key 'config' (an embedded recipe's model config)")
     for key, kind in (REQUIRED | OPTIONAL).items():
         if key in data and not isinstance(data[key], kind):
-            raise UsageError(f"recipe {path}: {key!r} must be a {kind.__name__}, got {data[key]!r}")
+            raise UsageError(f"recipe {path}: {key!r} must be {KINDS[kind]}, got {data[key]!r}")
     for key in TABLES:
         if key in data and not isinstance(data[key], dict):
             raise UsageError(f"recipe {path}: [{key}] must be a table, got {data[key]!r}")
