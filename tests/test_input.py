@@ -242,7 +242,7 @@ MANIFEST_EDITS = {
         _shape("prefill", "pixel_values", ["batch", 3, 224, 224]),
         "prefill.onnx holds float32 ['batch', 3, 336, 336]",
     ),
-    "present length edited with keep1": (
+    "stage1_keep_idx and keep1 edited together": (
         lambda m: (
             _shape("prefill", "stage1_keep_idx", ["batch", 24])(m),
             m["star"]["levels"][0].update(keep1=24),
