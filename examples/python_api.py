@@ -1,7 +1,7 @@
 """The Python API in one script: export the default model at two keep levels, then answer one
 question per level from the exported graphs (onnxruntime) and from the PyTorch rewrite.
 
-    python examples/python_api.py [OUT_DIR]        # default: star_api_out/
+    python examples/python_api.py [OUT_DIR]        # default: a new temporary directory (printed)
 
 The default model is the embedded llava-tiny (random weights: the answers are noise); pass a
 checkpoint directory or a hub id in the local Hugging Face cache as ``model`` for a real one.
@@ -10,6 +10,7 @@ checkpoint directory or a hub id in the local Hugging Face cache as ``model`` fo
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -22,21 +23,21 @@ def main(out: Path) -> int:
     result = star_export.export(None, keep=[16, 32], out=out, validate=False)
     print(f"exported {result.out}/: {', '.join(sorted(result.written))} (scans ok: {result.scan_ok})")
 
-    image = out.parent / "api_example.png"
-    Image.new("RGB", (96, 64), (200, 40, 40)).save(image)
     prompt = "What colour is the image?"
-
     onnx = star_export.load_export(out)  # onnxruntime over the exported graphs
     torch = star_export.load_export(out, runtime="torch")  # the PyTorch rewrite of the same checkpoint
-    for keep in (16, 32):
-        a = onnx.generate([image], [prompt], max_new_tokens=6, keep=keep)
-        b = torch.generate([image], [prompt], max_new_tokens=6, keep=keep)
-        same = a.result.tokens == b.result.tokens
-        print(f"keep {keep}: {a.answers[0]!r} (onnxruntime == PyTorch rewrite: {same})")
-        if not same:
-            return 1
+    with tempfile.TemporaryDirectory() as tmp:  # the example image, removed afterwards
+        image = Path(tmp) / "api_example.png"
+        Image.new("RGB", (96, 64), (200, 40, 40)).save(image)
+        for keep in (16, 32):
+            a = onnx.generate([image], [prompt], max_new_tokens=6, keep=keep)
+            b = torch.generate([image], [prompt], max_new_tokens=6, keep=keep)
+            same = a.result.tokens == b.result.tokens
+            print(f"keep {keep}: {a.answers[0]!r} (onnxruntime == PyTorch rewrite: {same})")
+            if not same:
+                return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "star_api_out")))
+    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="star_api_out-"))))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,11 +140,45 @@ def _ints(value: int | Sequence[int] | None, default: list) -> list:
     return [value] if isinstance(value, int) else list(value)
 
 
-def _range(name: str, values: list[int]) -> tuple[int, int, int]:
+def _range(name: str, values: Sequence[int]) -> tuple[int, int, int]:
     lo, opt, hi = (int(v) for v in values)
     if not 1 <= lo <= opt <= hi:
         raise UsageError(f"profile {name}: expected 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
     return lo, opt, hi
+
+
+def _override(name: str, base: Sequence[int], given: Sequence[int | None] | None) -> tuple[int, int, int]:
+    """``base`` (min, opt, max) with the bounds ``given`` (None: keep the base's); an opt not given
+    is moved into a changed range."""
+    given = tuple(given or (None, None, None))
+    lo, opt, hi = (b if g is None else int(g) for b, g in zip(base, given, strict=True))
+    if given[1] is None:
+        opt = min(max(opt, lo), hi)
+    return _range(name, (lo, opt, hi))
+
+
+def export_profile(
+    recipe_profile: Mapping[str, Any], flags: Mapping[str, Any], batch_size: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
+    """(batch, text_len, max_new_tokens) of an export: the recipe's [profile] (else
+    ``GENERIC_PROFILE``), the validation batch as opt batch (the max widened to it unless a max is
+    given), then the profile flags (``export``'s ``profile``)."""
+    base = {**GENERIC_PROFILE, **recipe_profile}
+    b_lo, _, b_hi = _range("batch", base["batch"])
+    given = tuple(flags.get("batch") or (None, None, None))
+    hi = max(b_hi, batch_size) if given[2] is None else b_hi
+    batch = _override("batch", (b_lo, batch_size, hi), given)
+    t_lo, t_opt, t_hi = _range("text_len", base["text_len"])
+    text = _override("text_len", (max(2, t_lo), max(2, t_opt), t_hi), flags.get("text_len"))
+    if text[0] < 2:
+        raise UsageError(
+            f"profile text_len: min must be >= 2 (the placeholder and a token after it), got {text[0]}"
+        )
+    max_new = flags.get("max_new_tokens")
+    max_new = int(base.get("max_new_tokens", 256) if max_new is None else max_new)
+    if max_new < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new}")
+    return batch, text, max_new
 
 
 def export(
@@ -162,6 +196,7 @@ def export(
     batch_size: int = 2,
     text_len: int = 24,
     seed: int = 0,
+    profile: Mapping[str, Any] | None = None,
     log: Log | None = None,
 ) -> ExportResult:
     """Export ``model`` (a checkpoint directory, a hub id, or None: the recipe, default the embedded
@@ -172,11 +207,43 @@ def export(
     default; one decode graph serves them all); keep1: per level, default min(N, 2*keep); layer: K,
     the same for every level (defaults from the recipe, else 64 and 2). dtype: "fp32" | "fp16" | "bf16", default the checkpoint's own. grid / image_size: the
     family's static layout (``families``). batch_size / text_len / seed: the validation inputs.
+    profile: overrides of the recipe's [profile] (``{"batch": (min, opt, max), "text_len": (...),
+    "max_new_tokens": n}``, None for a bound not given): the graphs' dynamic-dim ranges in the
+    manifest, the decode graph's past lengths, the Triton limits and the checks. A full disk is a
+    one-line ``DiskFull`` (a UsageError) naming ``out``; nothing is left half-written.
     """
+    from star_export.atomic import disk_guard
+
+    out = Path(out)
+    need: dict[str, int] = {}  # the bytes an export writes at its peak, once the model is known
+    with disk_guard(out, "--out", needed=lambda: need.get("bytes")):
+        return _export(
+            model, keep, keep1, layer, out, dtype, recipe, grid, image_size,
+            validate, batch_size, text_len, seed, profile, log, need,
+        )  # fmt: skip
+
+
+def _export(
+    model: str | Path | None,
+    keep: int | Sequence[int] | None,
+    keep1: int | Sequence[int] | None,
+    layer: int | None,
+    out: Path,
+    dtype: str | None,
+    recipe: str | Path | None,
+    grid: tuple[int, int] | None,
+    image_size: int | tuple[int, int] | None,
+    validate: bool,
+    batch_size: int,
+    text_len: int,
+    seed: int,
+    profile_flags: Mapping[str, Any] | None,
+    log: Log | None,
+    need: dict[str, int],
+) -> ExportResult:
     import time
 
     log = log or quiet
-    out = Path(out)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if dtype is not None and dtype not in DTYPES:
@@ -215,18 +282,17 @@ def export(
         StarConfig.resolve(keep=k, keep1=k1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers)
         for k, k1 in zip(keeps, keep1s, strict=True)
     ]
-    profile = rec.profile if rec and rec.profile else GENERIC_PROFILE
-    b_lo, _, b_hi = _range("batch", profile["batch"])
-    t_lo, t_opt, t_hi = _range("text_len", profile["text_len"])
+    batch, text_range, max_new = export_profile(rec.profile if rec else {}, profile_flags or {}, batch_size)
+    t_hi = text_range[2]
     if not 5 <= text_len <= t_hi:
         raise UsageError(f"--text-len must be in 5..{t_hi} (the profile's max text length), got {text_len}")
-    batch = (b_lo, batch_size, max(b_hi, batch_size))
-    max_new = int(profile.get("max_new_tokens", 256))
     family.check_profile(config, geo, t_hi - 1 + geo.n_positions + max_new)
 
     steps = Steps(4 if validate else 3, log)
     steps.step(f"loading {source}")
     loaded = load(model_dir, source=source, dtype=torch_dtype, options=options)
+    # at its peak the stage holds a data file per graph (levels + decode) and the shared one
+    need["bytes"] = (len(levels) + 2) * sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     steps.done(
         f"{source}: {family.describe(geo)}, {geo.num_layers} layers, heads {geo.num_heads}/{geo.num_kv_heads} kv; "
         + "; ".join(f"keep1={c.keep1} keep2={c.keep2}" for c in levels)
@@ -240,7 +306,6 @@ def export(
     from star_export.outputs import staged, write_json
     from star_export.weights import share_weights
 
-    text_range = (max(2, t_lo), t_opt, t_hi)
     several = len(levels) > 1
     pcs = [
         dataclasses.replace(

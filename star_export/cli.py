@@ -30,9 +30,9 @@ examples:
       Qwen2-VL: one static resolution per export (M-RoPE positions kept)
   python -m star_export llava --recipe qwen2-vl-tiny     (or llava-next-tiny): tiny embedded models
 
-writes into --out: prefill.onnx and decode.onnx (+ .onnx.data for large models), processor/
-(tokenizer, chat template, image processor), manifest.json (every tensor name, dtype and shape;
-STAR settings; pre-processing; versions) and report.json (the parity checks).
+writes into --out: prefill.onnx (prefill_k<K>.onnx per keep level), decode.onnx, weights.onnx.data
+(the weights, once), processor/ (tokenizer, chat template, image processor), manifest.json (every
+tensor name, dtype and shape; STAR settings; pre-processing; versions), report.json (parity checks).
 exit codes: 0 ok, 1 parity or graph scan failed (report written), 2 usage error, 3 missing TensorRT/GPU.
 """
 
@@ -78,13 +78,13 @@ def _grid(text: str) -> tuple[int, int]:
 
 def _size(text: str) -> int | tuple[int, int]:
     """``--image-size``: PX or HxW."""
-    if "x" not in text.lower():
-        return _int(text)
     try:
-        height, width = (int(v) for v in text.lower().split("x"))
+        values = [int(v) for v in text.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected PX or HxW such as 336x448, got {text!r}") from None
-    return height, width
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected PX or HxW such as 336 or 336x448, got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,12 +198,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     from star_export.build import add_build_arguments
 
     add_build_arguments(p, include_engine=False)
-    for action in p._actions:  # the export's --dtype is the ONNX's precision too
-        if action.dest == "dtype":
-            action.help = (
-                "precision of the export (and of the --engine build); default: the checkpoint's own "
-                "dtype (config.json), so fp16/bf16 checkpoints are never widened to fp32"
-            )
+    from star_export.flags import describe_export_flags
+
+    describe_export_flags(p)  # --dtype and the profile flags are the export's too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,6 +459,7 @@ def check_build_flags(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from star_export.api import export
+    from star_export.flags import profile_overrides
 
     check_build_flags(args)
     result = export(
@@ -478,6 +476,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         text_len=args.text_len,
         seed=args.seed,
+        profile=profile_overrides(args),
         log=lambda line: print(line, flush=True),
     )
     print(f"wrote {args.out}/: {', '.join(result.written)}")
@@ -660,26 +659,27 @@ def _on_sigterm(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
-        previous = None
-    try:
-        return args.func(args)
-    except (UsageError, MissingComponent) as e:
-        print(f"star_export: error: {e}", file=sys.stderr)
-        return e.exit_code
+    try:  # Ctrl-C at any time, also while the parser imports torch: one line, exit 130
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+            previous = None
+        try:
+            return args.func(args)
+        except (UsageError, MissingComponent) as e:
+            print(f"star_export: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except Terminated:
+            print("star_export: terminated", file=sys.stderr)
+            return 143
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     except KeyboardInterrupt:
         print("star_export: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("star_export: terminated", file=sys.stderr)
-        return 143
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

@@ -15,3 +15,8 @@ class MissingComponent(Exception):
     """A dependency or device this step needs is absent (TensorRT, a CUDA GPU). Exit code 3."""
 
     exit_code = 3
+
+
+class DiskFull(UsageError):
+    """A write ran out of space (ENOSPC / EDQUOT): one line naming the path, exit code 2
+    (``star_export.atomic.disk_guard`` raises it; nothing half-written is left behind)."""

@@ -158,6 +158,9 @@ def read_manifest(directory: Path, graphs: tuple[str, ...] | None = None) -> dic
             f"--from {directory}: manifest version {version!r} is incompatible with this star_export "
             f"(expects {MANIFEST_VERSION}); re-export with `python -m star_export llava --out {directory}`"
         )
+    from star_export.manifest_check import check_manifest
+
+    check_manifest(manifest, directory)  # keys, graphs' shapes, levels: one line for a hand-edited manifest
     for graph in graphs if graphs is not None else tuple(manifest.get("graphs", {})):
         entry = manifest.get("graphs", {}).get(graph)
         if entry is None or not (directory / entry.get("file", f"{graph}.onnx")).is_file():

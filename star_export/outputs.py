@@ -65,7 +65,7 @@ def _remove(path: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (temp file + rename; the temp file removed on failure)."""
+    from star_export.atomic import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")

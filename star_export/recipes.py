@@ -53,6 +53,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"recipe {path} is not valid TOML: {e}") from None
+    _check_recipe(data, path)
     return Recipe(
         name=data["name"],
         description=data.get("description", ""),
@@ -67,3 +68,40 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         profile=data.get("profile", {}),
         layout=data.get("layout", {}),
     )
+
+
+REQUIRED = {"name": str, "architecture": str}
+OPTIONAL = {"description": str, "embedded": bool, "seed": int}
+KINDS = {str: "a string", bool: "true or false", int: "an integer"}
+TABLES = ("config", "expect", "image", "star", "profile", "layout")
+PROFILE_RANGES = ("batch", "text_len")
+
+
+def _check_recipe(data: dict[str, Any], path: Path) -> None:
+    """A one-line UsageError naming the file and the key for a missing or mistyped key."""
+    for key in REQUIRED:
+        if key not in data:
+            raise UsageError(f"recipe {path}: missing required key {key!r}")
+    if data.get("embedded") and not data.get("config"):
+        raise UsageError(f"recipe {path}: missing required key 'config' (an embedded recipe's model config)")
+    for key, kind in (REQUIRED | OPTIONAL).items():
+        if key in data and not isinstance(data[key], kind):
+            raise UsageError(f"recipe {path}: {key!r} must be {KINDS[kind]}, got {data[key]!r}")
+    for key in TABLES:
+        if key in data and not isinstance(data[key], dict):
+            raise UsageError(f"recipe {path}: [{key}] must be a table, got {data[key]!r}")
+    for key, value in data.get("star", {}).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"recipe {path}: [star] {key} must be an integer, got {value!r}")
+    profile = data.get("profile", {})
+    for key in PROFILE_RANGES:
+        value = profile.get(key)
+        if value is not None and not (
+            isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value)
+        ):
+            raise UsageError(
+                f"recipe {path}: [profile] {key} must be [min, opt, max] integers, got {value!r}"
+            )
+    mnt = profile.get("max_new_tokens")
+    if mnt is not None and (not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1):
+        raise UsageError(f"recipe {path}: [profile] max_new_tokens must be a positive integer, got {mnt!r}")

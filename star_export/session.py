@@ -114,6 +114,10 @@ class Pipeline:
             raise UsageError(
                 f"{len(images)} images but {len(prompts)} prompts: give one image, or one per prompt"
             )
+        self.check_batch(len(prompts))
+        bad = [t for t in stop if not 0 <= int(t) < self.geo.vocab_size]
+        if bad:
+            raise UsageError(f"--stop {bad[0]}: not a token id of this model (0..{self.geo.vocab_size - 1})")
         feeds = self.pre.encode(images, list(prompts))
         self.check_request(feeds["input_ids"].shape[1], max_new_tokens, cfg.keep2)
         stops = tuple(t for t in (self.pre.eos_token_id, *stop) if t is not None)
@@ -128,11 +132,29 @@ class Pipeline:
         result = generate(self.backend(cfg.keep2), feeds, self.geo, cfg, gen, keep_logits=keep_logits)
         return Answers([self.pre.decode(t) for t in result.tokens], result, cfg)
 
-    def check_request(self, text_len: int, max_new_tokens: int, keep: int | None = None) -> None:
-        """A one-line UsageError when a prompt of ``text_len`` tokens (after padding) or an answer of
-        ``max_new_tokens`` lies outside the exported profile at level ``keep``."""
+    @property
+    def max_batch(self) -> int:
+        """The most rows one request may hold: the exported profile's max batch (unbounded for the
+        PyTorch rewrite of a checkpoint)."""
+        return int((self.dims or {}).get("batch", {}).get("max", UNBOUNDED))
+
+    def check_batch(self, rows: int) -> None:
+        """A one-line UsageError when ``rows`` prompts exceed the exported profile's max batch."""
+        if rows > self.max_batch:
+            raise UsageError(
+                f"{rows} prompts in one request: the exported profile allows at most {self.max_batch} "
+                f"(batch); send them in requests of {self.max_batch}, or re-export with --max-batch {rows}"
+            )
+
+    def check_request(
+        self, text_len: int, max_new_tokens: int, keep: int | None = None, *, batch: int | None = None
+    ) -> None:
+        """A one-line UsageError when a prompt of ``text_len`` tokens (after padding), an answer of
+        ``max_new_tokens`` or ``batch`` rows lie outside the exported profile at level ``keep``."""
         from star_export.contract import max_new_tokens as room
 
+        if batch is not None:
+            self.check_batch(batch)
         cfg = self.level(keep)
         if text_len > self.text_max:
             raise UsageError(

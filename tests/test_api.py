@@ -5,6 +5,7 @@ onnxruntime token-exact with the PyTorch rewrite)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +14,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_python_api_example_runs_as_documented(tmp_path):
-    out = tmp_path / "api_out"
+    """Run as documented, without OUT_DIR, from a clean folder: it writes into a new temporary
+    directory it names, and leaves nothing in the folder it ran from (no api_example.png)."""
+    import re
+
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "python_api.py"), str(out)],
+        [sys.executable, str(ROOT / "examples" / "python_api.py")],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=cwd,
+        env={**os.environ, "TMPDIR": str(tmp)},  # its temporary directories land in the test's folder
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert list(cwd.iterdir()) == []
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith(f"exported {out}/") and "(scans ok: True)" in lines[0]
+    out = Path(re.match(r"exported (.+?)/: ", lines[0]).group(1))
+    assert out.parent == tmp and out.name.startswith("star_api_out-")
+    assert not list(tmp.rglob("api_example.png")) and not list(tmp.glob("tmp*"))  # the image's folder is gone
+    assert "(scans ok: True)" in lines[0]
     assert [line.split(":")[0] for line in lines[1:]] == ["keep 16", "keep 32"]
     assert all(line.endswith("(onnxruntime == PyTorch rewrite: True)") for line in lines[1:])
     manifest = json.loads((out / "manifest.json").read_text())

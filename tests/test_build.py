@@ -387,13 +387,16 @@ def test_finish_command_repeats_flags(tmp_path):
 
 
 def _onnx_for(contract, path: Path, broken: bool = False) -> None:
-    """A stand-in graph with the contract's inputs (Identity per input); ``broken`` adds NonZero."""
+    """A stand-in graph with the contract's inputs and outputs (names, dtypes, shapes: what
+    manifest_check compares), each output an Identity of the first input; ``broken`` adds NonZero."""
     inputs, outputs, nodes = [], [], []
     for t in contract.inputs:
         elem = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
         inputs.append(helper.make_tensor_value_info(t.name, elem, list(t.shape)))
-        nodes.append(helper.make_node("Identity", [t.name], [f"{t.name}.out"]))
-        outputs.append(helper.make_tensor_value_info(f"{t.name}.out", elem, list(t.shape)))
+    for t in contract.outputs:
+        elem = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
+        nodes.append(helper.make_node("Identity", [contract.inputs[0].name], [t.name]))
+        outputs.append(helper.make_tensor_value_info(t.name, elem, list(t.shape)))
     if broken:
         nodes.append(helper.make_node("NonZero", ["input_ids"], ["nz"]))
         outputs.append(helper.make_tensor_value_info("nz", TensorProto.INT64, [2, "n"]))
@@ -434,6 +437,8 @@ def _out_dir(tmp_path: Path, contracts, broken: bool = False, levels: list[StarC
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"geometry": GEO.to_dict()},
+        "image_token_id": GEO.image_token_id,
+        "image": {"kind": "processor"},  # every key a manifest must hold (manifest_check.REQUIRED)
         "star": _star(levels or [CFG]),
         "decoding": {"max_new_tokens": MAX_NEW},
         "graphs": graphs,
@@ -617,17 +622,17 @@ def test_run_build_records_one_engine_per_level(tmp_path, level_contracts, monke
     assert set(caches.values()) == {tmp_path / "tc"}
 
 
-def test_run_build_fails_readiness_before_anything_else(tmp_path, prefill, capsys):
-    out = _out_dir(tmp_path, [prefill], broken=True)
+def test_run_build_fails_readiness_before_anything_else(tmp_path, prefill, decode, capsys):
+    out = _out_dir(tmp_path, [prefill, decode], broken=True)
     assert run_build(_parse(), out) == 1
     err = capsys.readouterr().err
     assert "NonZero" in err and "readiness check failed" in err
 
 
-def test_run_build_usage_errors(tmp_path, prefill):
+def test_run_build_usage_errors(tmp_path, prefill, decode):
     with pytest.raises(UsageError, match=r"no manifest\.json"):
         run_build(_parse(), tmp_path)
-    out = _out_dir(tmp_path, [prefill])
+    out = _out_dir(tmp_path, [prefill, decode])
     (out / "prefill.onnx").unlink()
     with pytest.raises(UsageError, match="missing"):
         run_build(_parse(), out)

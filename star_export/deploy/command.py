@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -83,24 +84,30 @@ def run_triton(args: argparse.Namespace) -> int:
     """``python -m star_export triton``: 0 on success; UsageError (exit 2) for bad input."""
     if args.repo is None and args.cpp_header is None:
         raise UsageError("give --repo DIR (a Triton model repository) and/or --cpp-header FILE")
+    from star_export.atomic import check_target, disk_guard
     from star_export.deploy import write_repository  # the package's entry point (no import cycle)
 
+    for path, flag in ((args.repo, "--repo"), (args.cpp_header, "--cpp-header")):
+        if path is not None:
+            check_target(path, flag)  # a file where a parent folder must be: one line, nothing written
     out: dict[str, Any] = {}
     if args.repo is not None:
-        result = write_repository(
-            args.from_dir,
-            args.repo,
-            args.backend,
-            args.max_new_tokens,
-            instances=args.instances,
-            pipeline_instances=args.pipeline_instances,
-            device=args.device,
-            prefix=args.prefix,
-            intra_op_threads=args.threads,
-        )
+        with disk_guard(args.repo, "--repo", needed=lambda: repository_bytes(args.from_dir, args.backend)):
+            result = write_repository(
+                args.from_dir,
+                args.repo,
+                args.backend,
+                args.max_new_tokens,
+                instances=args.instances,
+                pipeline_instances=args.pipeline_instances,
+                device=args.device,
+                prefix=args.prefix,
+                intra_op_threads=args.threads,
+            )
         out["repository"] = result.to_dict()
     if args.cpp_header is not None:
-        out["cpp_header"] = str(write_cpp_header(args.from_dir, args.cpp_header))
+        with disk_guard(args.cpp_header, "--cpp-header"):
+            out["cpp_header"] = str(write_cpp_header(args.from_dir, args.cpp_header))
     if getattr(args, "json", False):
         print(json.dumps(out, indent=2))
         return 0
@@ -121,8 +128,25 @@ def run_triton(args: argparse.Namespace) -> int:
         if r["linked"]:
             print(f"  weights: {len(r['linked'])} files hard-linked to the export's (one copy on disk)")
         print(
-            f"  serve:  tritonserver --model-repository=$PWD/{Path(r['path']).name}   (see {r['path']}/README.md)"
+            f"  serve:  tritonserver --model-repository={shlex.quote(str(Path(r['path']).resolve()))}   (see {r['path']}/README.md)"
         )
     if "cpp_header" in out:
         print(f"wrote {out['cpp_header']}")
     return 0
+
+
+def repository_bytes(from_dir: Path, backend: str) -> int | None:
+    """The most a repository of ``from_dir`` writes (every graph's model and weights copied, where
+    hard links fail), from the sizes the manifest records; None where it records none."""
+    from star_export.deploy.source import graph_names
+
+    try:
+        manifest = json.loads((Path(from_dir) / "manifest.json").read_text())
+        files = {f["file"]: int(f["bytes"]) for f in manifest.get("files", [])}
+        graphs = graph_names(manifest)
+        if backend == "tensorrt":
+            return sum(int(e["bytes"]) for e in (manifest.get("engines") or {}).values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    data = sum(n for f, n in files.items() if f.endswith(".onnx.data"))
+    return sum(n for f, n in files.items() if f.endswith(".onnx")) + len(graphs) * data or None

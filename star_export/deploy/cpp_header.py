@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from star_export import __version__
+from star_export.atomic import atomic_write, check_target
 from star_export.deploy.source import graph_names, levels_of, read_export, served_limits
 from star_export.errors import UsageError
 
@@ -168,8 +168,7 @@ def write_cpp_header(from_dir: Path, path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--cpp-header {path}: is a directory")
+    check_target(path, "--cpp-header")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(cpp_header(manifest))
-    os.replace(tmp, path)
+    atomic_write(path, cpp_header(manifest))  # nothing half-written on a full disk
     return path

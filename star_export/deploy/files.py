@@ -74,6 +74,9 @@ def check_repo_path(repo: Path) -> None:
     """``--repo`` must be absent, empty, or a repository star_export wrote, and writable."""
     if repo.exists() and not repo.is_dir():
         raise UsageError(f"--repo {repo}: exists and is not a directory")
+    from star_export.atomic import check_target
+
+    check_target(repo, "--repo")  # a file where a parent folder must be
     if repo.is_dir() and any(repo.iterdir()) and not (repo / MARKER).is_file():
         raise UsageError(
             f"--repo {repo}: exists, is not empty and was not written by star_export; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ Layout:
 ## Start the server
 
 ```bash
-tritonserver --model-repository=$PWD/{repo.path.name} \\
+tritonserver --model-repository={shlex.quote(str(repo.path.resolve()))} \\
     --http-port=8000 --grpc-port=8001 --metrics-port=8002
 curl -s localhost:8000/v2/health/ready && echo ready
 ```
