@@ -414,3 +414,34 @@ def test_eval_exported_unpruned_level_agrees(full_run, capsys):
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()[1:]]
     assert all(r["unpruned"]["tokens"] == r["reference"]["tokens"] for r in rows)
     assert "export's own keep = N level (onnxruntime)" in report.format()
+
+
+def test_full_disk_one_line_no_truncated_plot_and_resume_after_a_part_row(
+    levels_export, tmp_path, capsys, monkeypatch
+):
+    """A disk that fills while eval.png is written: one line naming --out, exit 2, no eval.png (not
+    even a truncated one) and no temporary file; a rows.jsonl cut mid-row resumes from its whole rows."""
+    import errno
+
+    import matplotlib.figure
+
+    def full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(fname))
+
+    out = tmp_path / "out"
+    base = ["--from", str(levels_export), "--data", str(DATA), "--out", str(out)]
+    base += ["--max-new-tokens", "2", "--limit", "2", "--keep", "8"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    code, _, err = _eval(capsys, *base)
+    last = err.strip().splitlines()[-1]  # progress lines go to stderr before it
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert last.startswith(f"star_export: error: --out {out}: no space left on device"), last
+    assert not (out / "eval.png").exists() and not list(out.glob(".eval.png.*"))
+    monkeypatch.undo()
+    rows = out / "rows.jsonl"
+    whole = rows.read_text()
+    rows.write_text(whole + '{"id": "3", "trunc')  # a row cut off by the full disk
+    code, _, err = _eval(capsys, *base, "--resume")
+    assert code == 0 and "2 examples already in" in err
+    assert rows.read_text() == whole and (out / "eval.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,7 +18,9 @@ Modules, one job each: ``data`` (readers), ``metrics`` (normalisation, agreement
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from star_export.atomic import disk_guard
 from star_export.errors import UsageError
 from star_export.evaluate.data import BadRow, Example, check_images, read_examples
 from star_export.evaluate.metrics import EXACT_MATCH, VQA_ACCURACY, accuracy, agree, kl_divergence, normalize
@@ -73,7 +75,7 @@ def run(
     UsageError before anything is written (with ``skip_bad`` the bad rows are reported instead)."""
     from star_export.api import quiet_libraries
     from star_export.manifest import read_manifest
-    from star_export.session import load_export, load_unpruned
+    from star_export.session import load_export
 
     for flag, value in (
         ("--max-new-tokens", max_new_tokens),
@@ -104,6 +106,25 @@ def run(
         "batch_size": batch_size,
         "n_visual": pipe.geo.n_visual,
     }
+    with disk_guard(out, "--out"):  # a full disk: one line; rows.jsonl keeps whole rows for --resume
+        return _run(pipe, from_dir, out, settings, levels, examples, bad, chosen, export_dtype, resume, log)
+
+
+def _run(
+    pipe: Any,
+    from_dir: Path,
+    out: Path,
+    settings: dict[str, Any],
+    levels: dict[int, int],
+    examples: list[Any],
+    bad: list[Any],
+    chosen: list[int],
+    export_dtype: str,
+    resume: bool,
+    log: Log,
+) -> EvalReport:
+    from star_export.session import load_unpruned
+
     done = read_rows(out, settings, resume)
     log(f"[1/3] loading the unpruned reference (keep1 = keep2 = {pipe.geo.n_visual}, PyTorch rewrite)")
     ref = load_unpruned(from_dir)

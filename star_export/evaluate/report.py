@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from star_export.atomic import atomic_path, atomic_write
 from star_export.evaluate.metrics import EXACT_MATCH, VQA_ACCURACY, accuracy, mean, median, metric_of, rate
 
 SOURCES = {
@@ -178,7 +179,7 @@ def summarize(
 
 
 def write_json(report: EvalReport, path: Path) -> Path:
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write(path, json.dumps(report.to_dict(), indent=2) + "\n")
     return path
 
 
@@ -218,6 +219,9 @@ def plot(report: EvalReport, path: Path) -> Path:
     ax.set_title(f"STAR keep levels: {'accuracy' if use_accuracy else 'answer agreement'} vs prefill latency")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # never a truncated eval.png
+            fig.savefig(tmp, dpi=80, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from star_export.atomic import atomic_write
 from star_export.errors import UsageError
 from star_export.evaluate.data import BadRow, Example, check_images, read_examples
 from star_export.evaluate.metrics import accuracy, agree, kl_divergence
@@ -90,7 +91,11 @@ def read_rows(out: Path, settings: dict[str, Any], resume: bool) -> list[dict[st
         return []
     if not resume:
         raise UsageError(f"--out {out}: holds an earlier run ({ROWS}); --resume continues it")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    if text and not text.endswith("\n"):  # a run stopped mid-row (full disk, kill): drop the part row
+        text = text[: text.rfind("\n") + 1]
+        atomic_write(path, text)  # appending goes on after the last whole row
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     before = lines[0].get("settings", {}) if lines else {}
     for key in CHECKED:
         if before.get(key) != settings[key]:
