@@ -45,7 +45,8 @@ def add_trt_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --trt (implied): run the engine rows alone, with the margins and inputs of the "
         "export's report.json; the CPU checks are not re-run (the checkpoint is loaded once, in the "
-        "export's dtype)",
+        "export's dtype); --batch-size / --text-len / --seed are taken from report.json where it records "
+        "them (the margins were measured on those inputs)",
     )
 
 

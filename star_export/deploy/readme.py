@@ -80,8 +80,9 @@ levels; re-export with `--keep` to add one.
         "pipeline model (Python backend) needs `numpy`, `pillow` and `transformers` in the stub's "
         "Python environment.",
         "tensorrt": "prefill and decode use Triton's TensorRT backend (`tensorrt_plan`, KIND_GPU, "
-        "optimization profile 0). Engines only load on the GPU model and TensorRT version they were "
-        "built with. The pipeline model (Python backend) needs `numpy`, `pillow`, `transformers` and, "
+        "optimization profile 0). Engines load only on the GPU model and TensorRT version they were "
+        "built with, unless `build` was given `--version-compatible` / `--hardware-compatibility-level` "
+        "(the manifest's engine_build records which). The pipeline model (Python backend) needs `numpy`, `pillow`, `transformers` and, "
         "to read GPU outputs, `torch` in the stub's Python environment.",
     }[repo.backend]
     layout = "\n".join(f"    {f}" for f in repo.files if not f.startswith(f"{m['pipeline']}/1/processor/"))
