@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,23 @@ def cli_export(_isolated_cache, tmp_path_factory):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     return run
+
+
+def as_bf16_copy(export: Path, target: Path) -> Path:
+    """A copy of an fp16 export declared bfloat16 throughout: the manifest, and every graph's inputs
+    and outputs (edited in the ONNX files, weights untouched and shared by a hard link), so that the
+    manifest checks on load see a consistent bf16 export. Only for refusals: the graphs do not run."""
+    import onnx
+
+    shutil.copytree(export, target, copy_function=os.link)
+    path = target / "manifest.json"
+    path.unlink()
+    path.write_text((export / "manifest.json").read_text().replace('"float16"', '"bfloat16"'))
+    for graph in target.glob("*.onnx"):
+        model = onnx.load(graph, load_external_data=False)
+        for value in (*model.graph.input, *model.graph.output):
+            if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+                value.type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
+        graph.unlink()
+        onnx.save(model, graph)
+    return target

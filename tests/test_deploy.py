@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import as_bf16_copy
 
 from star_export import deploy
 from star_export.build import profile_json, profile_shapes
@@ -73,11 +74,7 @@ def test_tensorrt_repository_with_batch_1_profiles(export, tmp_path, min_batch):
 
 
 def _as_bf16(export: Path, target: Path) -> Path:
-    """A copy of an fp16 export whose manifest declares bfloat16 (what a bf16 export records)."""
-    shutil.copytree(export, target)
-    path = target / "manifest.json"
-    path.write_text(path.read_text().replace('"float16"', '"bfloat16"'))
-    return target
+    return as_bf16_copy(export, target)
 
 
 def test_triton_refuses_a_bf16_export_in_one_line(cli_export, tmp_path, capsys):

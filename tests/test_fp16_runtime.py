@@ -172,14 +172,11 @@ def test_declared_dtypes_reads_onnxruntime_types():
 
 def test_a_bf16_export_on_onnxruntime_is_refused_in_one_line(cli_export, tmp_path, capsys):
     """onnxruntime's CPU provider has no bfloat16 kernels: ``generate --from`` a bf16 export (here a
-    copy of the fp16 one whose manifest declares bfloat16) exits 2 with one line naming the way out."""
-    import shutil
+    copy of the fp16 one declared bfloat16 in its manifest and graphs) exits 2 with one line naming the way out."""
+    from conftest import as_bf16_copy
 
     name, args = FAMILIES["llava-tiny"]
-    source = tmp_path / "bf16"
-    shutil.copytree(cli_export(name, *args), source)
-    manifest = source / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"float16"', '"bfloat16"'))
+    source = as_bf16_copy(cli_export(name, *args), tmp_path / "bf16")
     argv = ["generate", "--from", str(source), "--image", str(IMAGES[0]), "--prompt", PROMPTS[0]]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
