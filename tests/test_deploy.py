@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from star_export import deploy
-from star_export.build import profile_json, profile_shapes
 from star_export.contract import contract_from_dict
+from star_export.engines import profile_json, profile_shapes
 from star_export.errors import UsageError
 
 
