@@ -195,7 +195,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         f"processor's min/max pixels; default: the family's; images are resized to it; families: "
         f"{_takers('image_size')}",
     )
-    from star_export.build import add_build_arguments
+    from star_export.engines import add_build_arguments
 
     add_build_arguments(p, include_engine=False)
     from star_export.flags import describe_export_flags
@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="an export directory (`llava --out DIR`)",
     )
-    from star_export.build import add_build_arguments
-    from star_export.build.engines_only import add_trt_flags
+    from star_export.engines import add_build_arguments
+    from star_export.engines.engines_only import add_trt_flags
 
     add_build_arguments(b)
     b.set_defaults(func=cmd_build)
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_build_flags(args: argparse.Namespace) -> None:
     """The TensorRT flags of an export, checked whether or not --engine is given (never silently ignored)."""
-    from star_export.build import DIM_FLAGS
+    from star_export.engines import DIM_FLAGS
 
     for dim, names in DIM_FLAGS.items():
         given = [(n, getattr(args, n.lstrip("-").replace("-", "_"), None)) for n in names]
@@ -490,7 +490,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"star_export: parity FAILED, see {args.out / 'report.json'}", file=sys.stderr)
         return 1
     if args.engine is not None:
-        from star_export.build import run_build
+        from star_export.engines import run_build
 
         print("[build] TensorRT engines (a prefill engine per keep level + decode)")
         return run_build(args, args.out)
@@ -511,7 +511,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from star_export.build import run_build
+    from star_export.engines import run_build
     from star_export.manifest import read_manifest
 
     read_manifest(args.from_dir)  # --engine defaults to DIR/prefill.plan (run_build)
@@ -520,7 +520,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from star_export.api import quiet_libraries
-    from star_export.build.engines_only import run_engines_only
+    from star_export.engines.engines_only import run_engines_only
     from star_export.validate import validate_directory
 
     if args.batch_size < 1:

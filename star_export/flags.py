@@ -17,7 +17,7 @@ EXPORT_DTYPE_HELP = (
 def profile_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``export``'s ``profile`` from the flags: {"batch": (min, opt, max), "text_len": (...),
     "max_new_tokens": n} with None for a bound not given."""
-    from star_export.build import DIM_FLAGS
+    from star_export.engines import DIM_FLAGS
 
     out: dict[str, Any] = {}
     for dim, names in DIM_FLAGS.items():
@@ -31,7 +31,7 @@ def profile_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def describe_export_flags(parser: argparse.ArgumentParser) -> None:
     """Help texts of the build flags as the export reads them (its --dtype, its profile)."""
-    from star_export.build import DIM_FLAGS
+    from star_export.engines import DIM_FLAGS
 
     profile = {n.lstrip("-").replace("-", "_") for names in DIM_FLAGS.values() for n in names}
     for action in parser._actions:

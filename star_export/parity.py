@@ -51,7 +51,7 @@ class ParityReport:
     inputs: dict[str, Any] = field(default_factory=dict)
     graph_check: dict[str, Any] | None = None
     comparator: dict[str, Any] | None = None  # polygraphy's compare_accuracy verdict
-    trt: list[dict[str, Any]] | None = None  # TensorRT engine rows (build.parity)
+    trt: list[dict[str, Any]] | None = None  # TensorRT engine rows (engines.parity)
     unchecked: str | None = None  # what a PASS did not cover here (a bf16 graph on CPU): in the verdict
 
     @property

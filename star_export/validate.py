@@ -613,7 +613,7 @@ def validate_directory(
     pcs = [(lv.cfg, contract_from_dict(manifest["graphs"][lv.graph])) for lv in held]
     dc = contract_from_dict(manifest["graphs"]["decode"])
     if trt:
-        from star_export.build import trt_status
+        from star_export.engines import trt_status
 
         ok, why = trt_status()
         if not ok:
@@ -629,7 +629,7 @@ def validate_directory(
         loaded.model, geo, pcs, dc, directory, seed=seed, batch=batch, text_len=text_len, model32=model32
     )
     if trt:
-        from star_export.build.parity import trt_rows
+        from star_export.engines.parity import trt_rows
 
         feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
         # each level's engine is judged with the margins measured for that level (half precision)

@@ -1,4 +1,4 @@
-"""Tests for star_export.build: profiles, precision decisions, manifest I/O and the missing-TensorRT
+"""Tests for star_export.engines: profiles, precision decisions, manifest I/O and the missing-TensorRT
 path run everywhere; tests marked ``tensorrt`` build real engines and skip where TensorRT or a GPU
 is absent (with the reason from ``trt_status()``)."""
 
@@ -16,8 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from star_export import build
-from star_export.build import (
+from star_export import engines as build
+from star_export.contract import decode_contract, prefill_contract
+from star_export.engines import (
     BuildSettings,
     add_build_arguments,
     build_engine,
@@ -33,7 +34,6 @@ from star_export.build import (
     to_polygraphy_profiles,
     trt_status,
 )
-from star_export.contract import decode_contract, prefill_contract
 from star_export.errors import MissingComponent, UsageError
 from star_export.geometry import Geometry
 from star_export.manifest import MANIFEST_VERSION, prefill_graph
@@ -557,7 +557,7 @@ def test_run_build_records_one_engine_per_level(tmp_path, level_contracts, monke
     """run_build's plumbing with build_engine replaced by a recorder (NO engine is built; the files
     are stand-ins): one prefill engine per level named from --engine, one decode engine, each with
     its own profile, recorded under manifest["engines"] by graph name."""
-    from star_export.build import command, status
+    from star_export.engines import command, status
 
     out = _out_dir(tmp_path, level_contracts, levels=LEVELS)
     calls, caches = {}, {}

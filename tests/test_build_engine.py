@@ -1,4 +1,4 @@
-"""star_export.build.engine against FAKES of the polygraphy entry points it calls
+"""star_export.engines.engine against FAKES of the polygraphy entry points it calls
 (``NetworkFromOnnxPath``, ``CreateConfig``, ``EngineBytesFromNetwork``, ``SaveBytes``) and of the few
 TensorRT names it reads; ``EngineFromNetwork``, ``SaveEngine`` and ``EngineFromBytes`` are fakes that
 fail the test if called (the build must never deserialize an engine).
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from star_export.build import BuildSettings, build_engine, precision_plan, status, strongly_typed_flag
 from star_export.contract import DynamicDim, GraphContract, TensorSpec
+from star_export.engines import BuildSettings, build_engine, precision_plan, status, strongly_typed_flag
 
 
 def _contract(float_dtype: str) -> GraphContract:
@@ -273,7 +273,7 @@ def test_the_cache_this_device_wrote_beside_a_refused_one_is_reused(fake_trt, tm
 
 
 def test_timing_cache_candidates_and_all_refused(tmp_path):
-    from star_export.build.engine import MAX_TIMING_CACHES, choose_timing_cache, timing_cache_candidates
+    from star_export.engines.engine import MAX_TIMING_CACHES, choose_timing_cache, timing_cache_candidates
     from star_export.errors import UsageError
 
     names = [p.name for p in timing_cache_candidates(tmp_path / "timing.cache")[:3]]
@@ -332,7 +332,7 @@ def test_a_hardware_level_this_tensorrt_lacks_is_a_usage_error(fake_trt, tmp_pat
 
 
 def test_unreadable_timing_cache_is_reported(tmp_path):
-    from star_export.build import timing_cache_rejected
+    from star_export.engines import timing_cache_rejected
 
     def broken(data: bytes):
         raise RuntimeError("Deserialization failed\nmore")
@@ -353,7 +353,7 @@ def test_every_build_and_deploy_module_imports_without_tensorrt():
     import sys
 
     code = (
-        "import importlib, pkgutil, sys, star_export.build as b, star_export.deploy as d\n"
+        "import importlib, pkgutil, sys, star_export.engines as b, star_export.deploy as d\n"
         "names = [m.name for p in (b, d) for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]\n"
         "[importlib.import_module(n) for n in names]\n"
         "print(len(names), 'tensorrt' in sys.modules)"

@@ -1,6 +1,6 @@
 """TensorRT parity without TensorRT: the decode comparison (``validate.generation_rows``) with fake
 backends (one that matches, perturbed ones that must fail), TrtBackend against a fake of
-polygraphy's TrtRunner (arguments, casts, copies), and ``build.parity.trt_rows``' plumbing on a real
+polygraphy's TrtRunner (arguments, casts, copies), and ``engines.parity.trt_rows``' plumbing on a real
 export with onnxruntime standing in for the engines. No TensorRT engine is run here."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from star_export.build import TrtBackend, parity, status, trt_rows
 from star_export.contract import DynamicDim, GraphContract, TensorSpec
+from star_export.engines import TrtBackend, parity, status, trt_rows
 from star_export.errors import MissingComponent, UsageError
 from star_export.geometry import Geometry
 from star_export.parity import ParityReport
@@ -355,7 +355,7 @@ def test_an_fp16_engine_of_an_fp32_export_is_judged_with_fp16_margins(
 
 
 def test_recorded_margins_and_cpu_verdict(tmp_path):
-    from star_export.build.engines_only import cpu_passed, recorded_margins
+    from star_export.engines.engines_only import cpu_passed, recorded_margins
     from star_export.selection import margin_for
 
     path = tmp_path / "report.json"

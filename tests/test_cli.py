@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import onnx
 import pytest
 
-from star_export.build import trt_status
 from star_export.cli import main
+from star_export.engines import trt_status
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 

@@ -338,7 +338,7 @@ def test_header_limits_are_the_built_engines_profiles(levels_export, tmp_path, m
     import argparse
     import shutil
 
-    from star_export.build import add_build_arguments, command, profile_json, run_build, status
+    from star_export.engines import add_build_arguments, command, profile_json, run_build, status
 
     export = tmp_path / "export"
     shutil.copytree(levels_export, export)

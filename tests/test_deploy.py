@@ -12,8 +12,8 @@ import pytest
 from conftest import as_bf16_copy
 
 from star_export import deploy
-from star_export.build import profile_json, profile_shapes
 from star_export.contract import contract_from_dict
+from star_export.engines import profile_json, profile_shapes
 from star_export.errors import UsageError
 
 

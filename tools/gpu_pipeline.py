@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{s.name}] {shlex.join(s.command) if s.command else s.note}")
         return 0
 
-    from star_export.build import trt_status
+    from star_export.engines import trt_status
 
     ok, why = trt_status()
     print(f"[env] {why}")

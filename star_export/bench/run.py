@@ -272,8 +272,8 @@ def _export_all(st: _Setup, workers: int | None) -> list[dict[str, Any]]:
 
 def _build_variants(st: _Setup) -> tuple[list[Variant], list[dict[str, str]]]:
     """Every (runtime, configuration, batch); one backend per graph shared across batches."""
-    from star_export.build import trt_status
     from star_export.contract import decode_contract, prefill_contract
+    from star_export.engines import trt_status
     from star_export.runtime import TorchBackend
 
     shared = Shared()

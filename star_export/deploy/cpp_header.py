@@ -49,7 +49,7 @@ def engine_names(manifest: Mapping[str, Any]) -> dict[str, str]:
     """{graph: engine file name} of every keep level's prefill graph and the decode graph: the names
     ``build`` recorded in ``manifest["engines"]``, else the ones ``build --from DIR`` writes by default
     (``prefill.plan`` + ``prefill.decode.plan``; several levels ``prefill.k32.plan``, ...)."""
-    from star_export.build.settings import engine_files
+    from star_export.engines.settings import engine_files
 
     names = graph_names(manifest)
     out = {g: p.name for g, p in engine_files(Path(DEFAULT_ENGINE), names).items()}

@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from star_export.build import status
 from star_export.contract import GraphContract, contract_from_dict
+from star_export.engines import status
 from star_export.errors import MissingComponent, UsageError
 
 TRT_TOLERANCES: Mapping[str, float] = {"fp32": 1e-4}  # half precision: selection.logits_tolerance

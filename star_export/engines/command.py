@@ -12,18 +12,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from star_export.build import status
-from star_export.build.engine import build_engine
-from star_export.build.precision import DTYPES, contract_dtype
-from star_export.build.profiles import DimRange, profile_shapes
-from star_export.build.settings import (
+from star_export.contract import GraphContract, contract_from_dict
+from star_export.engines import status
+from star_export.engines.engine import build_engine
+from star_export.engines.precision import DTYPES, contract_dtype
+from star_export.engines.profiles import DimRange, profile_shapes
+from star_export.engines.settings import (
     DEFAULT_TIMING_CACHE,
     HARDWARE_LEVELS,
     BuildSettings,
     engine_files,
     finish_command,
 )
-from star_export.contract import GraphContract, contract_from_dict
 from star_export.errors import MissingComponent, UsageError
 from star_export.manifest import read_manifest
 
@@ -227,7 +227,7 @@ def run_build(args: argparse.Namespace, out_dir: Path) -> int:
     """``build --from OUT_DIR``: readiness check of every graph, then one prefill engine per keep
     level and one decode engine (when the manifest lists ``decode``), recorded under ``engines`` in
     manifest.json, keyed by graph name. Engine files come from ``--engine`` (default
-    ``OUT_DIR/prefill.plan``, :func:`~star_export.build.settings.engine_files`): a one-level export
+    ``OUT_DIR/prefill.plan``, :func:`~star_export.engines.settings.engine_files`): a one-level export
     gets ``out.plan`` + ``out.decode.plan``; several levels ``out.k32.plan``, ``out.k64.plan``, ... +
     ``out.decode.plan``.
 

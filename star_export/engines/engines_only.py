@@ -112,7 +112,7 @@ def run_engines_only(directory: Path, batch: int = 2, text_len: int = 24, seed: 
     engine rows and the verdict; returns the exit code (0 PASS, 1 FAIL)."""
     import torch
 
-    from star_export.build import parity, status
+    from star_export.engines import parity, status
     from star_export.errors import MissingComponent
     from star_export.geometry import Geometry
     from star_export.load import load

@@ -1,7 +1,7 @@
 """Where an engine can be built: the installed TensorRT's version and a visible CUDA GPU.
 
 TensorRT is imported here lazily (``importlib`` at call time, never at module import), so every
-module of :mod:`star_export.build` and ``--help`` work on machines without TensorRT or a GPU.
+module of :mod:`star_export.engines` and ``--help`` work on machines without TensorRT or a GPU.
 """
 
 from __future__ import annotations

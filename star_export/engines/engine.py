@@ -42,9 +42,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from star_export.build import status
-from star_export.build.precision import PrecisionPlan, contract_dtype, strongly_typed_flag
-from star_export.build.profiles import (
+from star_export.contract import GraphContract
+from star_export.engines import status
+from star_export.engines.precision import PrecisionPlan, contract_dtype, strongly_typed_flag
+from star_export.engines.profiles import (
     ShapeRange,
     check_profile,
     outputs_for_profile,
@@ -52,8 +53,7 @@ from star_export.build.profiles import (
     profile_shapes,
     to_polygraphy_profiles,
 )
-from star_export.build.settings import HARDWARE_LEVELS, BuildSettings, finish_command
-from star_export.contract import GraphContract
+from star_export.engines.settings import HARDWARE_LEVELS, BuildSettings, finish_command
 from star_export.errors import MissingComponent, UsageError
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from star_export.build.precision import DTYPES, PrecisionPlan, precision_plan
-from star_export.build.profiles import ProfileShapes, profile_json
+from star_export.engines.precision import DTYPES, PrecisionPlan, precision_plan
+from star_export.engines.profiles import ProfileShapes, profile_json
 from star_export.errors import UsageError
 
 # --hardware-compatibility-level values -> trt.HardwareCompatibilityLevel member names (TensorRT 10.x/11.x)

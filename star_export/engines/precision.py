@@ -35,8 +35,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from star_export.build.status import MIN_TENSORRT_MAJOR, major_minor
 from star_export.contract import GraphContract
+from star_export.engines.status import MIN_TENSORRT_MAJOR, major_minor
 from star_export.errors import MissingComponent, UsageError
 
 DTYPES = ("fp32", "fp16", "bf16")
