@@ -340,16 +340,18 @@ def test_stop_ids_inside_the_vocabulary_run(export, image, capsys):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("where", ["_family_names", "cmd_check"])
+@pytest.mark.parametrize("where", ["export._takers", "check.run"])
 def test_ctrl_c_at_any_time_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path, where):
     """While the parser is built (it imports the families, hence torch: the first seconds) and while
     a command runs."""
-    import star_export.cli as cli
+    import importlib
+
+    module, name = where.split(".")
 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, where, interrupted)
+    monkeypatch.setattr(importlib.import_module(f"star_export.commands.{module}"), name, interrupted)
     r = run_main(capsys, "check", str(tmp_path / "x.onnx"))
     assert one_line(r, 130) == "star_export: interrupted"
 
@@ -361,15 +363,16 @@ def test_image_size_names_both_forms(capsys, tmp_path, value):
 
 
 def test_image_size_parses_both_forms():
-    from star_export.cli import _size
+    from star_export.commands.argtypes import image_size
 
-    assert _size("448") == 448 and _size("336x448") == (336, 448) and _size("336X448") == (336, 448)
+    assert image_size("448") == 448 and image_size("336x448") == (336, 448)
+    assert image_size("336X448") == (336, 448)
 
 
 def test_export_help_names_the_files_it_always_writes():
-    from star_export.cli import EPILOG_EXPORT
+    from star_export.commands.export import EPILOG
 
-    assert "weights.onnx.data" in EPILOG_EXPORT and "large models" not in EPILOG_EXPORT
+    assert "weights.onnx.data" in EPILOG and "large models" not in EPILOG
 
 
 # ------------------------------------------------------------------------------- 7: triton paths
