@@ -35,7 +35,7 @@ drift hits all alike), after ``--warmup`` untimed rounds; median and p10/p90 of 
   off), by ``star_export.selection``/``validate``'s rules: selection overlap with the dtype's
   margins (``precision_noise``: its rounding emulated on the fp32 run), then logits and caches
   directly or, where selections differ, with the fp16 side's selection forced into the fp32 run
-  (``validate.check_side``).
+  (``comparison.check_side``).
 
 Writes ``--out``/gpu_bench.json (rewritten after every phase and every timing round, so a run cut
 short keeps what it measured; ``status`` says how far it got) and ``gpu_bench.png``; prints

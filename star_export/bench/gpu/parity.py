@@ -1,6 +1,6 @@
 """Parity on the device: the rewrite in fp16/bf16 vs the same weights in fp32, on the first
 ``--parity-layers`` decoder layers of the benchmarked model (shared, not copied) and an fp32 copy of them,
-by ``selection``/``validate``'s rules (``check_side``, ``precision_noise``)."""
+by ``selection``/``validate``'s rules (``comparison.check_side``, ``precision_noise``)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def run_parity(
     """The rewrite in ``dtype`` on the device vs the same weights in fp32 there, every config: the
     selection-with-margin rule, then logits and caches (forced selections where they differ)."""
     from star_export import precision_noise, selection
-    from star_export.validate import Rewrite, check_side, make_inputs
+    from star_export.comparison import Rewrite, check_side, make_inputs
 
     device = next(model.parameters()).device
     small = truncated(model, layers)
