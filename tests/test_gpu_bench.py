@@ -1,4 +1,4 @@
-"""tools/gpu_bench.py on CPU (issue #16): the whole script end to end on a tiny model (``--device cpu
+"""tools/gpu_bench.py (``star_export.bench.gpu``) on CPU (issue #16): the whole script end to end on a tiny model (``--device cpu
 --tiny``) in a process where onnx, onnxruntime, onnxscript, polygraphy and TensorRT cannot be imported,
 as on a GPU host with only PyTorch and transformers; the JSON's structure and real numbers, the plot;
 ``--help``; one-line errors (exit 2 for flags, 3 for a missing CUDA device); the accelerated mode's
@@ -15,11 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from star_export.bench.gpu import accel as gpu_accel
+from star_export.bench.gpu import device as gpu_device
+from star_export.bench.gpu import model as gpu_model
+from star_export.bench.gpu import parity as gpu_parity
+from star_export.bench.gpu import variants as gpu_variants
 from star_export.families.llava import FAMILY, llava_geometry
 from star_export.star import StarConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "gpu_bench.py"
+TOOL = ROOT / "tools" / "gpu_bench.py"  # the thin script (``tool`` fixture): its command line
 ABSENT_ON_GPU_HOST = ("onnx", "onnxruntime", "onnxscript", "polygraphy", "tensorrt")
 KEEPS, BATCHES, REPEATS = (8, 16), (1, 2), 2
 
@@ -176,13 +181,13 @@ def _module():
     return torch.nn.Linear(2, 2)
 
 
-def test_accel_falls_back_from_graphs_to_compile_with_the_reason(tool, monkeypatch):
+def test_accel_falls_back_from_graphs_to_compile_with_the_reason(monkeypatch):
     def broken_capture(fn):
         raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
 
-    monkeypatch.setattr(tool, "capture_graph", broken_capture)
-    monkeypatch.setattr(tool, "compile_call", lambda module, args: lambda: "compiled")
-    accel = tool.Accel("auto", torch.device("cuda"))
+    monkeypatch.setattr(gpu_accel, "capture_graph", broken_capture)
+    monkeypatch.setattr(gpu_accel, "compile_call", lambda module, args: lambda: "compiled")
+    accel = gpu_accel.Accel("auto", torch.device("cuda"))
     assert accel.mode == "graphs"
     call = accel.make(_module(), ())
     assert call() == "compiled" and accel.mode == "compile" and accel.fixed
@@ -192,19 +197,19 @@ def test_accel_falls_back_from_graphs_to_compile_with_the_reason(tool, monkeypat
     def broken_compile(module, args):
         raise RuntimeError("inductor failed")
 
-    monkeypatch.setattr(tool, "compile_call", broken_compile)
+    monkeypatch.setattr(gpu_accel, "compile_call", broken_compile)
     with pytest.raises(RuntimeError, match="inductor failed"):  # fixed: a later failure is the variant's
         accel.make(_module(), ())
     assert accel.mode == "compile"
 
 
-def test_accel_every_mode_failing_leaves_eager_only(tool, monkeypatch):
+def test_accel_every_mode_failing_leaves_eager_only(monkeypatch):
     def broken(*args):
         raise RuntimeError("no")
 
-    monkeypatch.setattr(tool, "capture_graph", broken)
-    monkeypatch.setattr(tool, "compile_call", broken)
-    accel = tool.Accel("auto", torch.device("cuda"))
+    monkeypatch.setattr(gpu_accel, "capture_graph", broken)
+    monkeypatch.setattr(gpu_accel, "compile_call", broken)
+    accel = gpu_accel.Accel("auto", torch.device("cuda"))
     with pytest.raises(RuntimeError):
         accel.make(_module(), ())
     assert accel.mode is None
@@ -213,28 +218,30 @@ def test_accel_every_mode_failing_leaves_eager_only(tool, monkeypatch):
         "graphs": "failed: RuntimeError: no",
         "compile": "failed: RuntimeError: no",
     }
-    cpu = tool.Accel("auto", torch.device("cpu"))
+    cpu = gpu_accel.Accel("auto", torch.device("cpu"))
     assert cpu.mode is None and "CUDA" in cpu.notes["graphs"]
-    assert tool.Accel("eager", torch.device("cuda")).mode is None
+    assert gpu_accel.Accel("eager", torch.device("cuda")).mode is None
 
 
-def test_timing_stops_at_the_budget_and_keeps_what_it_measured(tool, tmp_path):
-    run = tool.Run(tmp_path, budget_s=0.0)
+def test_timing_stops_at_the_budget_and_keeps_what_it_measured(tmp_path):
+    run = gpu_device.Run(tmp_path, budget_s=0.0)
     cfg = StarConfig(keep2=8, keep1=16, layer=2)
-    variants = [tool.Variant("prefill", "eager", f"v{i}", cfg, 1, call=lambda: None) for i in range(3)]
+    variants = [
+        gpu_variants.Variant("prefill", "eager", f"v{i}", cfg, 1, call=lambda: None) for i in range(3)
+    ]
     args = argparse.Namespace(warmup=1, repeats=5)
-    tool.interleave(variants, tool.Clock(torch.device("cpu")), args, run, lambda: None)
+    gpu_variants.interleave(variants, gpu_device.Clock(torch.device("cpu")), args, run, lambda: None)
     assert [len(v.prefill_s) for v in variants] == [1, 1, 1]  # the one timed round always runs
     saved = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert saved["timing"]["rounds_done"] == 1 and "--budget-s 0" in saved["timing"]["stopped"]
     assert saved["status"] == "timing (2/6 rounds)"
 
 
-def test_parity_model_shares_the_benchmarked_weights(tool):
-    config = tool.model_config(True, None)
+def test_parity_model_shares_the_benchmarked_weights():
+    config = gpu_model.model_config(True, None)
     geo = llava_geometry(config)
-    model = tool.build_model(config, torch.device("cpu"), torch.float32, 0)
-    small = tool.truncated(model, 3)
+    model = gpu_model.build_model(config, torch.device("cpu"), torch.float32, 0)
+    small = gpu_parity.truncated(model, 3)
     assert len(small.model.language_model.layers) == 3
     a, b = (
         small.model.language_model.layers[2].mlp.up_proj.weight,
@@ -242,7 +249,7 @@ def test_parity_model_shares_the_benchmarked_weights(tool):
     )
     assert a.data_ptr() == b.data_ptr()
     assert not any(t.is_meta for t in [*small.parameters(), *small.buffers()])
-    whole = tool.truncated(model, geo.num_layers)  # all layers: the same model, the same logits
+    whole = gpu_parity.truncated(model, geo.num_layers)  # all layers: the same model, the same logits
     cfg = StarConfig(keep2=8, keep1=16, layer=2)
     feeds = (
         torch.randn(1, *geo.pixel_shape),

@@ -33,35 +33,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # star_export from this tree
+
+from star_export.bench.gpu.model import IMAGE_TOKEN_ID, llava_7b_config  # noqa: E402  (the 7B widths)
+
 GIB = 1 << 30
 
-# llava-hf/llava-1.5-7b-hf geometry
-VISION = dict(
-    model_type="clip_vision_model",
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
-TEXT_7B = dict(
-    model_type="llama",
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32064,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=32001,
-)
-IMAGE_TOKEN_ID = 32000
 TARGETS = {"llava-1.5-7b": 7.06e9, "llava-1.5-13b": 13.35e9}  # parameters (model cards, rounded)
 STAGE_MARKERS = (  # stdout prefix -> name of the stage that starts there
     ("[1/", "load"),
@@ -94,23 +71,6 @@ def _processor_files(directory: Path, cache: Path) -> None:
         os.replace(tmp, cache)
     for f in cache.iterdir():
         shutil.copy2(f, directory / f.name)
-
-
-def llava_7b_config(layers: int = 32):
-    """A ``LlavaConfig`` at llava-hf/llava-1.5-7b-hf's widths with ``layers`` decoder layers (32: the real one)."""
-    from transformers import LlavaConfig
-
-    return LlavaConfig(
-        vision_config=dict(VISION),
-        text_config=dict(TEXT_7B, num_hidden_layers=layers),
-        image_token_id=IMAGE_TOKEN_ID,
-        image_seq_length=576,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=32001,
-        tie_word_embeddings=False,
-    )
 
 
 def build_checkpoint(directory: Path, layers: int, processor_cache: Path) -> dict:

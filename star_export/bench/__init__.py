@@ -51,7 +51,13 @@ report -> timing):
   * ``ort``: onnxruntime's session options, backend, profiler and settings comparison;
   * ``report``: bench.json's content, the table, the targets, the plot;
   * ``run``: ``run_bench``, the steps of one run in order;
-  * ``cli``: the flags of ``python -m star_export bench`` and ``bench/run.py``.
+  * ``cli``: the flags of ``python -m star_export bench``.
+
+The other runners of the project's benchmarks live beside it (measured files: the top-level
+``bench/results/``):
+  * ``gpu/``: ``tools/gpu_bench.py``, LLaVA-1.5-7B widths on one CUDA GPU in PyTorch only (its docstring);
+  * ``attention_formulations``: ``python -m star_export.bench.attention_formulations``, the decoder-
+    attention formulations timed in onnxruntime (why ``rewrite.decoder_attention`` is explicit).
 """
 
 from star_export.bench.cli import DESCRIPTION, EPILOG, add_bench_arguments, run_bench_cli

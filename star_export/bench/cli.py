@@ -1,4 +1,4 @@
-"""The command line of the bench: ``python -m star_export bench`` and ``bench/run.py`` (flags, help text)."""
+"""The command line of the bench: ``python -m star_export bench`` (flags, help text)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``python -m star_export bench`` (and ``bench/run.py``)."""
+    """The flags of ``python -m star_export bench``."""
     parser.add_argument(
         "--recipe",
         default=None,

@@ -15,7 +15,8 @@ the keep-64 stage-2 length (T - 1 + 64):
   same primitive ops by the exporter; no probabilities).
 * ``sdpa-opset23``: the same at opset 23: one ONNX ``Attention`` op per layer (no probabilities).
 
-Usage: ``python bench/attention_formulations.py [--recipe llava-bench] [--repeats 20] [--out DIR]``.
+Usage: ``python -m star_export.bench.attention_formulations [--recipe llava-bench] [--repeats 20] [--out DIR]``
+(the measurement behind ``rewrite.decoder_attention``'s choice; not part of ``python -m star_export bench``).
 Writes ``attention_formulations.json`` into ``--out``.
 """
 
