@@ -16,6 +16,7 @@ import torch
 from star_export import selection
 from star_export.geometry import Geometry
 from star_export.parity import ParityReport
+from star_export.star import StarConfig
 
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -137,3 +138,58 @@ def check_side(
     if presents:
         sub = {k: v[rows] for k, v in got.items() if k.startswith("present.")}
         report.add(check, "present.* (worst)", *_worst_present(sub, target), tolerance, rule)
+
+
+def generation_rows(
+    report: ParityReport,
+    name: str,
+    got_backend: Any,
+    ref_backend: Any,
+    feeds: dict[str, np.ndarray],
+    geo: Geometry,
+    cfg: StarConfig,
+    steps: int,
+    dtype: str,
+    fp32_tolerance: float,
+) -> None:
+    """``got_backend`` (graphs or engines) vs the rewrite ``ref_backend`` (``runtime.TorchBackend``),
+    ``steps`` greedy tokens. fp32: tokens identical, logits of every step within ``fp32_tolerance``,
+    cache lengths L1/L2 + steps. Half precision: the rewrite is forced to the checked side's
+    selection and fed its tokens (teacher forcing); every step's logits within the dtype's
+    tolerance, and each chosen token within that tolerance of the rewrite's best logit."""
+    from star_export.runtime import GenerationConfig, generate
+
+    gen = GenerationConfig(max_new_tokens=steps)
+    cast = dict(cast_pixels(feeds, dtype))
+    got = generate(got_backend, cast, geo, cfg, gen, keep_logits=True)
+    if dtype == "float32":
+        check = f"generate {name} vs torch ({steps} greedy)"
+        ref = generate(ref_backend, feeds, geo, cfg, gen, keep_logits=True)
+        report.add(check, "tokens", np.array(got.tokens), np.array(ref.tokens), 0)
+        report.add(
+            check, "logits (every step)", np.stack(got.step_logits), np.stack(ref.step_logits), fp32_tolerance
+        )
+    else:
+        check = f"generate {name} vs torch {SHORT[dtype]} ({steps} steps, teacher-forced)"
+        ref_backend.forced = (got.stage1_keep_idx, got.stage2_keep_idx)
+        ref = generate(ref_backend, cast, geo, cfg, gen, keep_logits=True, teacher=np.array(got.tokens))
+        ref_backend.forced = None
+        tol = selection.logits_tolerance(dtype, fp32_tolerance)
+        r_logits = np.stack(ref.step_logits).astype(np.float64)  # (steps, B, V)
+        report.add(check, "logits (every step)", np.stack(got.step_logits), r_logits, tol, "forced")
+        chosen = np.take_along_axis(r_logits, np.array(got.tokens).T[:, :, None], axis=-1)[
+            ..., 0
+        ]  # (steps, B)
+        shortfall = (r_logits.max(axis=-1) - chosen) / np.abs(r_logits).max(
+            axis=-1
+        )  # 0: the rewrite's argmax
+        report.add(check, "tokens (logit shortfall)", np.array([shortfall.max()]), np.zeros(1), tol, "forced")
+    text_len = feeds["input_ids"].shape[1]
+    expect = [
+        text_len - 1 + geo.span(cfg.keep1 if i < cfg.layer else cfg.keep2) + steps - 1
+        for i in range(geo.num_layers)
+    ]
+    report.add(check, "cache lengths L1/L2+t", np.array(got.final_present_lengths), np.array(expect), 0)
+
+
+# ---------------------------------------------------------------------------- an export, a directory

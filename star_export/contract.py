@@ -176,9 +176,7 @@ def slot_positions(geo: Geometry) -> bool:
     """Whether the family's graphs carry each cached slot's original position (``Family.slot_positions``:
     the prefill outputs ``present_positions_l1/_l2``, the decode step takes ``past_positions_l1/_l2`` and
     returns them with the new token's position appended, like the key/value caches)."""
-    from star_export.families import family_of
-
-    return family_of(geo).slot_positions
+    return geo.slot_positions  # set by the family (``Family.slot_positions``) in its geometry
 
 
 def carried(name: str) -> str | None:

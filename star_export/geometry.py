@@ -38,6 +38,7 @@ class Geometry:
     grid: tuple[int, int] = (1, 1)  # the family's grid (NeXT: anyres tiles; Qwen: merged tokens rows x cols)
     position_axes: int = 1  # components of a position id (1: 1-D RoPE; 3: M-RoPE t/h/w)
     image_hw: tuple[int, int] = ()  # the static resolution (height, width); () = image_size square
+    slot_positions: bool = False  # the graphs carry each cached slot's original position (Gemma 3's window)
 
     def __post_init__(self) -> None:
         # JSON round trips (manifest.json) turn tuples into lists; old manifests lack the layout

@@ -160,7 +160,9 @@ def read_manifest(directory: Path, graphs: tuple[str, ...] | None = None) -> dic
         )
     from star_export.manifest_check import check_manifest
 
-    check_manifest(manifest, directory)  # keys, graphs' shapes, levels: one line for a hand-edited manifest
+    check_manifest(
+        manifest, directory, levels
+    )  # keys, graphs' shapes, levels: one line for a hand-edited manifest
     for graph in graphs if graphs is not None else tuple(manifest.get("graphs", {})):
         entry = manifest.get("graphs", {}).get(graph)
         if entry is None or not (directory / entry.get("file", f"{graph}.onnx")).is_file():

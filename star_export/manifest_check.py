@@ -16,7 +16,7 @@ reads a missing key. :func:`check_manifest` turns each into one line (``UsageErr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +151,17 @@ def _levels_against_graphs(manifest: Mapping[str, Any], geo: Any, held: list[Any
             )
 
 
-def check_manifest(manifest: Mapping[str, Any], directory: Path, where: str | None = None) -> None:
+def check_manifest(
+    manifest: Mapping[str, Any],
+    directory: Path,
+    levels: Callable[[dict[str, Any], Any, str], list[Any]],
+    where: str | None = None,
+) -> None:
     """One-line UsageError for a manifest that lacks a key its consumers read, whose graph entries do
-    not describe its ONNX files, or whose keep levels do not match their graphs."""
+    not describe its ONNX files, or whose keep levels do not match their graphs. ``levels``: the
+    manifest's reader of its keep levels (``manifest.levels``), passed in by that reader's module."""
     from star_export.contract import contract_from_dict
     from star_export.geometry import Geometry
-    from star_export.manifest import levels
 
     directory = Path(directory)
     where = where or f"--from {directory}"

@@ -303,7 +303,7 @@ def test_an_fp16_engine_of_an_fp32_export_is_judged_with_fp16_margins(
     the swap fails; as an fp16 engine it is a near-tie and every prefill row passes. NOT TensorRT."""
     import json
 
-    import star_export.validate as validate
+    import star_export.comparison as comparison
     from star_export.families import family_of
     from star_export.load import load
     from star_export.selection import margin_for
@@ -341,7 +341,7 @@ def test_an_fp16_engine_of_an_fp32_export_is_judged_with_fp16_margins(
 
     monkeypatch.setattr(status, "trt_status", lambda: (True, "TensorRT (stand-in), no GPU"))
     monkeypatch.setattr(parity, "TrtBackend", NearTieEngines)
-    monkeypatch.setattr(validate, "generation_rows", lambda *a, **k: None)  # the stand-in has no decode
+    monkeypatch.setattr(comparison, "generation_rows", lambda *a, **k: None)  # the stand-in has no decode
     margins = (margin_for("float32"),) * 2  # what validate_directory passes for an fp32 export
     rows = {r["output"]: r for r in trt_rows(manifest, export, model, [feeds], margins, steps=1)}
     stage1 = rows["stage1_keep_idx"]

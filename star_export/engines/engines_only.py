@@ -112,6 +112,7 @@ def run_engines_only(directory: Path, batch: int = 2, text_len: int = 24, seed: 
     engine rows and the verdict; returns the exit code (0 PASS, 1 FAIL)."""
     import torch
 
+    from star_export.comparison import make_inputs, row_alone
     from star_export.engines import parity, status
     from star_export.errors import MissingComponent
     from star_export.geometry import Geometry
@@ -119,7 +120,6 @@ def run_engines_only(directory: Path, batch: int = 2, text_len: int = 24, seed: 
     from star_export.manifest import levels, read_manifest
     from star_export.outputs import write_json
     from star_export.parity import ParityReport, ParityRow
-    from star_export.validate import make_inputs, row_alone
 
     directory = Path(directory)
     manifest = read_manifest(directory)

@@ -1,7 +1,7 @@
 """TensorRT engines against the PyTorch rewrite: prefill and decode parity rows (``validate --trt``),
 for every keep level of an export (its own prefill engine, the shared decode engine).
 
-The same criterion as every other parity check (``selection``, ``validate.check_side``): kept
+The same criterion as every other parity check (``selection``, ``comparison.check_side``): kept
 indices agree when identical or when every disagreement lies within the margin of the cut (the
 margins ``validate`` measured for the export's dtype); logits and presents are compared directly
 where the selections are identical and with the rewrite forced to the engine's selection where
@@ -142,7 +142,7 @@ def trt_rows(
     """The TensorRT engines recorded in ``manifest["engines"]`` (one prefill engine per keep level,
     keyed by the level's graph name, and the decode engine) against the PyTorch rewrite of ``model``
     (the checkpoint in the export's dtype), by the criterion of every other parity check
-    (``validate.check_side``, ``validate.generation_rows``), for EVERY keep level with that level's
+    (``comparison.check_side``, ``comparison.generation_rows``), for EVERY keep level with that level's
     engine: kept indices by the selection-with-margin rule (``margins``: stage 1, stage 2; one pair
     for all levels or {keep2: pair}; widened by :func:`engine_margins` where the engine's precision is
     lower than the export's), logits and presents directly or with the rewrite forced to the
@@ -153,13 +153,13 @@ def trt_rows(
     Raises ``MissingComponent`` where TensorRT or a GPU is missing, ``UsageError`` where the
     manifest records no engine for a level's prefill graph or for decode.
     """
+    from star_export.comparison import SHORT, Rewrite, check_side, generation_rows
     from star_export.families import family_of
     from star_export.geometry import Geometry
     from star_export.manifest import levels
     from star_export.parity import ParityReport
     from star_export.runtime import TorchBackend
     from star_export.selection import logits_tolerance
-    from star_export.validate import SHORT, Rewrite, check_side, generation_rows
 
     ok, why = status.trt_status()
     if not ok:

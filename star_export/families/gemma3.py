@@ -307,6 +307,7 @@ class Gemma3(Family):
             n_fixed=0,
             n_positions=side * side,
             grid=(side, side),
+            slot_positions=self.slot_positions,
         )
 
     def check_layout(self, model_dir: Path, geo: Geometry) -> None:
