@@ -1,8 +1,10 @@
-"""Progress lines for long steps: numbered stages and a heartbeat while one step is silent."""
+"""Progress lines for long steps: numbered stages and a heartbeat while one step is silent; the
+libraries' own chatter silenced."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,3 +50,21 @@ def heartbeat(label: str, log: Log, every: float = 30.0) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
+
+
+def quiet_libraries() -> None:
+    """Silence the exporters' and transformers' chatter (warnings stay for real problems)."""
+    for name in (
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+        "torch._export",
+        "torch.export",
+        "transformers",
+        "onnxscript",
+        "torch._dynamo",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
