@@ -37,3 +37,18 @@ def test_no_module_over_600_lines():
     over = {name: n for name, n in sizes.items() if n > MAX_LINES and name not in OVER_FOR_NOW}
     assert not over, f"split these by job: {over}"
     assert sizes["validate.py"] <= MAX_LINES and sizes["bench/gpu/run.py"] <= MAX_LINES
+
+
+def test_every_submodule_imports_and_every_tool_helps():
+    """Subpackages too (star_export.bench.memory, ...), and each script in tools/ answers --help."""
+    names = [m.name for m in pkgutil.walk_packages(star_export.__path__, "star_export.")]
+    assert "star_export.bench.memory" in names and "star_export.demo.train" in names
+    for name in names:
+        if not name.endswith("__main__"):
+            importlib.import_module(name)
+    root = Path(star_export.__file__).resolve().parents[1]
+    for tool in sorted((root / "tools").glob("*.py")):
+        out = subprocess.run(
+            [sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0 and "usage:" in out.stdout, (tool.name, out.stderr[-300:])
