@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def integer(text: str) -> int:
@@ -37,3 +38,8 @@ def image_size(text: str) -> int | tuple[int, int]:
     if len(values) not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected PX or HxW such as 336 or 336x448, got {text!r}")
     return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def add_from(p: argparse.ArgumentParser, help: str = "an export directory (`llava --out DIR`)") -> None:
+    """``--from DIR`` (dest ``from_dir``), required: the export a command reads."""
+    p.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR", help=help)

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from star_export.commands.argtypes import add_from
 
 NAME = "build"
 HELP = "build TensorRT engines from an exported directory (needs TensorRT + a CUDA GPU)"
@@ -24,14 +25,7 @@ EPILOG = None
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from star_export.engines import add_build_arguments
 
-    p.add_argument(
-        "--from",
-        dest="from_dir",
-        type=Path,
-        required=True,
-        metavar="DIR",
-        help="an export directory (`llava --out DIR`)",
-    )
+    add_from(p)
     add_build_arguments(p)
 
 

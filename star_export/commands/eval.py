@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from star_export.commands.argtypes import integer, integers
+from star_export.commands.argtypes import add_from, integer, integers
 
 NAME = "eval"
 HELP = "what pruning costs in answers: each keep level vs the unpruned model on your images and questions"
@@ -29,9 +29,7 @@ examples:
 
 
 def add_arguments(e: argparse.ArgumentParser) -> None:
-    e.add_argument(
-        "--from", dest="from_dir", type=Path, required=True, metavar="DIR", help="an export directory"
-    )
+    add_from(e, help="an export directory")
     e.add_argument(
         "--data",
         type=Path,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from star_export.commands.argtypes import integer
+from star_export.commands.argtypes import add_from, integer
 from star_export.errors import UsageError
 
 NAME = "validate"
@@ -21,14 +20,7 @@ EPILOG = None
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from star_export.engines.engines_only import add_trt_flags
 
-    p.add_argument(
-        "--from",
-        dest="from_dir",
-        type=Path,
-        required=True,
-        metavar="DIR",
-        help="an export directory (`llava --out DIR`)",
-    )
+    add_from(p)
     add_trt_flags(p)  # --trt, --engines-only
     p.add_argument(
         "--batch-size",
