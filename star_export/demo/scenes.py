@@ -85,9 +85,9 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    """2-4 shapes at non-overlapping places, on a light background."""
-    n = int(rng.integers(2, MAX_OBJECTS + 1))
+def random_scene(rng: np.random.Generator, most: int = MAX_OBJECTS) -> Scene:
+    """2..``most`` shapes at non-overlapping places, on a light background."""
+    n = int(rng.integers(2, most + 1))
     shapes: list[Shape] = []
     while len(shapes) < n:
         size = str(rng.choice(list(SIZES)))
@@ -158,20 +158,21 @@ def _ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str] |
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def sample(seed: int, split: str, index: int) -> Sample:
+def sample(seed: int, split: str, index: int, most: int = MAX_OBJECTS) -> Sample:
     """The ``index``-th sample of ``split``: question kinds in turn, a fresh scene until one fits."""
     rng = _rng(seed, split, index)
     kind = KINDS[index % len(KINDS)]
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, most)
         asked = _ask(scene, kind, rng)
         if asked is not None:
             return Sample(scene, kind, *asked)
 
 
-def samples(seed: int, split: str, count: int, start: int = 0) -> Iterator[Sample]:
+def samples(seed: int, split: str, count: int, start: int = 0, most: int = MAX_OBJECTS) -> Iterator[Sample]:
+    """``count`` samples from ``start``; ``most``: at most that many shapes a scene (a curriculum)."""
     for i in range(start, start + count):
-        yield sample(seed, split, i)
+        yield sample(seed, split, i, most)
 
 
 def _texture(draw: ImageDraw.ImageDraw, scene: Scene, size: int) -> None:

@@ -45,6 +45,7 @@ class TrainConfig:
     eval_every: int = 250
     eval_count: int = 240  # validation samples per evaluation (40 per question kind)
     test_count: int = 600  # test samples for the final accuracy (100 per question kind)
+    easy_steps: int = 0  # a curriculum: the first easy_steps steps draw scenes of two shapes only
 
 
 @dataclass
@@ -196,7 +197,10 @@ def train(
     started = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step")
     while step < cfg.steps:
-        inputs = batcher(list(scenes.samples(cfg.seed, "train", cfg.batch, start=step * cfg.batch)))
+        most = 2 if step < cfg.easy_steps else scenes.MAX_OBJECTS
+        inputs = batcher(
+            list(scenes.samples(cfg.seed, "train", cfg.batch, start=step * cfg.batch, most=most))
+        )
         loss = model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
