@@ -71,6 +71,7 @@ def test_serve_answers_like_load_export_and_stops_on_ctrl_c(cli_export, tmp_path
         ports[kind] = port
     flags = [f"--{k}-port={v}" for k, v in ports.items()]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env["TMPDIR"] = str(tmp_path)  # the server's work directory and log land under the test's own
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "star_export", "serve", "--repo", str(repo), *flags],
@@ -95,7 +96,7 @@ def test_serve_answers_like_load_export_and_stops_on_ctrl_c(cli_export, tmp_path
         assert f"HTTP http://127.0.0.1:{ports['http']}" in text and f"gRPC 127.0.0.1:{ports['grpc']}" in text
         assert "models: decode, pipeline, prefill" in text
         log = Path(next(line for line in out if line.strip().startswith("log:")).split("log:")[1].strip())
-        assert log.is_file() and log.name == "tritonserver.log"
+        assert log.is_file() and log.name == "tritonserver.log" and log.parent.parent == tmp_path
 
         expected = load_export(export).generate([image], [PROMPT], max_new_tokens=MAX_NEW)
         client = httpclient.InferenceServerClient(f"127.0.0.1:{ports['http']}")
