@@ -259,7 +259,7 @@ def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["llava"], ["generate"], ["build"], ["validate"], ["triton"], ["bench"], ["check"], ["eval"]],
+    [[], *([c] for c in "llava generate build validate triton serve bench check eval".split())],
 )
 def test_help_runs(command):
     r = run_cli(*command, "--help", timeout=60)

@@ -25,18 +25,10 @@ import argparse
 import concurrent.futures
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
-import signal
-import site
-import socket
-import subprocess
-import sys
-import sysconfig
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +36,8 @@ import pytest
 from PIL import Image
 
 from star_export import deploy
-from star_export.errors import UsageError
+from star_export.deploy import server as triton_server
+from star_export.errors import MissingComponent, UsageError
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed"
@@ -502,148 +495,42 @@ def test_rewrite_replaces_atomically_and_failures_leave_nothing(export, tmp_path
 
 
 # ---------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = triton_server.free_port
 
 
 def stub_bin(tmp_path_factory) -> Path:
-    """The bin/ whose python3 the Python backend stub uses: numpy < 2 first, then this venv."""
-    import numpy
-
-    if int(numpy.__version__.split(".")[0]) < 2:
-        return Path(sys.executable).parent
-    numpy1 = Path(os.environ.get("STAR_EXPORT_TRITON_STUB_SITE", Path(sys.prefix) / "triton-stub-site"))
-    if not (numpy1 / "numpy").is_dir():
-        unavailable(
-            f"the Triton Python backend stub needs numpy<2 and {numpy1} has none: "
-            f'pip install --target {numpy1} "numpy>=1.26,<2"'
-        )
-    env = tmp_path_factory.mktemp("stub-venv")
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", "--clear", str(env)], check=True, timeout=120
-    )
-    python = env / "bin" / "python3"
-    purelib = subprocess.check_output(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip()
-    lines = [str(numpy1), *site.getsitepackages()]
-    Path(purelib, "star_export_triton_stub.pth").write_text("\n".join(lines) + "\n")
-    probe = subprocess.run(
-        [str(python), "-c", "import numpy, onnxruntime, transformers, PIL; print(numpy.__version__)"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert probe.returncode == 0 and probe.stdout.startswith("1."), probe.stderr[-2000:]
-    return env / "bin"
+    """The bin/ whose python3 the Python backend stub uses: numpy < 2 first, then this venv
+    (:func:`star_export.deploy.server.stub_bin`, the code ``python -m star_export serve`` runs)."""
+    try:
+        triton_server.stub_site()
+    except MissingComponent as e:
+        unavailable(str(e))
+    return triton_server.stub_bin(tmp_path_factory.mktemp("stub"))  # a failing probe fails the test
 
 
-class Server:
-    """tritonserver from the nvidia-pytriton wheel, on loopback, in its own process group."""
+class Server(triton_server.TritonServer):
+    """tritonserver from the nvidia-pytriton wheel (the package's set-up, as ``serve`` runs it), on
+    loopback, on free ports; missing pieces skip locally and fail in CI."""
 
     def __init__(self, repo: Path, work: Path, stub: Path):
-        spec = importlib.util.find_spec("pytriton")
-        if spec is None or not spec.submodule_search_locations:
-            unavailable('nvidia-pytriton is not installed (pip install "nvidia-pytriton==0.7.0" --no-deps)')
-        wheel = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub_binary = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
-        if not (wheel / "bin" / "tritonserver").is_file() or not stub_binary.is_file():
-            unavailable(f"{wheel}: no tritonserver binary or Python {version} backend stub in the wheel")
-        self.root = work / "tritonserver"
-        for part in ("bin", "backends", "caches"):
-            shutil.copytree(wheel / part, self.root / part, dirs_exist_ok=True)
-        shutil.copy2(stub_binary, self.root / "backends" / "python" / stub_binary.name)
-        libs = Path(next(iter(spec.submodule_search_locations))).parent / "nvidia_pytriton.libs"
-        self.env = dict(os.environ)
-        # The running Python's libpython first (else the stub may pick the system's), then the wheel's libs.
-        self.env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), os.environ.get("LD_LIBRARY_PATH")) if p
-        )
-        self.env["PATH"] = os.pathsep.join([str(stub), os.environ.get("PATH", "")])
-        self.repo, self.log_path, self.proc = repo, work / "tritonserver.log", None
+        try:
+            install = triton_server.find_tritonserver()
+        except MissingComponent as e:
+            unavailable(str(e))
+        super().__init__(repo, work, stub, install)
 
     def start(self, timeout: float = 150.0) -> None:
         for _attempt in range(2):  # a port taken between free_port() and bind: retry once
-            self.ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-            cmd = [
-                str(self.root / "bin" / "tritonserver"),
-                f"--model-repository={self.repo}",
-                f"--backend-directory={self.root / 'backends'}",
-                f"--cache-directory={self.root / 'caches'}",
-                *(f"--{k}-address=127.0.0.1" for k in ("http", "grpc", "metrics")),
-                *(f"--{k}-port={v}" for k, v in self.ports.items()),
-                "--allow-gpu-metrics=false",
-                "--exit-on-error=false",
-                "--exit-timeout-secs=10",  # bounded shutdown even with a client connection left open
-                "--log-verbose=0",
-            ]
-            log = self.log_path.open("w")
-            started = time.perf_counter()
             try:
-                self.proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-                )
-            except OSError as e:
-                pytest.skip(f"tritonserver cannot start at all here: {e}")
-            finally:
-                log.close()
-            while time.perf_counter() - started < timeout:
-                if self.proc.poll() is not None:
-                    break
-                if self.ready():
-                    self.startup_s = time.perf_counter() - started
-                    return
-                failed = self.failed_models()
-                if failed:
-                    self.stop()
-                    pytest.fail(f"tritonserver could not load {failed}:\n{self.log_tail()}")
-                time.sleep(0.25)
-            log_text = self.log_tail()
-            self.stop()
-            if "address already in use" in log_text.lower():
-                continue
-            if "Started HTTPService" not in log_text and "error while loading shared libraries" in log_text:
-                pytest.skip(f"tritonserver cannot start at all here: {log_text.strip().splitlines()[-1]}")
-            pytest.fail(f"tritonserver was not ready within {timeout:.0f}s:\n{log_text}")
+                super().start({k: free_port() for k in ("http", "grpc", "metrics")}, timeout)
+                return
+            except triton_server.ServerError as e:
+                if e.kind == "ports":
+                    continue
+                if e.kind == "libraries":
+                    pytest.skip(str(e))
+                pytest.fail(str(e))
         pytest.fail("tritonserver: no free ports after 2 attempts")
-
-    def ready(self) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.ports['http']}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def failed_models(self) -> dict[str, str]:
-        """{model: reason} of models that failed to load (the server keeps running: --exit-on-error=false)."""
-        try:
-            url = f"http://127.0.0.1:{self.ports['http']}/v2/repository/index"
-            request = urllib.request.Request(url, data=b"{}", method="POST")
-            with urllib.request.urlopen(request, timeout=1) as r:
-                index = json.loads(r.read())
-        except (OSError, ValueError):
-            return {}
-        return {m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"}
-
-    def log_tail(self, n: int = 60) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
-        noise = ("CUDA", "NVML", "DCGM", "GPU metrics")
-        kept = [line for line in lines if not any(w in line for w in noise)]
-        return "\n".join(kept[-n:])[-8000:]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # our own process group (start_new_session)
-            self.proc.wait(10)
 
 
 @contextlib.contextmanager

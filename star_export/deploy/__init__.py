@@ -34,8 +34,9 @@ This module holds the writer, the stage's entry point; one job per submodule:
 export, its engines, the limits served), :mod:`~star_export.deploy.config` (config.pbtxt text),
 :mod:`~star_export.deploy.files` (copies, atomic replacement), :mod:`~star_export.deploy.models`
 (one model directory), :mod:`~star_export.deploy.readme`, :mod:`~star_export.deploy.cpp_header`
-(``star_model.h`` for ``examples/cpp``) and :mod:`~star_export.deploy.command` (the ``triton``
-command).
+(``star_model.h`` for ``examples/cpp``), :mod:`~star_export.deploy.command` (the ``triton``
+command) and :mod:`~star_export.deploy.server` (a real tritonserver on this kind of machine, for the
+``serve`` command and the tests).
 """
 
 from __future__ import annotations

@@ -71,6 +71,14 @@ levels; re-export with `--keep` to add one.
         if several
         else ""
     )
+    serve_note = (
+        "On a CPU machine with the `nvidia-pytriton` wheel's server (`bash tools/install_triton_server.sh`), "
+        "one command sets it up and starts it on loopback (Ctrl-C stops it):\n\n```bash\n"
+        f"python -m star_export serve --repo {shlex.quote(str(repo.path.resolve()))}\n```\n\n"
+        "With a full Triton (the NGC container on a GPU host):\n\n"
+        if repo.backend == "python"
+        else ""
+    )
     backend_note = {
         "python": "prefill and decode run the exported ONNX graphs in onnxruntime inside Triton's Python "
         "backend (works with any Triton that has the Python backend, including the `nvidia-pytriton` "
@@ -118,7 +126,7 @@ Layout:
 
 ## Start the server
 
-```bash
+{serve_note}```bash
 tritonserver --model-repository={shlex.quote(str(repo.path.resolve()))} \\
     --http-port=8000 --grpc-port=8001 --metrics-port=8002
 curl -s localhost:8000/v2/health/ready && echo ready
