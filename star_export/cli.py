@@ -13,7 +13,7 @@ import signal
 import sys
 
 from star_export import __version__
-from star_export.errors import MissingComponent, UsageError
+from star_export.errors import MissingComponent, Terminated, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,12 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_arguments(p)
         p.set_defaults(func=command.run)
     return parser
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that staging directories are cleaned up. A BaseException,
-    like KeyboardInterrupt: libraries that catch Exception (the ONNX exporter wraps what its tracing
-    raises) let it through."""
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:

@@ -20,3 +20,9 @@ class MissingComponent(Exception):
 class DiskFull(UsageError):
     """A write ran out of space (ENOSPC / EDQUOT): one line naming the path, exit code 2
     (``star_export.atomic.disk_guard`` raises it; nothing half-written is left behind)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that staging directories are cleaned up. A BaseException,
+    like KeyboardInterrupt: libraries that catch Exception (the ONNX exporter wraps what its tracing
+    raises) let it through."""

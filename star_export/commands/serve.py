@@ -55,7 +55,6 @@ def example(http: int, pipeline: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from star_export.cli import Terminated
     from star_export.deploy.server import (
         ServerError,
         TritonServer,
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         port_in_use,
         served_models,
     )
-    from star_export.errors import MissingComponent
+    from star_export.errors import MissingComponent, Terminated
 
     models, pipeline, backend = served_models(args.repo)
     ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
