@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from star_export.atomic import atomic_write
+from star_export.atomic import atomic_write, check_target
 from star_export.errors import UsageError
 from star_export.evaluate.data import BadRow, Example, check_images, read_examples
 from star_export.evaluate.metrics import accuracy, agree, kl_divergence
@@ -63,13 +63,7 @@ def check_out(out: Path) -> None:
         if not os.access(out, os.W_OK | os.X_OK):
             raise UsageError(f"--out {out}: not writable")
         return
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: cannot create it in {parent} (not writable)")
+    check_target(out, "--out")  # the nearest existing parent: a writable directory
 
 
 def check_batch(batch_size: int, dims: dict[str, Any] | None) -> None:
