@@ -201,19 +201,47 @@ def render(scene: Scene, size: int = 336) -> Image.Image:
     draw = ImageDraw.Draw(image)
     _texture(draw, scene, size)
     for s in scene.shapes:
-        cx, cy, r = s.x * size, s.y * size, SIZES[s.size] * size
-        fill = COLOURS[s.colour]
-        if s.kind == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif s.kind == "square":
-            h = r * 0.886  # the square of the circle's area
-            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-        else:
-            draw.polygon(
-                [(cx, cy - r * 1.15), (cx - r * 1.15, cy + r * 0.85), (cx + r * 1.15, cy + r * 0.85)],
-                fill=fill,
-            )
+        _draw_shape(draw, s, size, COLOURS[s.colour])
     return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, size: int, fill: tuple[int, int, int] | int) -> None:
+    cx, cy, r = s.x * size, s.y * size, SIZES[s.size] * size
+    if s.kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif s.kind == "square":
+        h = r * 0.886  # the square of the circle's area
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    else:
+        draw.polygon(
+            [(cx, cy - r * 1.15), (cx - r * 1.15, cy + r * 0.85), (cx + r * 1.15, cy + r * 0.85)],
+            fill=fill,
+        )
+
+
+N_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # patch classes: background, then (colour, shape)
+
+
+def patch_labels(scene: Scene, size: int, patch: int, least: float = 0.25) -> np.ndarray:
+    """(size // patch)^2 class ids in raster order: 0 for a patch that no shape covers at least
+    ``least`` of, else 1 + colour * len(SHAPES) + shape of the shape covering most of it. The demo
+    training's dense target for the vision tower (what each patch shows), never a model input."""
+    index = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(index)
+    for i, s in enumerate(scene.shapes, start=1):
+        _draw_shape(draw, s, size, i)
+    grid = size // patch
+    ids = np.asarray(index)[: grid * patch, : grid * patch].reshape(grid, patch, grid, patch)
+    ids = ids.transpose(0, 2, 1, 3).reshape(grid * grid, patch * patch)
+    counts = np.stack([(ids == i).sum(1) for i in range(len(scene.shapes) + 1)], axis=1)
+    counts[:, 0] = 0
+    best = counts.argmax(1)
+    covered = counts.max(1) >= least * patch * patch
+    colours, kinds = list(COLOURS), list(SHAPES)
+    classes = np.array(
+        [0] + [1 + colours.index(s.colour) * len(SHAPES) + kinds.index(s.kind) for s in scene.shapes]
+    )
+    return np.where(covered, classes[best], 0)
 
 
 def coverage(scene: Scene, size: int = 336) -> float:

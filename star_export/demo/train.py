@@ -46,6 +46,7 @@ class TrainConfig:
     eval_count: int = 240  # validation samples per evaluation (40 per question kind)
     test_count: int = 600  # test samples for the final accuracy (100 per question kind)
     easy_steps: int = 0  # a curriculum: the first easy_steps steps draw scenes of two shapes only
+    aux_weight: float = 1.0  # weight of the dense per-patch target on the stage-1 candidates (0: off)
 
 
 @dataclass
@@ -54,19 +55,48 @@ class History:
     loss: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
+    aux: list[float] = field(default_factory=list)  # the dense per-patch loss, step by step
+
+
+class DenseTarget(torch.nn.Module):
+    """A linear probe on the stage-1 candidates (the input of ``Family.raster_candidates``) trained
+    to name what each patch shows (``scenes.patch_labels``): a dense signal that teaches the vision
+    tower objects in hundreds of steps where the one-word answers alone take thousands. Training only:
+    the probe is not part of the saved checkpoint."""
+
+    def __init__(self, module: torch.nn.Module | None, dim: int, weight: float):
+        super().__init__()
+        self.active = module is not None and weight > 0
+        self.head = torch.nn.Linear(dim, scenes.N_CLASSES) if self.active else None
+        self._seen: torch.Tensor | None = None
+        self._hook = module.register_forward_pre_hook(self._keep) if self.active else None
+
+    def _keep(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self._seen = args[0]
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        if not self.active or self._seen is None:
+            return torch.zeros(())
+        logits = self.head(self._seen)  # (B, N, classes)
+        self._seen = None
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
 
 
 class Batcher:
     """Samples -> the unmodified model's training inputs (right padded) and the answers' labels."""
 
-    def __init__(self, loaded: Any, size: int):
+    def __init__(self, loaded: Any, size: int, patch: int):
         from star_export.families import family_of
         from star_export.preprocess import Preprocessor
 
         self.model, self.geo = loaded.model, loaded.geometry
         self.family = family_of(self.geo)
         self.pre = Preprocessor.from_dir(loaded.model_dir, geometry=self.geo)
-        self.size = size
+        self.size, self.patch = size, patch
         self.eos = self.pre.eos_token_id
         self._answers: dict[str, list[int]] = {}
 
@@ -99,6 +129,8 @@ class Batcher:
         }
         for key in extras[0]:
             out[key] = torch.cat([e[key] for e in extras])
+        labels = [scenes.patch_labels(s.scene, self.size, self.patch) for s in batch]
+        out["patch_labels"] = torch.from_numpy(np.stack(labels)).long()
         return out
 
 
@@ -119,6 +151,7 @@ def accuracy(model: Any, batcher: Batcher, samples: list[scenes.Sample], batch: 
         chunk = samples[i : i + batch]
         inputs = batcher(chunk)
         labels = inputs.pop("labels")
+        inputs.pop("patch_labels")
         ok = exact_match(model(**inputs).logits, labels)
         for s, v in zip(chunk, ok.tolist(), strict=True):
             hits.setdefault(s.kind, []).append(v)
@@ -177,9 +210,14 @@ def train(
     model = loaded.model
     model.set_attn_implementation("sdpa")
     size = int(recipe.image["size"])
-    batcher = Batcher(loaded, size)
+    batcher = Batcher(loaded, size, int(model.config.vision_config.patch_size))
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dense = DenseTarget(
+        batcher.family.raster_candidates(model), model.config.vision_config.hidden_size, cfg.aux_weight
+    )
+    opt = torch.optim.AdamW(
+        [*model.parameters(), *dense.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     history, step = History(), 0
     state_path = out / STATE
@@ -188,6 +226,7 @@ def train(
         if state["config"] != asdict(cfg):
             raise ValueError(f"{state_path} was written with other settings: {state['config']}")
         model.load_state_dict(state["model"])
+        dense.load_state_dict(state["dense"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         history, step = History(**state["history"]), state["step"]
@@ -201,7 +240,11 @@ def train(
         inputs = batcher(
             list(scenes.samples(cfg.seed, "train", cfg.batch, start=step * cfg.batch, most=most))
         )
+        patch_labels = inputs.pop("patch_labels")
         loss = model(**inputs).loss
+        aux = dense.loss(patch_labels)
+        history.aux.append(float(aux.detach()))
+        loss = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -211,7 +254,7 @@ def train(
         history.steps.append(step)
         history.loss.append(float(loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", dense=f"{history.aux[-1]:.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = accuracy(model, batcher, val)
             history.eval_steps.append(step)
@@ -223,6 +266,7 @@ def train(
                 {
                     "config": asdict(cfg),
                     "model": model.state_dict(),
+                    "dense": dense.state_dict(),
                     "opt": opt.state_dict(),
                     "sched": sched.state_dict(),
                     "history": asdict(history),
@@ -233,6 +277,7 @@ def train(
             tmp.replace(state_path)
             plot(history, out / "training.png")
     bar.close()
+    dense.remove()
     test = accuracy(model, batcher, list(scenes.samples(cfg.seed, "test", cfg.test_count)))
     model.eval()
     model.set_attn_implementation("eager")

@@ -181,6 +181,12 @@ class Family:
         weights to constants that would make a tiny model degenerate (runs under the recipe's seed,
         before ``save_pretrained``). Default: nothing."""
 
+    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
+        """The module whose first input is one image's stage-1 candidates as (B, N, dv) in raster
+        order (row by row over the patch grid), or None where they are not laid out so. The demo
+        training hooks it for its dense per-patch target (``demo/train.py``). Default: None."""
+        return None
+
     # ---- 6. documentation ---------------------------------------------------------------------------
     def pixel_doc(self, geo: Geometry) -> str:
         return "image pixels as the checkpoint's image processor lays them out"

@@ -139,6 +139,9 @@ class Llava(Family):
 
         return ImageSpan(feats, list(range(feats.shape[0])), project)
 
+    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
+        return model.model.multi_modal_projector
+
     def hf_extra(self, geo: Geometry) -> dict[str, Any]:
         """Inputs the unmodified model needs besides pixels and ids (none for LLaVA-1.5)."""
         return {}

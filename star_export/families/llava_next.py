@@ -94,6 +94,9 @@ class LlavaNext(Llava):
     architecture = "LlavaNextForConditionalGeneration"
     options = frozenset({"grid"})
 
+    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
+        return None  # base tile + grid tiles, not one raster
+
     def geometry(self, config: Any, **options: Any) -> Geometry:
         if config.vision_feature_select_strategy != "default":
             raise UsageError("LLaVA-NeXT: only vision_feature_select_strategy 'default' is supported")
