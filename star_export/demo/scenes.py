@@ -219,13 +219,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, size: int, fill: tuple[int,
         )
 
 
-N_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # patch classes: background, then (colour, shape)
+PATCH_KINDS = len(COLOURS) * len(SHAPES)
+N_CLASSES = 1 + 2 * PATCH_KINDS  # patch classes: background, covered by (colour, shape), its centre
 
 
 def patch_labels(scene: Scene, size: int, patch: int, least: float = 0.25) -> np.ndarray:
-    """(size // patch)^2 class ids in raster order: 0 for a patch that no shape covers at least
-    ``least`` of, else 1 + colour * len(SHAPES) + shape of the shape covering most of it. The demo
-    training's dense target for the vision tower (what each patch shows), never a model input."""
+    """(size // patch)^2 class ids in raster order, the demo training's dense target for the vision
+    tower (what each patch shows; never a model input): 0 where no shape covers at least ``least``
+    of the patch; else 1 + c for the shape covering most of it, c = colour * len(SHAPES) + shape;
+    the patch holding a shape's centre is 1 + PATCH_KINDS + c (one patch per object: what a count
+    needs)."""
     index = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(index)
     for i, s in enumerate(scene.shapes, start=1):
@@ -238,10 +241,12 @@ def patch_labels(scene: Scene, size: int, patch: int, least: float = 0.25) -> np
     best = counts.argmax(1)
     covered = counts.max(1) >= least * patch * patch
     colours, kinds = list(COLOURS), list(SHAPES)
-    classes = np.array(
-        [0] + [1 + colours.index(s.colour) * len(SHAPES) + kinds.index(s.kind) for s in scene.shapes]
-    )
-    return np.where(covered, classes[best], 0)
+    kind = [colours.index(s.colour) * len(SHAPES) + kinds.index(s.kind) for s in scene.shapes]
+    labels = np.where(covered, 1 + np.array([0, *kind])[best], 0)
+    for s, c in zip(scene.shapes, kind, strict=True):
+        row, col = min(grid - 1, int(s.y * size) // patch), min(grid - 1, int(s.x * size) // patch)
+        labels[row * grid + col] = 1 + PATCH_KINDS + c
+    return labels
 
 
 def coverage(scene: Scene, size: int = 336) -> float:
