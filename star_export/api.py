@@ -84,6 +84,7 @@ def export(
     seed: int = 0,
     profile: Mapping[str, Any] | None = None,
     log: Log | None = None,
+    selection: str = "star",
 ) -> ExportResult:
     """Export ``model`` (a checkpoint directory, a hub id, or None: the recipe, default the embedded
     llava-tiny) with STAR pruning into ``out``: a prefill graph per keep level, one decode graph, the
@@ -95,7 +96,8 @@ def export(
     family's static layout (``families``). batch_size / text_len / seed: the validation inputs.
     profile: overrides of the recipe's [profile] (``{"batch": (min, opt, max), "text_len": (...),
     "max_new_tokens": n}``, None for a bound not given): the graphs' dynamic-dim ranges in the
-    manifest, the decode graph's past lengths, the Triton limits and the checks. A full disk is a
+    manifest, the decode graph's past lengths, the Triton limits and the checks. selection: "star",
+    or a baseline to measure STAR against (``star.SELECTIONS``; needs ``validate=False``). A full disk is a
     one-line ``DiskFull`` (a UsageError) naming ``out``; nothing is left half-written.
     """
     from star_export.atomic import disk_guard
@@ -105,7 +107,7 @@ def export(
     with disk_guard(out, "--out", needed=lambda: need.get("bytes")):
         settings = resolve_settings(  # the arguments in the signature's order
             model, keep, keep1, layer, out, dtype, recipe, grid, image_size,
-            validate, batch_size, text_len, seed, profile,
+            validate, batch_size, text_len, seed, profile, selection,
         )  # fmt: skip
         return _run_stages(settings, out, log or quiet, need)
 

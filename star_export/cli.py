@@ -27,7 +27,18 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command, in the order of the command list. Imports the command modules
     (and through them the model families, hence torch): call it where Ctrl-C is handled."""
-    from star_export.commands import bench, build, check, export, generate, llava, serve, triton, validate
+    from star_export.commands import (
+        bench,
+        build,
+        check,
+        compare,
+        export,
+        generate,
+        llava,
+        serve,
+        triton,
+        validate,
+    )
     from star_export.commands import eval as evaluate
 
     parser = _Parser(
@@ -37,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"star_export {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for command in (llava, export, build, validate, generate, evaluate, bench, triton, serve, check):
+    for command in (llava, export, build, validate, generate, evaluate, compare, bench, triton, serve, check):
         # with examples, the epilog keeps its lines (and the description is printed as written, too)
         raw = command.EPILOG is not None
         p = sub.add_parser(

@@ -99,8 +99,14 @@ def resolve_settings(
     text_len: int,
     seed: int,
     profile: Mapping[str, Any] | None,
+    selection: str = "star",
 ) -> ExportSettings:
     """Check every argument against the recipe and config.json (no weight is read)."""
+    if validate and selection != "star":
+        raise UsageError(
+            f"selection {selection!r} is a baseline: validation re-derives STAR's own choice, "
+            "so export it with validate=False"
+        )
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if dtype is not None and dtype not in DTYPES:
@@ -124,7 +130,14 @@ def resolve_settings(
     geo = geometry_of(family, config, layout)
     family.check_layout(model_dir, geo)
     levels = tuple(
-        StarConfig.resolve(keep=k, keep1=k1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers)
+        StarConfig.resolve(
+            keep=k,
+            keep1=k1,
+            layer=layer,
+            n_visual=geo.n_visual,
+            num_layers=geo.num_layers,
+            selection=selection,
+        )
         for k, k1 in zip(keeps, keep1s, strict=True)
     )
     batch, text_range, max_new = export_profile(rec.profile if rec else {}, profile or {}, batch_size)

@@ -53,6 +53,7 @@ def _level(geo: Geometry, cfg: StarConfig, graph: str) -> dict[str, Any]:
         "keep1": cfg.keep1,
         "keep2": cfg.keep2,
         "layer_K": cfg.layer,
+        "selection": cfg.selection,  # star.SELECTIONS: "star", or a baseline of `bench methods`
         # visual-span lengths: kept tokens + always-kept structural ones (LLaVA-NeXT newlines)
         "span1": geo.span(cfg.keep1),
         "span2": geo.span(cfg.keep2),
@@ -193,6 +194,7 @@ def levels(manifest: dict[str, Any], geo: Geometry, where: str) -> list[Level]:
                 layer=int(e["layer_K"]),
                 n_visual=geo.n_visual,
                 num_layers=geo.num_layers,
+                selection=str(e.get("selection", "star")),
             )
             out.append(Level(cfg, str(e["graph"]), str(e["file"])))
     except (KeyError, TypeError, ValueError) as e:

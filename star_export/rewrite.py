@@ -258,7 +258,7 @@ class StarPrefill(TextLayers):
 
         # ---- stage 1: score visual tokens by the self-attention they receive
         feats, extras = self.encode_image(pixel_values)  # (B, N, dv)
-        scores1 = star.stage1_scores(feats)  # (B, N)
+        scores1 = star.selection_scores(star.stage1_scores(feats), cfg.keep1, cfg.selection)  # (B, N)
         keep1_idx = star.topk_sorted(scores1, cfg.keep1) if force1 is None else force1  # (B, keep1)
         image_embeds = self.project(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
         offsets, is_visual, span_patch = self.span_offsets(keep1_idx), None, keep1_idx
@@ -300,6 +300,8 @@ class StarPrefill(TextLayers):
             presents += [k, v]
             if i == cfg.layer - 1:
                 scores2 = star.stage2_scores(probs, p, span1)  # (B, span1)
+                if cfg.selection == "inverted":
+                    scores2 = -scores2
                 k2 = cfg.keep2 + geo.n_fixed
                 if force2 is None:
                     selected = star.stage2_select(scores2, is_visual, cfg.keep2, geo.n_fixed)  # (B, k2)

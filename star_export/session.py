@@ -241,9 +241,11 @@ def load_model(
     recipe: str | Path | None = None,
     grid: tuple[int, int] | None = None,
     image_size: int | tuple[int, int] | None = None,
+    selection: str = "star",
 ) -> Pipeline:
     """A checkpoint (directory, hub id, or None: the embedded llava-tiny) through the PyTorch rewrite;
-    ``keep``: one level or several (the first the default)."""
+    ``keep``: one level or several (the first the default); ``selection``: "star" or a baseline
+    (``star.SELECTIONS``)."""
     from star_export.api import DEFAULT_RECIPE, quiet_libraries
     from star_export.contract import decode_contract, prefill_contract
     from star_export.load import load, load_recipe_model, resolve_model
@@ -260,7 +262,14 @@ def load_model(
     geo = loaded.geometry
     keeps = [keep] if isinstance(keep, int) else list(keep)
     levels = [
-        StarConfig.resolve(keep=k, keep1=keep1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers)
+        StarConfig.resolve(
+            keep=k,
+            keep1=keep1,
+            layer=layer,
+            n_visual=geo.n_visual,
+            num_layers=geo.num_layers,
+            selection=selection,
+        )
         for k in keeps
     ]
     dc = decode_contract(geo, levels, (1, 1, UNBOUNDED), (2, 2, UNBOUNDED), 1 << 20)

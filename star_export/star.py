@@ -18,22 +18,44 @@ import torch
 
 from star_export.errors import UsageError
 
+# What ranks the visual tokens. "star" is the method; the others are the baselines it is measured
+# against (``bench methods``), exported the same static way (the same TopK with a literal K):
+# "random" / "stride" rank by a constant prior that ignores the image (``prior_scores``) and choose at
+# stage 1 alone (keep1 = keep2, stage 2 keeps everything); "inverted" keeps the LOWEST STAR scores at
+# both stages (a deliberately wrong selection: what a flipped sign or axis would do).
+SELECTIONS = ("star", "random", "stride", "inverted")
+PRIOR_SEED = 0  # the seed of the "random" prior
+
 
 @dataclass(frozen=True)
 class StarConfig:
-    """STAR's three knobs. ``keep1`` defaults to ``min(N, 2 * keep2)``."""
+    """STAR's three knobs. ``keep1`` defaults to ``min(N, 2 * keep2)``. ``selection``: SELECTIONS."""
 
     keep2: int
     keep1: int
     layer: int  # K: the first decoder layer that sees the stage-2 sequence
+    selection: str = "star"
 
     @classmethod
     def resolve(
-        cls, *, keep: int, keep1: int | None, layer: int, n_visual: int, num_layers: int
+        cls,
+        *,
+        keep: int,
+        keep1: int | None,
+        layer: int,
+        n_visual: int,
+        num_layers: int,
+        selection: str = "star",
     ) -> StarConfig:
         """Apply the defaults and the spec's validity rules; a violation is a `UsageError`."""
         if not 1 <= keep <= n_visual:
             raise UsageError(f"--keep must be in 1..{n_visual} (N visual tokens), got {keep}")
+        if selection not in SELECTIONS:
+            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        if selection in ("random", "stride"):  # the prior chooses at stage 1 alone
+            if keep1 is not None and keep1 != keep:
+                raise UsageError(f"selection {selection!r} keeps its tokens at stage 1: keep1 must be keep")
+            keep1 = keep
         k1 = min(n_visual, 2 * keep) if keep1 is None else keep1
         if not 1 <= k1 <= n_visual:
             raise UsageError(f"--keep1 must be in 1..{n_visual} (N visual tokens), got {k1}")
@@ -43,10 +65,38 @@ class StarConfig:
             raise UsageError(
                 f"--layer must be in 1..{num_layers - 1} (decoder has {num_layers} layers), got {layer}"
             )
-        return cls(keep2=keep, keep1=k1, layer=layer)
+        return cls(keep2=keep, keep1=k1, layer=layer, selection=selection)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
+
+
+def prior_scores(n: int, k: int, selection: str) -> torch.Tensor:
+    """(n,) float32 constant scores of an image-blind baseline that keeps ``k`` of ``n`` (the top k).
+
+    "random": seeded uniform noise (``PRIOR_SEED``). "stride": 1 at the k indices
+    floor((i + 1/2) n / k), i < k, 0 elsewhere: a uniform stride over the patches in raster order
+    (on a g x g grid a lattice that shifts by n/k mod g from row to row).
+    """
+    if selection == "random":
+        gen = torch.Generator().manual_seed(PRIOR_SEED)
+        return torch.rand(n, generator=gen, dtype=torch.float32)
+    if selection != "stride":
+        raise ValueError(f"no prior for selection {selection!r}")
+    scores = torch.zeros(n, dtype=torch.float32)
+    scores[[(2 * i + 1) * n // (2 * k) for i in range(k)]] = 1.0
+    return scores
+
+
+def selection_scores(scores: torch.Tensor, k: int, selection: str) -> torch.Tensor:
+    """The scores a selection of ``k`` ranks by: STAR's own, their negation ("inverted") or a
+    constant prior broadcast over the batch.  (B, n) -> (B, n)"""
+    if selection == "star":
+        return scores
+    if selection == "inverted":
+        return -scores
+    prior = prior_scores(scores.shape[-1], k, selection).to(scores.device)
+    return prior.unsqueeze(0).expand_as(scores).contiguous()
 
 
 # ---------------------------------------------------------------------------- selection

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", required=True, help="checkpoint directory to write (resumed when it holds .train/)"
     )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
             help=f"default {getattr(defaults, f.name)}",
         )
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
         card = train(args.out, cfg)

@@ -169,6 +169,28 @@ def sample(seed: int, split: str, index: int, most: int = MAX_OBJECTS) -> Sample
             return Sample(scene, kind, *asked)
 
 
+CAPTION_PROMPT = "Describe the scene."
+
+
+def caption(scene: Scene) -> str:
+    """Every shape, top to bottom: "red square top left, blue circle bottom right" (the half of the
+    image its centre lies in). A training task beside the questions: each word of it needs the
+    decoder to read one object's tokens, a dense signal for learning where objects are."""
+    ordered = sorted(scene.shapes, key=lambda s: (s.y, s.x))
+    return ", ".join(
+        f"{s.colour} {s.kind} {'top' if s.y < 0.5 else 'bottom'} {'left' if s.x < 0.5 else 'right'}"
+        for s in ordered
+    )
+
+
+def caption_sample(seed: int, split: str, index: int, most: int = MAX_OBJECTS) -> Sample:
+    """The ``index``-th captioning sample of ``split`` (a random stream of its own)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    scene = random_scene(np.random.default_rng([seed, 10 + SPLITS[split], index]), most)
+    return Sample(scene, "caption", CAPTION_PROMPT, caption(scene))
+
+
 def samples(seed: int, split: str, count: int, start: int = 0, most: int = MAX_OBJECTS) -> Iterator[Sample]:
     """``count`` samples from ``start``; ``most``: at most that many shapes a scene (a curriculum)."""
     for i in range(start, start + count):

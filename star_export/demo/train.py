@@ -46,6 +46,7 @@ class TrainConfig:
     eval_count: int = 240  # validation samples per evaluation (40 per question kind)
     test_count: int = 600  # test samples for the final accuracy (100 per question kind)
     easy_steps: int = 0  # a curriculum: the first easy_steps steps draw scenes of two shapes only
+    captions: float = 0.0  # the share of each batch that is captioning (scenes.caption), not questions
     aux_weight: float = 1.0  # weight of the dense per-patch target on the stage-1 candidates (0: off)
 
 
@@ -132,6 +133,15 @@ class Batcher:
         labels = [scenes.patch_labels(s.scene, self.size, self.patch) for s in batch]
         out["patch_labels"] = torch.from_numpy(np.stack(labels)).long()
         return out
+
+
+def batch_of(cfg: TrainConfig, step: int, most: int) -> list[scenes.Sample]:
+    """Step ``step``'s samples: questions ``step * batch ..`` of the train split, the first
+    ``captions * batch`` of them replaced by the captioning samples of the same indices."""
+    n_cap = round(cfg.captions * cfg.batch)
+    start = step * cfg.batch
+    questions = list(scenes.samples(cfg.seed, "train", cfg.batch - n_cap, start=start + n_cap, most=most))
+    return [scenes.caption_sample(cfg.seed, "train", start + i, most) for i in range(n_cap)] + questions
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -237,9 +247,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step")
     while step < cfg.steps:
         most = 2 if step < cfg.easy_steps else scenes.MAX_OBJECTS
-        inputs = batcher(
-            list(scenes.samples(cfg.seed, "train", cfg.batch, start=step * cfg.batch, most=most))
-        )
+        inputs = batcher(batch_of(cfg, step, most))
         patch_labels = inputs.pop("patch_labels")
         loss = model(**inputs).loss
         aux = dense.loss(patch_labels)
@@ -294,4 +302,37 @@ def train(
         "final_loss": float(np.mean(history.loss[-50:])) if history.loss else None,
     }
     (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(cfg, card, history))
     return card
+
+
+def model_card(cfg: TrainConfig, card: dict[str, Any], history: History) -> str:
+    """The checkpoint's README.md: what it is, the data, the command that made it, its accuracy."""
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(TrainConfig(), k)
+    )
+    test = card["test_exact_match"]
+    kinds = "\n".join(f"| {k} | {100 * v:.1f} % |" for k, v in test.items() if k != "all")
+    samples = len(history.steps) * cfg.batch
+    return f"""# {cfg.recipe}: a small LLaVA trained to answer questions about synthetic scenes
+
+`LlavaForConditionalGeneration` (CLIP vision tower, Llama decoder), built from the recipe
+`recipes/{cfg.recipe}.toml` and trained from scratch, CPU only, by star_export's
+`tools/train_demo.py`. It exists to show what STAR's pruning costs in answers on a model that has
+learned something (`python -m star_export compare`); it knows nothing but these scenes.
+
+- Data: `star_export/demo/scenes.py`, seed {cfg.seed}: 2-4 small circles / squares / triangles in six
+  colours on plain or textured backgrounds; one-word questions on colour, shape, count, position,
+  presence and one relation. Train, validation and test are separate random streams of the seed.
+- Training: {len(history.steps)} steps of {cfg.batch} ({samples:,} samples, each drawn fresh), AdamW
+  lr {cfg.lr} (warm-up {cfg.warmup}, cosine), answer tokens only, plus a dense per-patch target on the
+  vision features (a training-only probe, not in these weights).
+- Command: `python tools/train_demo.py --out DIR {flags}`.
+- Test exact match ({cfg.test_count} questions, teacher forcing = greedy): **{100 * test["all"]:.1f} %**
+
+| question kind | exact match |
+| --- | --- |
+{kinds}
+
+Loss and validation curves: `training.png`; every figure: `training.json`.
+"""
