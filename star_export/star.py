@@ -78,9 +78,10 @@ def prior_scores(n: int, k: int, selection: str) -> torch.Tensor:
     floor((i + 1/2) n / k), i < k, 0 elsewhere: a uniform stride over the patches in raster order
     (on a g x g grid a lattice that shifts by n/k mod g from row to row).
     """
-    if selection == "random":
-        gen = torch.Generator().manual_seed(PRIOR_SEED)
-        return torch.rand(n, generator=gen, dtype=torch.float32)
+    if selection == "random":  # numpy, not torch.rand: a constant for the exporter, not an op to trace
+        import numpy as np
+
+        return torch.tensor(np.random.default_rng(PRIOR_SEED).random(n), dtype=torch.float32)
     if selection != "stride":
         raise ValueError(f"no prior for selection {selection!r}")
     scores = torch.zeros(n, dtype=torch.float32)

@@ -92,3 +92,34 @@ def test_wilson_interval_and_table():
     }  # fmt: skip
     table = format_table(result)
     assert "| star | 64 | 88.0 % [80.0 %, 93.0 %] | 95.0 % | 0.010 | 3.0 |" in table
+
+
+def test_compare_command_writes_the_table_json_and_plot(tmp_path, capsys):
+    """Two methods at one keep on three questions of the synthetic set (the random llava-demo start):
+    one export and one eval per method, the table printed, methods.json / .png written; an unknown
+    method is one line, exit 2."""
+    import json
+
+    from star_export.cli import main
+    from star_export.demo import scenes
+    from star_export.load import materialise
+    from star_export.recipes import load_recipe
+
+    model = materialise(load_recipe("llava-demo"))
+    data = scenes.write_split(tmp_path / "q", 0, "test", 3, size=168)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(model), "--data", str(data), "--keep", "16",
+                 "--methods", "star,random", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| star | 16 |" in printed and "| random | 16 |" in printed
+    result = json.loads((out / "methods.json").read_text())
+    assert [(r["method"], r["keep1"], r["keep2"], r["examples"]) for r in result["rows"]] == [
+        ("star", 32, 16, 3),
+        ("random", 16, 16, 3),
+    ]
+    assert result["n_visual"] == 144 and (out / "methods.png").stat().st_size > 1000
+    manifest = json.loads((out / "exports" / "random" / "manifest.json").read_text())
+    assert {lv["selection"] for lv in manifest["star"]["levels"]} == {"random"}
+    assert main(["compare", "--model", str(model), "--data", str(data), "--keep", "16",
+                 "--methods", "best", "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "unknown best" in capsys.readouterr().err

@@ -105,11 +105,12 @@ def compare(
     for method in methods:
         selection, rule = METHODS[method]
         where = out / "exports" / method
-        log(f"[{method}] export keeps {', '.join(map(str, keeps))} -> {where}")
+        log(f"[{method}] export keeps {', '.join(map(str, keeps))} (and N = {n}) -> {where}")
+        levels = [*keeps, *([n] if n not in keeps else [])]  # keep = N: eval's unpruned row, same runtime
         api.export(
             model,
-            keep=list(keeps),
-            keep1=[keep1_of(rule, k, n) for k in keeps],
+            keep=levels,
+            keep1=[keep1_of(rule, k, n) for k in levels],
             layer=layer,
             out=where,
             validate=False,
@@ -117,7 +118,7 @@ def compare(
         )
         log(f"[{method}] eval on {data}")
         report = evaluate(where, data, out=out / "eval" / method, limit=limit, max_new_tokens=8)
-        for level in report.levels[1:]:
+        for level in report.levels[1:]:  # levels[0]: the unpruned row
             acc, count = level.accuracy, level.examples
             low, high = wilson(acc, count) if acc is not None else (None, None)
             rows.append(

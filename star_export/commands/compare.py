@@ -22,9 +22,7 @@ DESCRIPTION = (
 )
 EPILOG = """\
 examples:
-  python tools/write_questions.py --split test --count 600 --out questions/
-  python -m star_export compare --data questions/questions.jsonl --keep 144,96,64,32,16,8
-      the shipped demo model (N = 144): about 10 minutes on 2 CPU cores
+  python -m star_export compare --model ckpt/ --data q.jsonl --keep 144,96,64,32,16,8
   python -m star_export compare --model ckpt/ --data q.jsonl --keep 64 --methods star,inverted --limit 100
 """
 
@@ -34,9 +32,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
     c.add_argument(
         "--model",
-        default=None,
+        required=True,
         metavar="DIR|HUB_ID",
-        help="a checkpoint (default: the shipped demo model, star_export/data/demo/llava-demo)",
+        help="a checkpoint directory (or a hub id in the local Hugging Face cache)",
     )
     c.add_argument("--data", type=Path, required=True, metavar="FILE", help="a question file, as for eval")
     c.add_argument("--keep", type=integers, required=True, metavar="K[,K...]", help="keeps to compare")
@@ -57,12 +55,10 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from star_export.bench.methods import compare, format_table
-    from star_export.demo import default_model
 
-    model = args.model or default_model()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result = compare(
-        model,
+        args.model,
         args.data,
         keeps=args.keep,
         methods=methods,

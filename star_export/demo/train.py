@@ -59,28 +59,45 @@ class History:
     aux: list[float] = field(default_factory=list)  # the dense per-patch loss, step by step
 
 
-class DenseTarget(torch.nn.Module):
-    """A linear probe on the stage-1 candidates (the input of ``Family.raster_candidates``) trained
-    to name what each patch shows (``scenes.patch_labels``): a dense signal that teaches the vision
-    tower objects in hundreds of steps where the one-word answers alone take thousands. Training only:
-    the probe is not part of the saved checkpoint."""
+SHAPE_GAIN = 4.0
 
-    def __init__(self, module: torch.nn.Module | None, dim: int, weight: float):
+
+class DenseTarget(torch.nn.Module):
+    """Linear probes trained to name what each patch shows (``scenes.patch_labels``): one on the
+    stage-1 candidates (the input of ``Family.raster_candidates``, the projector) and one on the
+    projector's output (the decoder's image embeddings). A dense signal that teaches the vision tower
+    objects in hundreds of steps where one-word answers alone take thousands; the second probe and a
+    fixed target for the shape (``loss``) make the projector pass each patch's shape on to the decoder
+    from the start (an untrained decoder gives the projector no reason to keep what it does not use
+    yet). Training only: the
+    probes are not part of the saved checkpoint."""
+
+    def __init__(self, module: torch.nn.Module | None, dim: int, out_dim: int, weight: float):
         super().__init__()
         self.active = module is not None and weight > 0
         self.head = torch.nn.Linear(dim, scenes.N_CLASSES) if self.active else None
-        self._seen: torch.Tensor | None = None
-        self._hook = module.register_forward_pre_hook(self._keep) if self.active else None
+        self.out_head = torch.nn.Linear(out_dim, scenes.N_CLASSES) if self.active else None
+        self._seen: list[torch.Tensor] = []
+        self._hook = module.register_forward_hook(self._keep) if self.active else None
 
-    def _keep(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        self._seen = args[0]
+    def _keep(self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        self._seen = [args[0], output]
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
-        if not self.active or self._seen is None:
+        if not self.active or not self._seen:
             return torch.zeros(())
-        logits = self.head(self._seen)  # (B, N, classes)
-        self._seen = None
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        (features, embeds), self._seen = self._seen, []
+        flat = labels.flatten()
+        on_features = torch.nn.functional.cross_entropy(self.head(features).flatten(0, 1), flat)
+        on_embeds = torch.nn.functional.cross_entropy(self.out_head(embeds).flatten(0, 1), flat)
+        # the shape, written loudly: the embedding's first len(SHAPES) + 1 channels are SHAPE_GAIN x a
+        # one-hot of (background, circle, square, triangle). Measured without it: shape is 1-3 % of the
+        # object embeddings' variance beside colour's 60-70 %, and the decoder never learned to read it.
+        kind = torch.where(labels > scenes.PATCH_KINDS, labels - scenes.PATCH_KINDS, labels)
+        shape = torch.where(kind > 0, 1 + (kind - 1) % len(scenes.SHAPES), 0)
+        target = SHAPE_GAIN * torch.nn.functional.one_hot(shape, len(scenes.SHAPES) + 1).to(embeds.dtype)
+        loud = torch.nn.functional.mse_loss(embeds[..., : len(scenes.SHAPES) + 1], target)
+        return on_features + on_embeds + loud
 
     def remove(self) -> None:
         if self._hook is not None:
@@ -223,7 +240,10 @@ def train(
     batcher = Batcher(loaded, size, int(model.config.vision_config.patch_size))
     torch.manual_seed(cfg.seed)
     dense = DenseTarget(
-        batcher.family.raster_candidates(model), model.config.vision_config.hidden_size, cfg.aux_weight
+        batcher.family.raster_candidates(model),
+        model.config.vision_config.hidden_size,
+        model.config.text_config.hidden_size,
+        cfg.aux_weight,
     )
     opt = torch.optim.AdamW(
         [*model.parameters(), *dense.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
