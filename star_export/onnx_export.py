@@ -91,6 +91,8 @@ def _by_signature(module: torch.nn.Module, shapes: dict[str, dict[int, object]])
     names = list(shapes)
     out: dict[str, object] = {}
     for i, p in enumerate(params):
+        if i >= len(names):  # an optional parameter the contract does not feed (keep_slots of a fixed level)
+            break
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
             out[p.name] = tuple(shapes[n] for n in names[i:])
             break

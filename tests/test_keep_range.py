@@ -225,3 +225,64 @@ def test_check_fails_the_range_graph_edited_to_a_data_dependent_k(range_export, 
     assert "data-dependent" in report.errors[0].message
     assert main(["check", str(edited)]) == 1
     assert main(["check", str(range_export / "prefill.onnx")]) == 0
+
+
+# ------------------------------------------------------------------------------------------ families
+
+# recipe -> (its range, the shared constant-K export of keep 8 it is compared with)
+FAMILIES = {
+    "qwen2-vl-tiny": ("4:8:12", ("qwen2-vl-tiny-keep8", "--recipe", "qwen2-vl-tiny", "--keep", "8")),
+    "gemma3-tiny": ("8:16", ("gemma3-tiny-keep8", "--recipe", "gemma3-tiny", "--keep", "8")),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_exports(request, cli_export):
+    recipe = request.param
+    rng, shared = FAMILIES[recipe]
+    return cli_export(f"{recipe}-range", "--recipe", recipe, "--keep", rng), cli_export(*shared)
+
+
+def test_family_range_equals_constant_k(family_exports):
+    """Qwen2-VL (N = 16: keep1 = min(N, 2 * keep) caps at 12) and Gemma 3: at keep 8 the range graph
+    equals the constant-K export in onnxruntime; at both ends of the range it equals the constant-K
+    PyTorch rewrite of that keep; greedy answers token for token."""
+    from star_export.families import family_of
+    from star_export.load import load
+    from star_export.manifest import levels
+    from star_export.session import load_export
+
+    ranged, fixed = family_exports
+    manifest = json.loads((ranged / "manifest.json").read_text())
+    geo = Geometry.from_dict(manifest["model"]["geometry"])
+    (level,) = levels(manifest, geo, "test")
+    cfg = level.cfg
+    session = _session(ranged / "prefill.onnx")
+    feeds = make_inputs(geo, batch=2, text_len=12, seed=3, keep=8)
+    got, want = _run(session, feeds), _run(_session(fixed / "prefill.onnx"), feeds)
+    for name in ("stage1_keep_idx", "stage2_keep_idx"):
+        np.testing.assert_array_equal(got[name], want[name])
+    assert _rel(got["logits"], want["logits"]) < 1e-5
+    model = load(manifest["model"]["directory"], options=manifest.get("layout") or {}).model
+    import torch
+
+    for keep in cfg.keep_range:
+        at = cfg.at(keep)
+        assert at.keep1 == min(geo.n_visual, 2 * keep)
+        feeds = make_inputs(geo, batch=2, text_len=12, seed=keep, keep=keep)
+        got = _run(session, feeds)
+        module = family_of(geo).prefill_module(model, geo, at).eval()
+        with torch.no_grad():
+            ref = module(
+                *(torch.from_numpy(feeds[k]) for k in ("pixel_values", "input_ids", "attention_mask"))
+            )
+        np.testing.assert_array_equal(got["stage1_keep_idx"], ref[1].numpy())
+        np.testing.assert_array_equal(got["stage2_keep_idx"], ref[2].numpy())
+        assert _rel(got["logits"], ref[0].numpy()) < 1e-4  # the export's onnxruntime-vs-torch tolerance
+    images = [np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)]
+    from PIL import Image
+
+    images = [Image.fromarray(images[0])]
+    a = load_export(ranged).generate(images, ["What is it?"], max_new_tokens=5, keep=8)
+    b = load_export(fixed).generate(images, ["What is it?"], max_new_tokens=5, keep=8)
+    assert a.result.tokens == b.result.tokens
