@@ -121,6 +121,8 @@ def resolve_settings(
 
     defaults = rec.star if rec else {}
     default_keep = int(defaults.get("keep", 64))
+    if isinstance(keep, str) and ":" not in keep:  # "32,64,128" as the command line writes levels
+        keep = [int(v) for v in keep.split(",")]
     keeps, keep1s = _keep_levels(keep, keep1, default_keep) if not isinstance(keep, str) else ([], [])
     layer = layer if layer is not None else int(defaults.get("layer", 2))
     export_dtype = dtype or checkpoint_dtype(model_dir)
