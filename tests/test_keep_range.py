@@ -123,8 +123,13 @@ def test_greedy_answers_token_exact_per_request(range_export, levels_export, tmp
         ranged.generate([image], prompts[:1], keep=33)
 
 
-def test_generate_command_takes_any_keep_in_the_range(range_export, capsys):
-    assert main(["generate", "--from", str(range_export), "--keep", "24", "--max-new-tokens", "2"]) == 0
+def test_generate_command_takes_any_keep_in_the_range(range_export, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((30, 30, 3), 128, dtype=np.uint8)).save(image)
+    argv = ["generate", "--from", str(range_export), "--keep", "24", "--max-new-tokens", "2"]
+    assert main([*argv, "--image", str(image), "--prompt", "What is it?"]) == 0
     assert "-> 48 (stage 1) -> 24 (stage 2" in capsys.readouterr().out
 
 
