@@ -70,7 +70,7 @@ class ExportResult:
 def export(
     model: str | Path | None = None,
     *,
-    keep: int | Sequence[int] | None = None,
+    keep: int | Sequence[int] | str | None = None,
     keep1: int | Sequence[int] | None = None,
     layer: int | None = None,
     out: str | Path = "star_out",
@@ -91,7 +91,9 @@ def export(
     weights once (weights.onnx.data), processor/, manifest.json and (``validate``) report.json.
 
     keep: keep2, one level or several (``[32, 64, 128]``: one prefill graph each, the first the
-    default; one decode graph serves them all); keep1: per level, default min(N, 2*keep); layer: K,
+    default; one decode graph serves them all), or a keep range ``"16:128"`` / ``"16:64:128"`` (one
+    prefill graph whose TopK K is the length of its input ``keep_slots``; keep1 = min(N, 2*keep2));
+    keep1: per level, default min(N, 2*keep); layer: K,
     the same for every level (defaults from the recipe, else 64 and 2). dtype: "fp32" | "fp16" | "bf16", default the checkpoint's own. grid / image_size: the
     family's static layout (``families``). batch_size / text_len / seed: the validation inputs.
     profile: overrides of the recipe's [profile] (``{"batch": (min, opt, max), "text_len": (...),

@@ -23,9 +23,13 @@ Rules (``Finding.rule``), each an ``error`` unless marked otherwise:
   make shapes data-dependent, but a prefill graph should not need it.
 - ``topk-dynamic-k``, ``topk-k-limit``, ``topk-k-axis``, ``topk-sorted``: TopK's K must be a
   constant (an initializer or a Constant node, possibly through Identity/Cast/Reshape/
-  Squeeze/Unsqueeze/Flatten); TensorRT 8.6+ accepts a runtime K, but a K computed from a
-  shape (what ``torch.sort`` exports) makes the kept-token count follow the input, so the
-  policy is stricter than the parser. K must be at most 3840 (the TensorRT 10.16 / 11.1
+  Squeeze/Unsqueeze/Flatten), or, for a keep range, computed from the SHAPE of a declared keep
+  input only (``shape_k_inputs``, default ``keep_slots``: Shape/Size of it, then ops on constants
+  and shapes, e.g. ``Min(576, 2 * Shape(keep_slots)[1])``), so every output shape still follows from
+  the input shapes. TensorRT 8.6+ accepts a runtime K (``ITopKLayer`` input 1, a scalar Int32
+  shape tensor), but a K computed from another tensor's shape (what ``torch.sort`` exports) makes
+  the kept-token count follow the text or the image, and a K computed from tensor values makes
+  the shapes data-dependent: both are rejected, so the policy is stricter than the parser. K must be at most 3840 (the TensorRT 10.16 / 11.1
   headers, ``INetworkDefinition::addTopK`` / ``ITopKLayer``: K <= 3840, as the TopK operator
   page says; operators.md's "less than 3840" is one short of what the headers allow) and <= the
   size of the reduced axis when that is known, and ``sorted`` must be 1 (default 1).
@@ -62,7 +66,7 @@ import functools
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
@@ -71,6 +75,7 @@ from typing import Any
 import onnx
 import onnx.inliner
 
+from star_export.contract import KEEP_INPUT
 from star_export.errors import UsageError
 from star_export.onnx_reader import DEFAULT_DOMAINS
 from star_export.onnx_reader import Graph as _Graph
@@ -317,6 +322,7 @@ def check_onnx(
     target: str = "10",
     dynamic_inputs: Mapping[str, Mapping[int, str]] | None = None,
     static_inputs: Mapping[str, Mapping[int, int]] | None = None,
+    shape_k_inputs: Collection[str] = (KEEP_INPUT,),
 ) -> CheckReport:
     """Check an ONNX model (a path or a ModelProto) for the TensorRT ONNX parser of ``target``.
 
@@ -324,6 +330,7 @@ def check_onnx(
     ``dynamic_inputs``: {input name: {axis: symbol}}; when given, the listed axes must be symbolic
     and every other axis of every graph input a fixed positive integer.
     ``static_inputs``: {input name: {axis: size}}: axes that must have exactly that size.
+    ``shape_k_inputs``: graph inputs whose SHAPE may set a TopK's K (a keep range's ``keep_slots``).
     External-data weights are never read (only a TopK K stored externally, a few bytes).
     """
     key = resolve_target(target)
@@ -336,7 +343,7 @@ def check_onnx(
     graph = typed.graph
     g = _Graph(graph, base_dir, FORBIDDEN_OPS)
     _check_ops(graph, key, found)
-    _check_topk(graph, g, found)
+    _check_topk(graph, g, found, frozenset(shape_k_inputs))
     _check_operands(graph, g, found)
     _check_dtypes(graph, key, found)
     _check_input_dims(graph, g, dynamic_inputs, static_inputs, found)
@@ -413,8 +420,9 @@ def _check_ops(graph: onnx.GraphProto, key: str, found: _Findings) -> None:
             )
 
 
-def _check_topk(graph: onnx.GraphProto, g: _Graph, found: _Findings) -> None:
+def _check_topk(graph: onnx.GraphProto, g: _Graph, found: _Findings, keep_inputs: frozenset[str]) -> None:
     shapes = {vi.name: _dims(vi) for vi in [*graph.value_info, *graph.input, *graph.output]}
+    graph_inputs = {i.name for i in graph.input} - set(g.initializers)
     for i, node in enumerate(_iter_nodes(graph)):
         if node.op_type != "TopK" or node.domain not in DEFAULT_DOMAINS:
             continue
@@ -422,10 +430,16 @@ def _check_topk(graph: onnx.GraphProto, g: _Graph, found: _Findings) -> None:
         is_const, values = _topk_k(node, g)
         if not is_const:
             src = node.input[1] if len(node.input) > 1 else "<missing>"
-            kind = "computed from a shape" if src in g.shape_derived else "computed at run time"
+            read = g.shape_sources(src)
+            if read and read <= keep_inputs & graph_inputs:
+                continue  # a keep range: K follows the keep input's shape only
+            if read is None:
+                kind = "computed from tensor values (data-dependent)"
+            else:
+                kind = f"computed from the shape of {', '.join(sorted(read)) or 'nothing'}"
             msg = (
-                f"TopK K ('{src}') is {kind}, not an initializer or Constant: the kept count must be a "
-                "literal (torch.topk(x, k) with an int k, not torch.sort)"
+                f"TopK K ('{src}') is {kind}: the kept count must be a literal (torch.topk(x, k) with an "
+                f"int k, not torch.sort) or follow the shape of a keep input ({', '.join(sorted(keep_inputs))})"
             )
             found.error("topk-dynamic-k", msg, name, "TopK")
         elif values is None or len(values) != 1:

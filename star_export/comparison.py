@@ -14,19 +14,22 @@ import numpy as np
 import torch
 
 from star_export import selection
+from star_export.contract import KEEP_INPUT
 from star_export.geometry import Geometry
 from star_export.parity import ParityReport
+from star_export.runtime import keep_slots
 from star_export.star import StarConfig
 
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def make_inputs(
-    geo: Geometry, batch: int = 2, text_len: int = 24, pad: int = 5, seed: int = 0
+    geo: Geometry, batch: int = 2, text_len: int = 24, pad: int = 5, seed: int = 0, keep: int | None = None
 ) -> OrderedDict[str, np.ndarray]:
     """Seeded random images and prompts: row 0 full length, the other rows left padded by ``pad``.
 
     Each row holds one image placeholder with at least 2 real tokens before it and 2 after.
+    ``keep``: also ``keep_slots`` [batch, keep] (a keep range's graph reads only its length).
     """
     g = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(batch, *geo.pixel_shape, generator=g)
@@ -40,17 +43,23 @@ def make_inputs(
         ids[b, :n_pad] = 0
         p = int(torch.randint(n_pad + 2, text_len - 2, (1,), generator=g))
         ids[b, p] = geo.image_token_id
-    return OrderedDict(pixel_values=pixel_values.numpy(), input_ids=ids.numpy(), attention_mask=mask.numpy())
+    out = OrderedDict(pixel_values=pixel_values.numpy(), input_ids=ids.numpy(), attention_mask=mask.numpy())
+    if keep is not None:
+        out[KEEP_INPUT] = keep_slots(batch, keep)
+    return out
 
 
 def row_alone(feeds: OrderedDict[str, np.ndarray], b: int) -> OrderedDict[str, np.ndarray]:
     """Row b with its padding stripped, as a batch of one."""
     keep = feeds["attention_mask"][b].astype(bool)
-    return OrderedDict(
+    out = OrderedDict(
         pixel_values=feeds["pixel_values"][b : b + 1],
         input_ids=feeds["input_ids"][b : b + 1, keep],
         attention_mask=feeds["attention_mask"][b : b + 1, keep],
     )
+    if KEEP_INPUT in feeds:
+        out[KEEP_INPUT] = feeds[KEEP_INPUT][b : b + 1]
+    return out
 
 
 def cast_pixels(feeds: dict[str, np.ndarray], dtype: str) -> OrderedDict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from star_export.geometry import Geometry
 from star_export.star import StarConfig
 
 Dim = int | str
+KEEP_INPUT = "keep_slots"  # a keep range's prefill input: its length is keep2, its values are never read
 
 # numpy-style dtype names; ONNX / TensorRT / Triton names are mapped where they are needed.
 FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
@@ -35,7 +36,8 @@ class TensorSpec:
     def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
         """Shape with every symbol/expression evaluated for the given symbol sizes."""
         return tuple(
-            d if isinstance(d, int) else int(eval(d, {"__builtins__": {}}, dict(sizes))) for d in self.shape
+            d if isinstance(d, int) else int(eval(d, {"__builtins__": {}, "Min": min}, dict(sizes)))
+            for d in self.shape
         )
 
 
@@ -106,9 +108,11 @@ def prefill_contract(
     dtype: str = "float32",
     pixel_doc: str = "image pixels as the checkpoint's image processor lays them out",
 ) -> GraphContract:
-    """The prefill graph's I/O, exactly the table of docs/star.md (``pixel_doc``: the family's words)."""
-    l1 = f"text_len + {geo.span(cfg.keep1) - 1}"
-    l2 = f"text_len + {geo.span(cfg.keep2) - 1}"
+    """The prefill graph's I/O, exactly the table of docs/star.md (``pixel_doc``: the family's words).
+    A keep range (``cfg.keep_range``) adds the input ``keep_slots`` [batch, keep] and the dynamic dim
+    ``keep`` (min, opt, max); keep1, the stage-1 span and L1/L2 are then expressions of ``keep``."""
+    keep1, keep2 = keep_dims(geo, cfg)
+    l1, l2 = (present_length(geo, k) for k in (keep1, keep2))
     inputs = (
         TensorSpec(
             "pixel_values",
@@ -124,14 +128,19 @@ def prefill_contract(
         ),
         TensorSpec("attention_mask", "int64", ("batch", "text_len"), "1 for real tokens, 0 for left padding"),
     )
+    if cfg.keep_range is not None:
+        inputs += (
+            TensorSpec(
+                KEEP_INPUT,
+                "int64",
+                ("batch", "keep"),
+                "its LENGTH is keep2 (values never read): TopK's K comes from this input's shape",
+            ),
+        )
     outputs = [
         TensorSpec("logits", "float32", ("batch", geo.vocab_size), "next-token logits at the last position"),
-        TensorSpec(
-            "stage1_keep_idx", "int64", ("batch", cfg.keep1), "patch indices kept by stage 1, ascending"
-        ),
-        TensorSpec(
-            "stage2_keep_idx", "int64", ("batch", cfg.keep2), "patch indices kept by stage 2, ascending"
-        ),
+        TensorSpec("stage1_keep_idx", "int64", ("batch", keep1), "patch indices kept by stage 1, ascending"),
+        TensorSpec("stage2_keep_idx", "int64", ("batch", keep2), "patch indices kept by stage 2, ascending"),
         TensorSpec(
             "stage1_margin",
             "float32",
@@ -169,7 +178,27 @@ def prefill_contract(
                 )
             )
     dims = (DynamicDim("batch", *batch), DynamicDim("text_len", *text_len))
+    if cfg.keep_range is not None:
+        dims += (DynamicDim("keep", cfg.keep_range[0], cfg.keep2, cfg.keep_range[1]),)
     return GraphContract("prefill", inputs, tuple(outputs), dims, dict(TOLERANCES))
+
+
+def keep_dims(geo: Geometry, cfg: StarConfig) -> tuple[Dim, Dim]:
+    """(keep1, keep2) as the prefill contract writes them: ints for a fixed level; for a keep range
+    ``keep`` and keep1 by ``star.keep1_rule``, ``Min(N, 2*keep)`` (as the exporter writes it)."""
+    if cfg.keep_range is None:
+        return cfg.keep1, cfg.keep2
+    return f"Min({geo.n_visual}, 2*keep)", "keep"
+
+
+def present_length(geo: Geometry, keep: Dim) -> str:
+    """The cache length ``text_len - 1 + span(keep)`` of a prefill output, written as the exporter
+    writes a derived dim (``text_len + 127``; a keep range's ``keep + text_len - 1``, sympy's order)."""
+    if isinstance(keep, int):
+        return f"text_len + {geo.span(keep) - 1}"
+    import sympy
+
+    return str(sympy.sympify(f"text_len + {keep} + {geo.n_fixed - 1}"))
 
 
 def slot_positions(geo: Geometry) -> bool:
@@ -200,6 +229,12 @@ def decode_contract(
     prefill of level (keep1, keep2): P1 = L1 = T - 1 + span1 and P2 = L2 = T - 1 + span2; each step
     adds one to both. The ranges cover every level's prompts and ``max_new_tokens`` answers."""
     levels = [cfg] if isinstance(cfg, StarConfig) else list(cfg)
+    # a keep range's past lengths span its ends (its default level first: the opt lengths)
+    levels = [
+        e
+        for c in levels
+        for e in ((c,) if c.keep_range is None else (c.at(c.keep2), *map(c.at, c.keep_range)))
+    ]
     layer = levels[0].layer
     if any(c.layer != layer for c in levels):
         raise UsageError("every keep level of one export uses the same --layer K")

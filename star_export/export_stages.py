@@ -79,7 +79,12 @@ class ExportSettings:
         return (
             f"{self.source}: {self.family.describe(geo)}, {geo.num_layers} layers, "
             f"heads {geo.num_heads}/{geo.num_kv_heads} kv; "
-            + "; ".join(f"keep1={c.keep1} keep2={c.keep2}" for c in self.levels)
+            + "; ".join(
+                f"keep1={c.keep1} keep2={c.keep2}"
+                if c.keep_range is None
+                else f"keep2 {c.keep_range[0]}..{c.keep_range[1]} (default {c.keep2})"
+                for c in self.levels
+            )
             + f"; K={self.levels[0].layer}"
         )
 
@@ -121,7 +126,10 @@ def resolve_settings(
     from star_export.star import StarConfig
 
     defaults = rec.star if rec else {}
-    keeps, keep1s = _keep_levels(keep, keep1, int(defaults.get("keep", 64)))
+    default_keep = int(defaults.get("keep", 64))
+    if isinstance(keep, str) and ":" not in keep:  # "32,64,128" as the command line writes levels
+        keep = [int(v) for v in keep.split(",")]
+    keeps, keep1s = _keep_levels(keep, keep1, default_keep) if not isinstance(keep, str) else ([], [])
     layer = layer if layer is not None else int(defaults.get("layer", 2))
     export_dtype = dtype or checkpoint_dtype(model_dir)
     given = {k: v for k, v in {"grid": grid, "image_size": image_size}.items() if v is not None}
@@ -140,6 +148,8 @@ def resolve_settings(
         )
         for k, k1 in zip(keeps, keep1s, strict=True)
     )
+    if isinstance(keep, str):  # a keep range: one prefill graph, keep2 from keep_slots' length
+        levels = (keep_range_level(keep, keep1, layer, default_keep, geo),)
     batch, text_range, max_new = export_profile(rec.profile if rec else {}, profile or {}, batch_size)
     t_hi = text_range[2]
     if not 5 <= text_len <= t_hi:
@@ -198,6 +208,19 @@ def _keep_levels(
     if len(set(keeps)) != len(keeps):
         raise UsageError(f"--keep {','.join(map(str, keeps))}: each keep level once")
     return keeps, keep1s
+
+
+def keep_range_level(text: str, keep1: Any, layer: int, default_keep: int, geo: Any) -> Any:
+    """``--keep MIN:MAX`` (or ``MIN:OPT:MAX``) as one range level; its default keep (opt) is the
+    recipe's keep moved into the range."""
+    from star_export.star import StarConfig, parse_keep_range
+
+    lo, opt, hi = parse_keep_range(text)
+    opt = min(max(default_keep, lo), hi) if opt is None else opt
+    k1 = keep1[0] if isinstance(keep1, Sequence) and len(keep1) == 1 else keep1
+    return StarConfig.resolve_range(
+        keep=(lo, opt, hi), keep1=k1, layer=layer, n_visual=geo.n_visual, num_layers=geo.num_layers
+    )
 
 
 def _ints(value: int | Sequence[int] | None, default: list) -> list:
@@ -327,9 +350,11 @@ def export_graphs(
         with heartbeat(f"exporting {c.graph}.onnx", log):
             module = family.prefill_module(loaded.model, s.geo, level).eval()
             export_onnx(module, c, paths[c.graph], s.geo.image_token_id, external_data=True)
-        steps.done(
-            f"{c.graph}.onnx (keep1={level.keep1}, keep2={level.keep2}): batch, text_len dynamic", since=t0
-        )
+        what = f"keep1={level.keep1}, keep2={level.keep2}"
+        if level.keep_range is not None:
+            what = f"keep2 = len(keep_slots) in {level.keep_range[0]}..{level.keep_range[1]}, keep1 = min(N, 2*keep2)"
+        dims = ", ".join(d.name for d in c.dims)
+        steps.done(f"{c.graph}.onnx ({what}): {dims} dynamic", since=t0)
     t0 = time.perf_counter()
     with heartbeat("exporting decode.onnx", log):
         module = family.decode_module(loaded.model, s.geo, s.levels[0]).eval()
@@ -371,6 +396,7 @@ class Scans:
 def scan_graphs(contracts: Contracts, graphs: GraphFiles, steps: Steps, log: Log) -> Scans:
     """Each graph's static shapes and TensorRT readiness (check.py), against its contract."""
     from star_export.check import check_onnx
+    from star_export.contract import KEEP_INPUT
 
     steps.step("scanning the graphs (static shapes, TensorRT readiness)")
     reports = {}
@@ -379,7 +405,9 @@ def scan_graphs(contracts: Contracts, graphs: GraphFiles, steps: Steps, log: Log
         reports[c.graph] = scan = check_onnx(path, dynamic_inputs=c.dynamic_axes())
         log(
             f"      {path.name}: {'ok' if scan.ok else 'FAIL'}, {sum(scan.op_counts.values())} nodes, "
-            f"TopK x{scan.op_counts.get('TopK', 0)} (constant K), {len(scan.errors)} errors"
+            f"TopK x{scan.op_counts.get('TopK', 0)} "
+            f"({'K from the shape of ' + KEEP_INPUT if KEEP_INPUT in c.input_names else 'constant K'}), "
+            f"{len(scan.errors)} errors"
         )
     return Scans(reports)
 

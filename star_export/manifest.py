@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from star_export import __version__
-from star_export.contract import GraphContract
+from star_export.contract import KEEP_INPUT, GraphContract, keep_dims
 from star_export.errors import UsageError
 from star_export.geometry import Geometry
 from star_export.star import StarConfig
@@ -49,6 +49,18 @@ def prefill_graph(keep2: int, several: bool) -> str:
 
 
 def _level(geo: Geometry, cfg: StarConfig, graph: str) -> dict[str, Any]:
+    if cfg.keep_range is not None:  # a keep range: one graph, keep2 from keep_slots' length
+        keep1 = keep_dims(geo, cfg)[0]
+        return {
+            **_level(geo, StarConfig(keep2=cfg.keep2, keep1=cfg.keep1, layer=cfg.layer), graph),
+            # the range's default (opt) level above; any keep2 in [min, max] is served by this graph
+            "keep_range": {"min": cfg.keep_range[0], "opt": cfg.keep2, "max": cfg.keep_range[1]},
+            # visual-span lengths at the range's ends (cache slots: the decode profile covers both)
+            "span1_range": [geo.span(cfg.keep1_of(k)) for k in cfg.keep_range],
+            "span2_range": [geo.span(k) for k in cfg.keep_range],
+            "keep_input": KEEP_INPUT,
+            "keep1_rule": f"keep1 = {keep1} (keep = keep2 = the length of {KEEP_INPUT})",
+        }
     return {
         "keep1": cfg.keep1,
         "keep2": cfg.keep2,
@@ -196,6 +208,15 @@ def levels(manifest: dict[str, Any], geo: Geometry, where: str) -> list[Level]:
                 num_layers=geo.num_layers,
                 selection=str(e.get("selection", "star")),
             )
+            if "keep_range" in e:  # one graph for every keep2 in [min, max]
+                r = e["keep_range"]
+                cfg = StarConfig.resolve_range(
+                    keep=(int(r["min"]), cfg.keep2, int(r["max"])),
+                    keep1=None,
+                    layer=cfg.layer,
+                    n_visual=geo.n_visual,
+                    num_layers=geo.num_layers,
+                )
             out.append(Level(cfg, str(e["graph"]), str(e["file"])))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{where}: manifest.json has no valid star settings ({e})") from None
@@ -215,12 +236,21 @@ def level(manifest: dict[str, Any], geo: Geometry, where: str, keep: int | None 
     for lv in all_levels:
         if lv.cfg.keep2 == keep:
             return lv
-    held = ", ".join(str(lv.cfg.keep2) for lv in all_levels)
+        if lv.cfg.covers(keep):
+            return Level(lv.cfg, lv.graph, lv.file)
+    held = ", ".join(describe_keeps(lv.cfg) for lv in all_levels)
     raise UsageError(
         f"--keep {keep}: this export holds keep levels {held}; re-export with --keep {held},{keep}"
     )
 
 
+def describe_keeps(cfg: StarConfig) -> str:
+    """``64``, or a keep range's ``16:128``."""
+    return str(cfg.keep2) if cfg.keep_range is None else f"{cfg.keep_range[0]}:{cfg.keep_range[1]}"
+
+
 def star_config(manifest: dict[str, Any], geo: Geometry, where: str, keep: int | None = None) -> StarConfig:
-    """The STAR settings of one level (default: the manifest's default level)."""
-    return level(manifest, geo, where, keep).cfg
+    """The STAR settings of one level (default: the manifest's default level; a keep inside a keep
+    range: that range's level ``keep``, constants keep1/keep2)."""
+    cfg = level(manifest, geo, where, keep).cfg
+    return cfg if cfg.keep_range is None else cfg.at(cfg.keep2 if keep is None else keep)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from star_export.contract import KEEP_INPUT, keep_dims, present_length
 from star_export.errors import UsageError
 
 REQUIRED = {"model": dict, "star": dict, "graphs": dict, "image": dict, "image_token_id": int}
@@ -108,9 +109,10 @@ def _levels_against_graphs(manifest: Mapping[str, Any], geo: Any, held: list[Any
         file = str(graph.get("file", f"{lv.graph}.onnx"))
         if lv.file != file:
             raise UsageError(f"{say} names file {lv.file}, its graph {lv.graph!r} is {file}; {REEXPORT}")
+        keep1, keep2 = keep_dims(geo, cfg)  # ints, or a keep range's expressions of ``keep``
         for tensor, keep, what in (
-            ("stage1_keep_idx", cfg.keep1, "keep1"),
-            ("stage2_keep_idx", cfg.keep2, "keep2"),
+            ("stage1_keep_idx", keep1, "keep1"),
+            ("stage2_keep_idx", keep2, "keep2"),
         ):
             shape = _shape(graph, tensor)
             if shape != ["batch", keep]:
@@ -118,18 +120,24 @@ def _levels_against_graphs(manifest: Mapping[str, Any], geo: Any, held: list[Any
                     f"{say} does not match its graph {lv.file}: {tensor} is {shape}, {what} {keep} needs "
                     f"['batch', {keep}]; {REEXPORT}"
                 )
+        if cfg.keep_range is not None and _shape(graph, KEEP_INPUT) != ["batch", "keep"]:
+            raise UsageError(
+                f"{say} is a keep range but its graph has no {KEEP_INPUT} ['batch', 'keep']; {REEXPORT}"
+            )
         for key, keep in (("span1", cfg.keep1), ("span2", cfg.keep2)):
             if key in entry and entry[key] != geo.span(keep):
                 raise UsageError(
                     f"{say} says {key} {entry[key]}, the geometry gives {geo.span(keep)}; {REEXPORT}"
                 )
         for i in range(geo.num_layers):
-            span = geo.span(cfg.keep1 if i < cfg.layer else cfg.keep2)
+            keep = keep1 if i < cfg.layer else keep2
+            want = _length("text_len", geo.span(keep) - 1) if isinstance(keep, int) else set()
+            want = want or {str(present_length(geo, keep))}
             shape = _shape(graph, f"present.{i}.key")
-            if shape is None or len(shape) != 4 or shape[2] not in _length("text_len", span - 1):
+            if shape is None or len(shape) != 4 or shape[2] not in want:
                 raise UsageError(
                     f"{say} does not match its graph {lv.file}: present.{i}.key is {shape}, the level needs "
-                    f"text_len + {span - 1} slots at layer {i}; {REEXPORT}"
+                    f"{sorted(want)[0]} slots at layer {i}; {REEXPORT}"
                 )
     star, first = manifest["star"], held[0].cfg
     flat = {"keep1": first.keep1, "keep2": first.keep2, "layer_K": first.layer, "default_keep": first.keep2}

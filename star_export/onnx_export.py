@@ -30,7 +30,11 @@ def example_inputs(contract: GraphContract, batch: int = 2, text_len: int = 16, 
     ids = torch.full((batch, text_len), 1, dtype=torch.int64)
     ids[:, 1] = image_token_id
     mask = torch.ones(batch, text_len, dtype=torch.int64)
-    return pv, ids, mask
+    if "keep" not in {d.name for d in contract.dims}:
+        return pv, ids, mask
+    keep = contract.dim("keep")  # a keep range: keep_slots [B, keep], an example length inside it
+    size = keep.opt if keep.opt not in (batch, text_len) or keep.min == keep.max else keep.opt + 1
+    return pv, ids, mask, torch.zeros(batch, min(size, keep.max), dtype=torch.int64)
 
 
 def example_decode_inputs(contract: GraphContract, batch: int = 2):
@@ -87,6 +91,8 @@ def _by_signature(module: torch.nn.Module, shapes: dict[str, dict[int, object]])
     names = list(shapes)
     out: dict[str, object] = {}
     for i, p in enumerate(params):
+        if i >= len(names):  # an optional parameter the contract does not feed (keep_slots of a fixed level)
+            break
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
             out[p.name] = tuple(shapes[n] for n in names[i:])
             break

@@ -103,6 +103,25 @@ class Graph:
             elif all(i in self.const or i in self.shape_derived for i in ins):
                 self.shape_derived.update(outs)
 
+    def shape_sources(self, name: str) -> set[str] | None:
+        """The tensors whose Shape/Size a shape-derived tensor ``name`` reads, or None when ``name`` is
+        not computed from shapes and constants alone (a value read from data)."""
+        if name not in self.shape_derived:
+            return None
+        sources: set[str] = set()
+        todo, seen = [name], set()
+        while todo:
+            t = todo.pop()
+            node = self.producer.get(t)
+            if t in seen or t in self.const or node is None:
+                continue
+            seen.add(t)
+            if node.op_type in ("Shape", "Size"):
+                sources.add(node.input[0])
+            else:
+                todo += [i for i in node.input if i]
+        return sources
+
     def is_weights(self, name: str) -> bool:
         """An initializer or a Constant node's output: what the TensorRT parser imports as weights."""
         node = self.producer.get(name)

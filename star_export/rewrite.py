@@ -209,21 +209,39 @@ class StarPrefill(TextLayers):
 
     # ---- the STAR data flow ---------------------------------------------------------------------
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        keep_slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
+        keeps = self.keeps(keep_slots)
         logits, keep1_idx, keep2_idx, presents, scores1, scores2, span_patch, slot_pos = self._prefill(
-            pixel_values, input_ids, attention_mask
+            pixel_values, input_ids, attention_mask, keeps=keeps
         )
-        margins = self.margins(scores1, scores2, span_patch)
+        margins = self.margins(scores1, scores2, span_patch, keeps)
         return (logits, keep1_idx, keep2_idx, *margins, *presents, *slot_pos)
 
-    def margins(self, scores1: torch.Tensor, scores2: torch.Tensor, span_patch: torch.Tensor):
+    def keeps(self, keep_slots: torch.Tensor | None) -> tuple[Any, Any]:
+        """(keep1, keep2): the level's constants, or (a keep range) keep2 = the length of
+        ``keep_slots`` (B, keep2), whose values are never read, and keep1 by ``star.keep1_rule``.
+        Exported, both are shape-derived scalars (Shape -> Gather [-> Mul -> Min]): TopK's K follows
+        from the input shapes alone."""
+        if self.cfg.keep_range is None:
+            return self.cfg.keep1, self.cfg.keep2
+        if keep_slots is None:
+            raise ValueError("a keep-range prefill takes keep_slots [B, keep2]")
+        keep2 = keep_slots.shape[1]
+        return self.cfg.keep1_of(keep2), keep2
+
+    def margins(self, scores1: torch.Tensor, scores2: torch.Tensor, span_patch: torch.Tensor, keeps=None):
         """How close each cut was: (B,) stage-1 and stage-2 score margins (``star.cut_margin``); stage 2
         over content tokens only (structural ones are never ranked)."""
+        keep1, keep2 = keeps or (self.cfg.keep1, self.cfg.keep2)
         if self.geo.n_fixed:
             content = span_patch < self.geo.n_visual
             scores2 = torch.where(content, scores2, torch.full_like(scores2, float("-inf")))
-        return star.cut_margin(scores1, self.cfg.keep1), star.cut_margin(scores2, self.cfg.keep2)
+        return star.cut_margin(scores1, keep1), star.cut_margin(scores2, keep2)
 
     def run(
         self,
@@ -232,15 +250,17 @@ class StarPrefill(TextLayers):
         attention_mask: torch.Tensor,
         force1: torch.Tensor | None = None,
         force2: torch.Tensor | None = None,
+        keep_slots: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """The prefill; ``force1`` (B, keep1) / ``force2`` (B, keep2) patch indices replace the
         stage-1 / stage-2 choice (forced-selection parity; ``force2`` must lie in the stage-1 set).
         Returns logits, the kept indices, presents, and the float32 scores: ``stage1_scores``
         (B, N) and ``stage2_scores`` (B, N) by patch index (NaN where not a stage-1 token)."""
+        keeps = self.keeps(keep_slots)
         logits, keep1, keep2, presents, scores1, scores2, span_patch, slot_pos = self._prefill(
-            pixel_values, input_ids, attention_mask, force1, force2
+            pixel_values, input_ids, attention_mask, force1, force2, keeps
         )
-        margin1, margin2 = self.margins(scores1, scores2, span_patch)
+        margin1, margin2 = self.margins(scores1, scores2, span_patch, keeps)
         return {
             "logits": logits,
             "stage1_keep_idx": keep1,
@@ -253,23 +273,26 @@ class StarPrefill(TextLayers):
             **dict(zip(("present_positions_l1", "present_positions_l2"), slot_pos, strict=False)),
         }
 
-    def _prefill(self, pixel_values, input_ids, attention_mask, force1=None, force2=None) -> tuple:
+    def _prefill(
+        self, pixel_values, input_ids, attention_mask, force1=None, force2=None, keeps=None
+    ) -> tuple:
         geo, cfg = self.geo, self.cfg
+        keep1, keep2 = keeps or (cfg.keep1, cfg.keep2)  # ints, or SymInts of a keep range
 
         # ---- stage 1: score visual tokens by the self-attention they receive
         feats, extras = self.encode_image(pixel_values)  # (B, N, dv)
-        scores1 = star.selection_scores(star.stage1_scores(feats), cfg.keep1, cfg.selection)  # (B, N)
-        keep1_idx = star.topk_sorted(scores1, cfg.keep1) if force1 is None else force1  # (B, keep1)
+        scores1 = star.selection_scores(star.stage1_scores(feats), keep1, cfg.selection)  # (B, N)
+        keep1_idx = star.topk_sorted(scores1, keep1) if force1 is None else force1  # (B, keep1)
         image_embeds = self.project(star.gather_rows(feats, keep1_idx))  # (B, keep1, D)
         offsets, is_visual, span_patch = self.span_offsets(keep1_idx), None, keep1_idx
         if geo.n_fixed:  # interleave the always-kept structural tokens: a span of keep1 + n_fixed
             image_embeds, offsets, order = star.merge_fixed(
                 image_embeds, offsets, self.structural_embed(), self.fixed_offsets
             )
-            is_visual = order < cfg.keep1  # (B, keep1 + R)
+            is_visual = order < keep1  # (B, keep1 + R)
             no_patch = torch.full_like(keep1_idx[:, :1], geo.n_visual).expand(-1, geo.n_fixed)
             span_patch = torch.gather(torch.cat([keep1_idx, no_patch], dim=1), 1, order)  # N at structural
-        span1 = geo.span(cfg.keep1)
+        span1 = geo.span(keep1)
 
         # ---- the L1 sequence: text before, the visual span, text after
         p = star.image_position(input_ids, geo.image_token_id)  # (B,)
@@ -293,7 +316,7 @@ class StarPrefill(TextLayers):
                 pos = self.gather_positions(pos, src)
                 slot_pos[1] = pos
                 valid = torch.gather(valid, 1, src)
-                span = Span(p, geo.span(cfg.keep2), torch.gather(span_patch, 1, selected), extras)
+                span = Span(p, geo.span(keep2), torch.gather(span_patch, 1, selected), extras)
                 mask = self.attention_masks(valid, pos, span)
                 rope = self.rotary(h, pos)
             h, k, v, probs = self.run_layer(i, layer, h, rope, mask)
@@ -302,14 +325,14 @@ class StarPrefill(TextLayers):
                 scores2 = star.stage2_scores(probs, p, span1)  # (B, span1)
                 if cfg.selection == "inverted":
                     scores2 = -scores2
-                k2 = cfg.keep2 + geo.n_fixed
+                k2 = keep2 + geo.n_fixed
                 if force2 is None:
-                    selected = star.stage2_select(scores2, is_visual, cfg.keep2, geo.n_fixed)  # (B, k2)
+                    selected = star.stage2_select(scores2, is_visual, keep2, geo.n_fixed)  # (B, k2)
                 else:
                     selected = forced_slots(span_patch, force2, is_visual, k2)
                 keep2_idx = torch.gather(span_patch, 1, selected)  # patch indices (N at structural)
                 if geo.n_fixed:  # drop the structural tokens' N: the keep2 smallest, ascending
-                    smallest = torch.topk(keep2_idx.to(torch.float32), cfg.keep2, dim=-1, largest=False)
+                    smallest = torch.topk(keep2_idx.to(torch.float32), keep2, dim=-1, largest=False)
                     keep2_idx = smallest.values.to(torch.int64)  # exact: indices < 2**24
             h = self.after_layer(i, h, span)
 

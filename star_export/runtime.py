@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from star_export.contract import FLOAT_DTYPES, GraphContract, carried
+from star_export.contract import FLOAT_DTYPES, KEEP_INPUT, GraphContract, carried
 from star_export.encoding import cast_inputs, declared_dtypes
 from star_export.geometry import Geometry
 from star_export.star import StarConfig, check_prompts
@@ -69,7 +69,7 @@ class OnnxruntimeBackend:
         self._decode_in = declared_dtypes(self.decode_session.get_inputs())
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fed = cast_inputs(feeds, self._prefill_in)
+        fed = cast_inputs({k: v for k, v in feeds.items() if k in self._prefill_in}, self._prefill_in)
         return dict(zip(self._prefill_out, self._prefill.run(self._prefill_out, fed), strict=True))
 
     def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -205,7 +205,9 @@ def generate(
     rng = np.random.default_rng(gen.seed)
 
     start = time.perf_counter()
-    out = backend.prefill({k: feeds[k] for k in ("pixel_values", "input_ids", "attention_mask")})
+    fed = {k: feeds[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    fed[KEEP_INPUT] = keep_slots(batch, cfg.keep2)  # read (its length) only by a keep range's graph
+    out = backend.prefill(fed)
     prefill_s = time.perf_counter() - start
 
     n_layers = geo.num_layers
@@ -257,6 +259,12 @@ def generate(
     result.decode_s = time.perf_counter() - decode_start
     result.final_present_lengths = [pasts[f"past.{i}.key"].shape[2] for i in range(n_layers)]
     return result
+
+
+def keep_slots(batch: int, keep: int) -> np.ndarray:
+    """The ``keep_slots`` input of a keep range's prefill at ``keep``: [batch, keep] zeros (the graph
+    reads its length, never its values)."""
+    return np.zeros((batch, keep), dtype=np.int64)
 
 
 def _pasts(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -60,25 +60,35 @@ class Pipeline:
 
     @property
     def keeps(self) -> list[int]:
-        return [c.keep2 for c in self.levels]
+        """keep2 of every level, the default first (a keep range: its default and both ends)."""
+        ends = (k for c in self.levels for k in (c.keep2, *(c.keep_range or ())))
+        return list(dict.fromkeys(ends))
 
     def level(self, keep: int | None = None) -> StarConfig:
-        """The level whose keep2 is ``keep`` (None: the default); a one-line UsageError otherwise."""
+        """The level whose keep2 is ``keep`` (None: the default), a keep range's level ``keep``
+        (constants keep1/keep2), or a one-line UsageError."""
+        cfg = self._serving(keep)
+        return cfg if cfg.keep_range is None else cfg.at(cfg.keep2 if keep is None else keep)
+
+    def _serving(self, keep: int | None) -> StarConfig:
+        """The level (or keep range) whose graph answers at ``keep``."""
         if keep is None:
             return self.levels[0]
         for cfg in self.levels:
-            if cfg.keep2 == keep:
+            if cfg.keep2 == keep or cfg.covers(keep):
                 return cfg
-        held = ",".join(map(str, self.keeps))
+        from star_export.manifest import describe_keeps
+
+        held = ",".join(describe_keeps(c) for c in self.levels)
         raise UsageError(
             f"--keep {keep}: this export holds keep levels {held}; re-export with --keep {held},{keep}"
         )
 
     def backend(self, keep: int | None = None) -> Any:
-        cfg = self.level(keep)
-        if cfg.keep2 not in self._backends:
-            self._backends[cfg.keep2] = self._backend_for(cfg)
-        return self._backends[cfg.keep2]
+        cfg = self._serving(keep)  # a keep range: one backend (one graph) for every keep in it
+        if cfg not in self._backends:
+            self._backends[cfg] = self._backend_for(cfg)
+        return self._backends[cfg]
 
     @property
     def runtime(self) -> str:

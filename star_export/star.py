@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -26,15 +27,77 @@ from star_export.errors import UsageError
 SELECTIONS = ("star", "random", "stride", "inverted")
 PRIOR_SEED = 0  # the seed of the "random" prior
 
+# TensorRT's ITopKLayer: "Values larger than 3840 will result in a runtime error" (NvInfer.h 10.0-11.1)
+TOPK_MAX_K = 3840
+
+
+def keep1_rule(keep2, n_visual: int):
+    """Stage 1's keep of a keep range: ``min(N, 2 * keep2)``. ``keep2`` is an int, or (inside an
+    export) a SymInt read from ``keep_slots``' shape: the cap is then ``torch.sym_min``, so K stays a
+    shape-derived scalar (Shape -> Gather -> Mul -> Min) and never a value read from data."""
+    return torch.sym_min(n_visual, 2 * keep2)
+
+
+def parse_keep_range(text: str) -> tuple[int, int | None, int]:
+    """``--keep MIN:MAX`` or ``MIN:OPT:MAX`` -> (min, opt or None, max); a UsageError otherwise."""
+    try:
+        values = [int(v) for v in text.split(":")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3):
+        raise UsageError(f"--keep {text}: a keep range is MIN:MAX or MIN:OPT:MAX, e.g. 16:128")
+    return values[0], (values[1] if len(values) == 3 else None), values[-1]
+
 
 @dataclass(frozen=True)
 class StarConfig:
-    """STAR's three knobs. ``keep1`` defaults to ``min(N, 2 * keep2)``. ``selection``: SELECTIONS."""
+    """STAR's three knobs. ``keep1`` defaults to ``min(N, 2 * keep2)``. ``selection``: SELECTIONS.
+
+    ``keep_range`` (min, max) marks a keep range (``--keep 16:128``): one prefill graph takes keep2
+    from the shape of its input ``keep_slots`` [B, keep2] and keep1 by ``keep1_rule``; ``keep2`` /
+    ``keep1`` are then the range's opt (the default keep). ``at(k)`` is the fixed level k of the range.
+    """
 
     keep2: int
     keep1: int
     layer: int  # K: the first decoder layer that sees the stage-2 sequence
     selection: str = "star"
+    keep_range: tuple[int, int] | None = None
+    n_visual: int = 0  # N, keep1's cap in a keep range (0 for a fixed level)
+
+    def at(self, keep: int) -> StarConfig:
+        """The level ``keep`` of a keep range (constants keep1/keep2, what a request at ``keep`` runs)."""
+        return StarConfig(
+            keep2=keep, keep1=int(self.keep1_of(keep)), layer=self.layer, selection=self.selection
+        )
+
+    def keep1_of(self, keep2):
+        """keep1 at ``keep2`` (an int or a SymInt) under this range's rule."""
+        return keep1_rule(keep2, self.n_visual)
+
+    def covers(self, keep: int) -> bool:
+        return self.keep_range is not None and self.keep_range[0] <= keep <= self.keep_range[1]
+
+    @classmethod
+    def resolve_range(
+        cls, *, keep: tuple[int, int, int], keep1: int | None, layer: int, n_visual: int, num_layers: int
+    ) -> StarConfig:
+        """A keep range ``(min, opt, max)`` checked by the spec's rules (``resolve`` at both ends);
+        keep1 follows ``keep1_rule`` (a ``--keep1`` with a range is a UsageError)."""
+        lo, opt, hi = keep
+        if keep1 is not None:
+            raise UsageError(f"--keep1 with a keep range: keep1 follows min(N, 2 * keep) ({n_visual} = N)")
+        if not 1 <= lo < hi:
+            raise UsageError(f"--keep {lo}:{hi}: a range needs 1 <= min < max")
+        if not lo <= opt <= hi:
+            raise UsageError(f"--keep {lo}:{hi}: the default keep {opt} lies outside the range")
+        for k in (lo, hi):
+            cls.resolve(keep=k, keep1=None, layer=layer, n_visual=n_visual, num_layers=num_layers)
+        if min(n_visual, 2 * hi) + 1 > TOPK_MAX_K:
+            raise UsageError(f"--keep {lo}:{hi}: TensorRT's TopK takes K <= {TOPK_MAX_K}")
+        return cls(
+            keep2=opt, keep1=min(n_visual, 2 * opt), layer=layer, keep_range=(lo, hi), n_visual=n_visual
+        )
 
     @classmethod
     def resolve(
@@ -67,8 +130,13 @@ class StarConfig:
             )
         return cls(keep2=keep, keep1=k1, layer=layer, selection=selection)
 
-    def to_dict(self) -> dict[str, int | str]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.keep_range is None:
+            del d["keep_range"], d["n_visual"]
+        else:
+            d["keep_range"] = list(self.keep_range)
+        return d
 
 
 def prior_scores(n: int, k: int, selection: str) -> torch.Tensor:

@@ -42,7 +42,7 @@ from star_export.comparison import (
     make_inputs,
     row_alone,
 )
-from star_export.contract import GraphContract
+from star_export.contract import KEEP_INPUT, GraphContract
 from star_export.families import family_of
 from star_export.geometry import Geometry
 from star_export.parity import ParityReport, ParityRow  # noqa: F401  (ParityRow: part of this API)
@@ -76,7 +76,7 @@ def validate(
 
     family = family_of(geo)
     report = ParityReport()
-    feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
+    feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed, keep=keep_input(contract, cfg))
     padded_row = batch - 1
     alone = row_alone(feeds, padded_row)
     report.inputs = _describe(feeds, geo, seed, text_len)
@@ -266,7 +266,7 @@ def validate_half(
     report = validate(
         model32, geo, cfg, contract, None, seed=seed, batch=batch, text_len=text_len, unpruned=unpruned
     )
-    feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
+    feeds = make_inputs(geo, batch=batch, text_len=text_len, seed=seed, keep=keep_input(contract, cfg))
     alone = row_alone(feeds, batch - 1)
     low = Rewrite(family.prefill_module(model, geo, cfg).eval(), dtype)
     full = Rewrite(family.prefill_module(model32, geo, cfg).eval(), "float32")
@@ -338,7 +338,7 @@ def validate_generation(
     """Greedy generation through prefill.onnx + decode.onnx vs the PyTorch rewrite (in ``dtype``)."""
     from star_export.runtime import OnnxruntimeBackend, TorchBackend
 
-    feeds = dict(make_inputs(geo, batch=batch, text_len=text_len, seed=seed))
+    feeds = dict(make_inputs(geo, batch=batch, text_len=text_len, seed=seed))  # generate feeds keep_slots
     generation_rows(
         report,
         "onnxruntime",
@@ -406,6 +406,7 @@ def validate_levels(
     """Every keep level of an export in ``directory`` (its prefill graph ``<graph>.onnx`` and the
     shared decode.onnx), the model loaded once: one report, a row group per level (rows prefixed
     ``keep K2:`` when there are several); keep = N vs the unmodified model runs once."""
+    levels = [(at, pc) for cfg, pc in levels for at in range_points(cfg)]
     several = len(levels) > 1
     merged = ParityReport()
     for i, (cfg, pc) in enumerate(levels):
@@ -428,6 +429,19 @@ def validate_levels(
             comparators["per_keep"][cfg.keep2] = report.comparator
             merged.comparator = comparators
     return merged
+
+
+def range_points(cfg: StarConfig) -> list[StarConfig]:
+    """The levels a prefill graph is validated at: the level itself, or a keep range's default keep
+    and both ends (each checked against the constant-K rewrite of that keep)."""
+    if cfg.keep_range is None:
+        return [cfg]
+    return [cfg.at(k) for k in dict.fromkeys((cfg.keep2, *cfg.keep_range))]
+
+
+def keep_input(contract: GraphContract, cfg: StarConfig) -> int | None:
+    """The length of ``keep_slots`` to feed a graph of ``contract`` at level ``cfg`` (None: no such input)."""
+    return cfg.keep2 if KEEP_INPUT in contract.input_names else None
 
 
 def validate_directory(

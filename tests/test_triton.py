@@ -889,3 +889,34 @@ def test_keep_errors_name_the_levels_and_the_server_keeps_serving(levels_server,
         assert answer(result)[0] == expected.result.tokens
     finally:
         client.close()
+
+
+# ------------------------------------------------------------------------- a keep range, one server
+def test_one_server_answers_any_keep_of_a_range(cli_export, tmp_path_factory, images):
+    """``llava --keep 8:16:32`` served by tritonserver (issue #24): ONE prefill model answers keep 8,
+    20 and 32, each token for token as ``load_export(dir).generate(..., keep=k)`` (which equals the
+    constant-K export of that keep: tests/test_keep_range.py); a keep outside the range names it."""
+    from tritonclient.utils import InferenceServerException
+
+    from star_export.session import load_export
+
+    ranged = cli_export("llava-range", "--keep", "8:16:32")  # shared with tests/test_keep_range.py
+    pipe = load_export(ranged)
+    rows, prompts = images[:2], PROMPTS[:2]
+    with serving(ranged, tmp_path_factory, "triton-range", pipeline_instances=1) as srv:
+        module, client = http_client(srv)
+        try:
+            for keep in (8, 20, 32, None):
+                before = _executions(client, "prefill")
+                inputs = pipeline_inputs(module, rows, prompts, max_new=MAX_NEW, keep=keep)
+                tokens, texts = answer(client.infer("pipeline", inputs))
+                expected = pipe.generate(rows, prompts, max_new_tokens=MAX_NEW, keep=keep)
+                assert expected.cfg.keep2 == (keep or 16) and expected.cfg.keep1 == 2 * expected.cfg.keep2
+                assert tokens == expected.result.tokens and texts == expected.answers, keep
+                assert _executions(client, "prefill") - before == 2  # the one prefill model, batch 2
+            with pytest.raises(
+                InferenceServerException, match=r"keep 40: this export holds keep levels 8:32"
+            ):
+                client.infer("pipeline", pipeline_inputs(module, rows[:1], prompts[:1], keep=40))
+        finally:
+            client.close()

@@ -18,6 +18,21 @@ def integers(text: str) -> list[int]:
     return [integer(v) for v in text.split(",")]
 
 
+def keeps(text: str) -> list[int] | str:
+    """``--keep``: ``64``, levels ``32,64,128``, or a keep range ``16:128`` / ``16:64:128`` (kept as
+    text, checked against N where the model is known)."""
+    if ":" not in text:
+        return integers(text)
+    from star_export.errors import UsageError
+    from star_export.star import parse_keep_range
+
+    try:
+        parse_keep_range(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--keep {text}: ")) from None
+    return text
+
+
 def grid(text: str) -> tuple[int, int]:
     """``--grid``: ROWSxCOLS."""
     try:

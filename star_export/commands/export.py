@@ -8,7 +8,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from star_export.commands.argtypes import grid, image_size, integer, integers
+from star_export.commands.argtypes import grid, image_size, integer, integers, keeps
 from star_export.errors import UsageError
 from star_export.families import FAMILIES, option_families
 
@@ -25,6 +25,7 @@ examples:
   python -m star_export llava --keep 64
       tiny embedded LLaVA (random weights): export star_out/, validate, report
   python -m star_export llava --keep 64 --keep1 192 --layer 3 --out run1/
+  python -m star_export llava --keep 16:128 --out star_range   # one prefill graph, any keep 16..128
   python -m star_export export --model llava-hf/llava-1.5-7b-hf --keep 64
       a hub id (resolved in the local Hugging Face cache first) or a checkpoint directory,
       exported in its own dtype (fp16) without an fp32 copy
@@ -50,12 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``llava`` / ``export``."""
     p.add_argument(
         "--keep",
-        type=integers,
+        type=keeps,
         default=None,
-        metavar="K2[,K2...]",
+        metavar="K2[,K2...]|MIN:MAX",
         help="visual tokens kept by stage 2 (keep2), 1..N; default from the recipe (64). Several levels "
         "(32,64,128): one prefill graph each, the first the default, one decode graph and the weights "
-        "shared; a request picks its level (generate --keep, the Triton pipeline's keep input)",
+        "shared; a request picks its level (generate --keep, the Triton pipeline's keep input). A range "
+        "(16:128, or 16:64:128 to name the default): ONE prefill graph whose TopK K comes from the "
+        "length of its input keep_slots [B, keep2], keep1 = min(N, 2*keep2); any keep in the range per request",
     )
     p.add_argument(
         "--keep1",

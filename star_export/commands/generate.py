@@ -78,8 +78,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
         "--keep",
         type=integer,
         default=None,
-        help="keep2: with --from, one of the export's keep levels (default: its default level); "
-        "with --model, any (default 64)",
+        help="keep2: with --from, one of the export's keep levels or any keep of its keep range (default: "
+        "its default level); with --model, any (default 64)",
     )
     g.add_argument("--keep1", type=integer, default=None, help="--model: keep1 (default min(N, 2*keep))")
     g.add_argument("--layer", type=integer, default=None, help="--model: K (default 2)")

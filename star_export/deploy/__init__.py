@@ -177,7 +177,8 @@ def write_repository(
             files=files,
             limits=limits,
             levels=[
-                {k: lv[k] for k in ("keep1", "keep2", "span1", "span2")} | {"model": models[lv["graph"]]}
+                {k: lv[k] for k in ("keep1", "keep2", "span1", "span2", "keep_range") if k in lv}
+                | {"model": models[lv["graph"]]}
                 for lv in levels
             ],
             linked=sorted(str(p.relative_to(stage)) for p in linked),

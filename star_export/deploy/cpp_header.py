@@ -74,6 +74,18 @@ def header_limits(manifest: Mapping[str, Any]) -> tuple[dict[str, int], str]:
     return served_limits(manifest["graphs"], engines, names), source
 
 
+def keep_range_consts(levels: list[dict[str, Any]]) -> list[tuple[str, str, int, str]]:
+    """kKeepMin / kKeepMax of a keep-range export (0 / 0 without one): its one prefill engine takes any
+    keep2 in [kKeepMin, kKeepMax] as the length of its input keep_slots."""
+    ranged = next((lv for lv in levels if "keep_range" in lv), None)
+    lo, hi = (ranged["keep_range"]["min"], ranged["keep_range"]["max"]) if ranged else (0, 0)
+    doc = (
+        "a keep range (0: none): kLevels[0]'s engine runs any keep2 in [kKeepMin, kKeepMax], fed as the "
+        "LENGTH of its input keep_slots [B, keep2] (int64, values unread); keep1 = min(kNVisual, 2 * keep2)"
+    )
+    return [("int64_t", "kKeepMin", lo, doc), ("int64_t", "kKeepMax", hi, "")]
+
+
 def cpp_header(manifest: Mapping[str, Any]) -> str:
     """``star_model.h`` for examples/cpp: the model constants, from the manifest (never by hand): the
     geometry, the limits (:func:`header_limits`: the built engines' profiles where ``build`` recorded
@@ -126,6 +138,7 @@ def cpp_header(manifest: Mapping[str, Any]) -> str:
             "keep2 of the default level",
         ),
         ("int32_t", "kNumLevels", len(levels), "rows of kLevels"),
+        *keep_range_consts(levels),
     ]
     body = "\n".join(
         f"constexpr {t} {n} = {int(v)};" + (f"  // {doc}" if doc else "") for t, n, v, doc in consts

@@ -19,8 +19,13 @@ def repository_readme(
     star = manifest["star"]
     levels = repo.levels
     default = levels[0]
-    several = len(levels) > 1
-    keeps = ", ".join(str(lv["keep2"]) for lv in levels)
+    several = len(levels) > 1 or "keep_range" in default  # a keep range: any keep in it per request
+    keeps = ", ".join(
+        f"any of {lv['keep_range']['min']}..{lv['keep_range']['max']}"
+        if "keep_range" in lv
+        else str(lv["keep2"])
+        for lv in levels
+    )
     prefill_rows = "\n".join(
         f"| `{lv['model']}` | prefill graph, keep {lv['keep1']} -> {lv['keep2']}"
         + (" (the default level)" if several and lv is default else "")

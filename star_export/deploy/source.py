@@ -188,6 +188,10 @@ def longest_answer(limits: Mapping[str, int], levels: list[dict[str, Any]], text
 
     dims = {k: {"max": limits[k]} for k in ("past_len_l1", "past_len_l2")}
     return min(
-        (max_new_tokens(dims, text_len, int(lv["span1"]), int(lv["span2"])), int(lv["keep2"]))
+        (max_new_tokens(dims, text_len, int(s1), int(s2)), int(keep))
         for lv in levels
+        for keep, s1, s2 in (
+            [(lv["keep2"], lv["span1"], lv["span2"])]
+            + [(lv["keep_range"]["max"], *(lv[f"span{i}_range"][1] for i in (1, 2)))] * ("keep_range" in lv)
+        )
     )

@@ -51,8 +51,9 @@ class RequestError(ValueError):
 class Level:
     """One keep level: its prefill model and its visual-span lengths (cache slots per prompt)."""
 
-    def __init__(self, keep2: int, model: str, span1: int, span2: int):
+    def __init__(self, keep2: int, model: str, span1: int, span2: int, ranged: bool = False):
         self.keep2, self.model, self.span1, self.span2 = keep2, model, span1, span2
+        self.ranged = ranged  # a keep range's graph: keep2 is fed as the length of keep_slots
 
 
 def _parameters(config: dict) -> dict[str, str]:
@@ -114,6 +115,15 @@ class TritonPythonModel:
             )
             for lv in star["levels"]
         }
+        # keep ranges (--keep 16:128): one prefill model answers any keep2 in [min, max]
+        self.ranges = [
+            (int(lv["keep_range"]["min"]), int(lv["keep_range"]["max"]), self.levels[int(lv["keep2"])])
+            for lv in star["levels"]
+            if "keep_range" in lv
+        ]
+        for *_, lv in self.ranges:
+            lv.ranged = True
+        self.n_visual, self.n_fixed = int(star["N"]), int(star.get("n_fixed", 0))
         self.default_keep = int(
             params.get("default_keep") or star.get("default_keep") or star["levels"][0]["keep2"]
         )
@@ -166,7 +176,16 @@ class TritonPythonModel:
         self.pad_id = star_encoding.pad_token_id(self.tokenizer)
 
     def _held(self) -> str:
-        return ", ".join(str(k) for k in self.levels)
+        ranges = {lv.keep2: f"{lo}:{hi}" for lo, hi, lv in self.ranges}
+        return ", ".join(ranges.get(k, str(k)) for k in self.levels)
+
+    def _in_range(self, keep: int) -> Level | None:
+        """The level ``keep`` of a keep range that covers it (keep1 = min(N, 2 * keep)), else None."""
+        for lo, hi, lv in self.ranges:
+            if lo <= keep <= hi:
+                span1 = min(self.n_visual, 2 * keep) + self.n_fixed
+                return Level(keep, lv.model, span1, keep + self.n_fixed, ranged=True)
+        return None
 
     def _level(self, request, batch: int) -> Level:
         """The keep level a request asks for (input ``keep``), or the default; never a fallback."""
@@ -179,7 +198,7 @@ class TritonPythonModel:
                 f"keep: one value per row, the same for every row of a request, got {values}; "
                 "send rows of other keep levels as separate requests"
             )
-        level = self.levels.get(values[0])
+        level = self.levels.get(values[0]) or self._in_range(values[0])
         if level is None:
             raise RequestError(
                 f"keep {values[0]}: this export holds keep levels {self._held()} "
@@ -223,11 +242,10 @@ class TritonPythonModel:
     ) -> list[list[int]]:
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         batch, text_len = ids.shape
-        out = self._infer(
-            level.model,
-            [pb_utils.Tensor(n, feeds[n]) for n in ("pixel_values", "input_ids", "attention_mask")],
-            ["logits", *self.present_names],
-        )
+        inputs = [pb_utils.Tensor(n, feeds[n]) for n in ("pixel_values", "input_ids", "attention_mask")]
+        if level.ranged:  # a keep range's graph reads keep2 from the length of keep_slots, never its values
+            inputs.append(pb_utils.Tensor("keep_slots", np.zeros((batch, level.keep2), dtype=np.int64)))
+        out = self._infer(level.model, inputs, ["logits", *self.present_names])
         real = mask.sum(axis=1).astype(np.int64)  # (B,) real prompt tokens
         pad = text_len - real  # (B,) left padding
         l1, l2 = text_len - 1 + level.span1, text_len - 1 + level.span2  # this level's cache slots
