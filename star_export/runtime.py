@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from star_export.contract import FLOAT_DTYPES, GraphContract, carried
 from star_export.encoding import cast_inputs, declared_dtypes
 from star_export.geometry import Geometry
 from star_export.star import StarConfig, check_prompts
+
+if TYPE_CHECKING:
+    from star_export.weights import SharedWeights
 
 
 class Backend(Protocol):
@@ -37,64 +40,10 @@ class Backend(Protocol):
     def decode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-class SharedWeights:
-    """The external initializers of an export's graphs read once and handed to every session.
-
-    An export stores its weights once on disk (:mod:`star_export.weights`: ``weights.onnx.data``,
-    shared by every keep level's prefill graph and the decode graph). Left to itself, each
-    onnxruntime session reads its own copy of them, and the CPU provider pre-packs its own copy of
-    every MatMul weight on top: (levels + 1) x weights in memory. Here the data file is memory-mapped
-    once (read-only, file-backed pages the kernel shares with every process that maps the file) and
-    each initializer becomes one ``OrtValue`` over its slice of the mapping, given to every session
-    through ``SessionOptions.add_initializer`` (onnxruntime uses the caller's buffer, no copy). Pre-
-    packing is turned off in those sessions (``session.disable_prepacking``): its packed buffers are
-    per session (the Python API has no shared pre-packed container) and would bring the copies back.
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self._maps: dict[str, np.ndarray] = {}  # data file -> its read-only memory map
-        self.values: dict[tuple, Any] = {}  # (file, offset, length, dtype, dims) -> OrtValue
-        self._arrays: list[np.ndarray] = []  # the OrtValues' buffers, alive as long as this object
-
-    @property
-    def bytes(self) -> int:
-        """The bytes of the data files mapped (each once, whatever the number of sessions)."""
-        return sum(m.nbytes for m in self._maps.values())
-
-    def options(self, graph_path: Path, opts: Any) -> Any:
-        """``opts`` with every external initializer of ``graph_path`` added from the shared mapping."""
-        import onnx
-        from onnx.helper import tensor_dtype_to_np_dtype
-
-        model = onnx.load(str(graph_path), load_external_data=False)
-        for tensor in model.graph.initializer:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = {e.key: e.value for e in tensor.external_data}
-            dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
-            offset, length = int(info.get("offset", 0)), int(info["length"])
-            key = (info["location"], offset, length, dtype.str, tuple(tensor.dims))
-            if key not in self.values:
-                self.values[key] = self._value(info["location"], offset, length, dtype, tuple(tensor.dims))
-            opts.add_initializer(tensor.name, self.values[key])
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        return opts
-
-    def _value(self, location: str, offset: int, length: int, dtype: np.dtype, dims: tuple) -> Any:
-        import onnxruntime as ort
-
-        if location not in self._maps:
-            self._maps[location] = np.memmap(self.directory / location, dtype=np.uint8, mode="r")
-        array = self._maps[location][offset : offset + length].view(dtype).reshape(dims)
-        self._arrays.append(array)
-        return ort.OrtValue.ortvalue_from_numpy(array)
-
-
 class OnnxruntimeBackend:
     """A prefill graph + decode.onnx in onnxruntime (CPU provider unless told otherwise). ``decode``:
     an existing decode session to share (every keep level of an export uses the same decode graph);
-    ``weights``: the export's initializers read once for every session (:class:`SharedWeights`)."""
+    ``weights``: the export's initializers read once for every session (``weights.SharedWeights``)."""
 
     name = "onnxruntime"
 

@@ -190,7 +190,8 @@ def load_export(
     pre = Preprocessor.from_dir(directory / "processor", geometry=geo, flag="--from")
     graph_of = {lv.cfg.keep2: lv for lv in held}
     if runtime == "onnxruntime":
-        from star_export.runtime import OnnxruntimeBackend, SharedWeights
+        from star_export.runtime import OnnxruntimeBackend
+        from star_export.weights import SharedWeights
 
         if any(t.get("dtype") == "bfloat16" for t in graphs[held[0].graph].get("inputs", [])):
             raise UsageError(
