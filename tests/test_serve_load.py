@@ -295,6 +295,14 @@ def test_soak_reports_the_servers_rss(server, requests):
     assert soak(server.ports["grpc"], server.proc.pid, bad, concurrency=2, warmup=0).failed == 3
 
 
+def test_the_stream_client_ends_on_tritons_final_flag(server, requests, expected):
+    """The streaming path of the load generator (``stream=True``: tritonclient.grpc's stream with the
+    empty-final-response flag), here on the non-decoupled pipeline: one response, flagged final."""
+    outcomes = run_requests(server.ports["grpc"], requests[:2], 2, stream=True, timeout=60)
+    assert [o.tokens for o in outcomes] == [expected[8]] * 2
+    assert all(len(o.arrivals) == MAX_NEW and o.end == o.arrivals[-1] for o in outcomes)
+
+
 def test_stop_drains_in_flight_requests_then_exits(server, requests, expected):
     """Last: ends the module's server. ``stop(drain=["pipeline"])`` under load (what ``serve`` does on
     Ctrl-C / SIGTERM): the pipeline is unloaded first, so its queued and running requests are answered

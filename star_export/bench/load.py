@@ -3,7 +3,9 @@ client (``tritonclient.grpc.aio``, the field's client; no hand-written HTTP).
 
 Closed loop: ``concurrency`` workers, each sending its next request as soon as its previous one is
 answered, until ``len(requests)`` have been sent; every request has a client timeout, so a point
-always ends. Per request: start and end (``time.perf_counter``), the tokens of the answer and, with a
+always ends. A decoupled (streaming) model is driven through ``tritonclient.grpc``'s stream instead,
+one blocking stream per worker thread (the asyncio client cannot request Triton's final-response
+flag). Per request: start and end (``time.perf_counter``), the tokens of the answer and, with a
 decoupled (streaming) model, the arrival time of each response; an error is kept with its status.
 A rejection is an error the server gives for overload (Triton's queue policy: ``UNAVAILABLE`` /
 "exceeds maximum queue size", or the queue timeout); every other error counts as failed.
@@ -92,32 +94,54 @@ def _status(error: Exception) -> str:
     return str(status() if callable(status) else status or type(error).__name__)
 
 
-async def _one(
-    client: Any, module: Any, model: str, request: Request, timeout: float, stream: bool
-) -> Outcome:
+def _stream_one(port: int, model: str, request: Request, timeout: float) -> Outcome:
+    """One request to a decoupled (streaming) model: tritonclient.grpc's stream with Triton's empty
+    final response (the asyncio client cannot ask for it: its ``triton_`` parameters are reserved), so
+    the end of the answer is the response flagged ``triton_final_response``."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     start = time.perf_counter()
     out = Outcome(keep=request.keep, start=start, end=start)
     try:
-        if stream:
-            inputs = pipeline_inputs(module, request)
+        client.start_stream(
+            callback=lambda result, error: responses.put((time.perf_counter(), result, error))
+        )
+        client.async_stream_infer(
+            model, pipeline_inputs(grpcclient, request), enable_empty_final_response=True
+        )
+        while True:
+            left = start + timeout - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"no final response within {timeout:.0f} s")
+            now, result, error = responses.get(timeout=left)
+            if error is not None:
+                raise error
+            got = _tokens(result)
+            out.tokens += got
+            out.arrivals += [now] * len(got)
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    except Exception as e:  # an error answer, or the timeout
+        out.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        out.status = _status(e)
+    finally:
+        client.stop_stream()
+        client.close()
+    out.end = out.arrivals[-1] if out.ok and out.arrivals else time.perf_counter()
+    return out
 
-            async def once():
-                yield {"model_name": model, "inputs": inputs, "enable_empty_final_response": True}
 
-            async for result, error in client.stream_infer(once(), stream_timeout=timeout):
-                if error is not None:
-                    raise error
-                now = time.perf_counter()
-                got = _tokens(result)
-                if got:
-                    out.tokens += got
-                    out.arrivals += [now] * len(got)
-                params = result.get_response().parameters
-                if "triton_final_response" in params and params["triton_final_response"].bool_param:
-                    break
-        else:
-            result = await client.infer(model, pipeline_inputs(module, request), client_timeout=timeout)
-            out.tokens = _tokens(result)
+async def _one(client: Any, module: Any, model: str, request: Request, timeout: float) -> Outcome:
+    start = time.perf_counter()
+    out = Outcome(keep=request.keep, start=start, end=start)
+    try:
+        result = await client.infer(model, pipeline_inputs(module, request), client_timeout=timeout)
+        out.tokens = _tokens(result)
     except Exception as e:  # an error answer, or the client's timeout
         out.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         out.status = _status(e)
@@ -136,7 +160,10 @@ async def _run(
 
     async def worker() -> None:
         for i in cursor:  # one shared iterator: each index taken once
-            outcomes[i] = await _one(client, aio, model, requests[i], timeout, stream)
+            if stream:  # the blocking stream client, in a thread per worker
+                outcomes[i] = await asyncio.to_thread(_stream_one, port, model, requests[i], timeout)
+            else:
+                outcomes[i] = await _one(client, aio, model, requests[i], timeout)
 
     try:
         await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(requests))))))

@@ -145,7 +145,7 @@ def _repository(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, A
                 f"--repo {args.repo}: a {backend} repository; this server runs --backend python only"
             )
         marker = json.loads((args.repo / deploy.files.MARKER).read_text()) if pipeline else {}
-        return args.repo, marker
+        return args.repo.resolve(), marker
     repo = work / "model_repository"
     written = deploy.write_repository(
         args.export,
