@@ -303,6 +303,41 @@ def test_the_stream_client_ends_on_tritons_final_flag(server, requests, expected
     assert all(len(o.arrivals) == MAX_NEW and o.end == o.arrivals[-1] for o in outcomes)
 
 
+def test_bench_serve_sweeps_and_writes_table_json_and_plot(server, levels_export, tmp_path, capsys):
+    """``bench serve`` on the module's running server (``--grpc-port``; without it the command starts
+    its own on the export, the same code as the fixture)."""
+    from star_export.cli import main
+
+    out = tmp_path / "results"
+    args = ["bench", "serve", "--export", str(levels_export), "--keep", "8,32", "--concurrency", "1,2"]
+    args += [
+        "--requests",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--grpc-port",
+        str(server.ports["grpc"]),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    doc = json.loads((out / "serve.json").read_text())
+    assert (out / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = {(p["level"], p["concurrency"]): p for p in doc["points"]}
+    assert set(points) == {(lv, c) for lv in ("8", "32", "mix 8+32") for c in (1, 2)}
+    for p in points.values():
+        assert (p["requests"], p["ok"], p["rejected"], p["failed"]) == (2, 2, 0, 0)
+        assert p["output_tokens"] == 2 * 2  # random weights: no EOS within 2 tokens
+        assert p["e2e_p50_s"] <= p["e2e_p90_s"] <= p["e2e_p99_s"]
+        assert p["requests_per_s"] == pytest.approx(2 / p["wall_s"])
+        assert p["ttft_kind"].startswith("end-to-end time of a 1-token request")
+        assert p["server_rss_bytes"] is None  # a server this command did not start: its RSS is not ours
+    assert doc["model"]["keeps"] == [8, 16, 32] and doc["model"]["n_visual"]
+    assert doc["machine"]["logical_cpus"]
+    table = capsys.readouterr().out
+    assert "TTFT: end-to-end time of a 1-token request" in table and "mix 8+32" in table
+
+
 def test_stop_drains_in_flight_requests_then_exits(server, requests, expected):
     """Last: ends the module's server. ``stop(drain=["pipeline"])`` under load (what ``serve`` does on
     Ctrl-C / SIGTERM): the pipeline is unloaded first, so its queued and running requests are answered
@@ -321,31 +356,6 @@ def test_stop_drains_in_flight_requests_then_exits(server, requests, expected):
     assert all(o.status == "StatusCode.NOT_FOUND" for o in verdict["error"]), {
         o.error for o in verdict["error"]
     }
-
-
-# ------------------------------------------------------------------------------- bench serve
-def test_bench_serve_sweeps_and_writes_table_json_and_plot(levels_export, tmp_path, capsys):
-    from star_export.cli import main
-
-    out = tmp_path / "results"
-    args = ["bench", "serve", "--export", str(levels_export), "--keep", "8,32", "--concurrency", "1,2"]
-    args += ["--requests", "2", "--max-new-tokens", "2", "--pipeline-instances", "1", "--out", str(out)]
-    assert main(args) == 0
-    doc = json.loads((out / "serve.json").read_text())
-    assert (out / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    points = {(p["level"], p["concurrency"]): p for p in doc["points"]}
-    assert set(points) == {(lv, c) for lv in ("8", "32", "mix 8+32") for c in (1, 2)}
-    for p in points.values():
-        assert (p["requests"], p["ok"], p["rejected"], p["failed"]) == (2, 2, 0, 0)
-        assert p["output_tokens"] == 2 * 2  # random weights: no EOS within 2 tokens
-        assert p["e2e_p50_s"] <= p["e2e_p90_s"] <= p["e2e_p99_s"]
-        assert p["requests_per_s"] == pytest.approx(2 / p["wall_s"])
-        assert p["ttft_kind"].startswith("end-to-end time of a 1-token request")
-        assert p["server_rss_bytes"] > 50 * MIB
-    assert doc["model"]["keeps"] == [8, 16, 32] and doc["model"]["n_visual"]
-    assert doc["machine"]["logical_cpus"]
-    table = capsys.readouterr().out
-    assert "TTFT: end-to-end time of a 1-token request" in table and "mix 8+32" in table
 
 
 def test_bench_serve_usage_errors_are_one_line(levels_export, tmp_path, capsys):

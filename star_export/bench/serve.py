@@ -114,6 +114,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     if min(args.concurrency) < 1:
         raise UsageError(f"--concurrency must be >= 1, got {min(args.concurrency)}")
+    if args.grpc_port is not None and args.export is None:
+        raise UsageError("--grpc-port: give --export DIR too (the export the running server serves)")
 
 
 def _image(seed: int) -> bytes:
@@ -160,15 +162,16 @@ def _repository(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, A
     }
 
 
-def stream_model(client: Any, repo: Path, wanted: str | None) -> str | None:
+def stream_model(client: Any, wanted: str | None) -> str | None:
     """The decoupled model that takes the pipeline's inputs (``prompt``), or None."""
-    names = [wanted] if wanted else sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+    index = client.get_model_repository_index().models
+    names = [wanted] if wanted else sorted(m.name for m in index if m.state == "READY")
     for name in names:
         try:
             config = client.get_model_config(name).config
         except Exception:
             if wanted:
-                raise UsageError(f"--stream-model {wanted}: not a model of {repo}") from None
+                raise UsageError(f"--stream-model {wanted}: not a model of the server") from None
             continue
         decoupled = config.model_transaction_policy.decoupled
         if decoupled and any(i.name == "prompt" for i in config.input):
@@ -179,7 +182,12 @@ def stream_model(client: Any, repo: Path, wanted: str | None) -> str | None:
 
 
 def sweep(
-    port: int, server_pid: int, model: str, stream: str | None, args: argparse.Namespace, levels: list[Any]
+    port: int,
+    server_pid: int | None,
+    model: str,
+    stream: str | None,
+    args: argparse.Namespace,
+    levels: list[Any],
 ) -> list[dict[str, Any]]:
     """Every (level, concurrency) point: warm-up, timed requests, the 1-token probe, the server's RSS."""
     images = [_image(s) for s in range(3)]
@@ -203,7 +211,7 @@ def sweep(
                 "concurrency": c,
                 **summarise(outcomes, stream is not None, probe),
             }
-            row["server_rss_bytes"] = tree_rss(server_pid)["rss"]
+            row["server_rss_bytes"] = tree_rss(server_pid)["rss"] if server_pid else None
             points.append(row)
             print(format_row(row), flush=True)
     return points
@@ -226,7 +234,7 @@ def format_row(r: dict[str, Any]) -> str:
         f"{r['level']:>14} {r['concurrency']:>4} {rps:>6} {tps:>6} {_ms(r['ttft_p50_s']):>7} "
         f"{_ms(r['tpot_p50_s']):>7} {_ms(r['itl_p50_s']):>6} {_ms(r['e2e_p50_s']):>7} {_ms(r['e2e_p90_s']):>7} "
         f"{_ms(r['e2e_p99_s']):>7} {r['ok']:>4} {r['rejected']:>4} {r['failed']:>4} "
-        f"{r['server_rss_bytes'] / (1 << 20):>8.0f}"
+        + ("       -" if r["server_rss_bytes"] is None else f"{r['server_rss_bytes'] / (1 << 20):>8.0f}")
     )
 
 
@@ -306,10 +314,20 @@ def _model_info(repo: Path | None, export: Path | None) -> dict[str, Any]:
     }
 
 
-def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Start the server, sweep, write serve.json / serve.png into ``args.out``; returns the document."""
+def _server_facts(port: int, wanted: str | None) -> tuple[str, str | None]:
+    """(server version, streaming model or None) of the server on 127.0.0.1:``port``."""
     import tritonclient.grpc as grpcclient
 
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        return client.get_server_metadata().version, stream_model(client, wanted)
+    finally:
+        client.close()
+
+
+def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the server (or use the running one), sweep, write serve.json / serve.png into ``args.out``;
+    returns the document."""
     from star_export.atomic import atomic_write
     from star_export.bench.timing import machine_info
     from star_export.deploy.server import TritonServer, free_port
@@ -324,31 +342,35 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     missing = [k for k in keeps if held and k not in held]
     if missing:
         raise UsageError(f"--keep {missing[0]}: this export holds keep levels {','.join(map(str, held))}")
-    with tempfile.TemporaryDirectory(prefix="star-bench-serve-") as tmp:
-        work = Path(tmp)
-        repo, info = _repository(args, work)
-        server = TritonServer(repo, work)
-        print(f"starting tritonserver on {repo} ...", flush=True)
-        server.start({k: free_port() for k in ("http", "grpc", "metrics")}, timeout=900)
-        try:
-            client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports['grpc']}")
-            version = client.get_server_metadata().version
-            pipeline = (info.get("models") or {}).get("pipeline", "pipeline")
-            stream = stream_model(client, repo, args.stream_model)
-            client.close()
-            levels: list[Any] = list(keeps) + ([list(keeps)] if len(keeps) > 1 and not args.no_mix else [])
-            started = time.time()
-            print(HEADER, flush=True)
-            points = sweep(server.ports["grpc"], server.proc.pid, pipeline, stream, args, levels)
-        finally:
-            server.stop()
+    levels: list[Any] = list(keeps) + ([list(keeps)] if len(keeps) > 1 and not args.no_mix else [])
+    started = time.time()
+    if args.grpc_port is not None:  # a server already running
+        port, startup_s, pipeline = args.grpc_port, None, "pipeline"
+        version, stream = _server_facts(port, args.stream_model)
+        print(HEADER, flush=True)
+        points = sweep(port, None, pipeline, stream, args, levels)
+    else:
+        with tempfile.TemporaryDirectory(prefix="star-bench-serve-") as tmp:
+            work = Path(tmp)
+            repo, info = _repository(args, work)
+            server = TritonServer(repo, work)
+            print(f"starting tritonserver on {repo} ...", flush=True)
+            server.start({k: free_port() for k in ("http", "grpc", "metrics")}, timeout=900)
+            try:
+                pipeline = (info.get("models") or {}).get("pipeline", "pipeline")
+                version, stream = _server_facts(server.ports["grpc"], args.stream_model)
+                print(HEADER, flush=True)
+                points = sweep(server.ports["grpc"], server.proc.pid, pipeline, stream, args, levels)
+            finally:
+                server.stop()
+            startup_s = server.startup_s
     doc = {
         "what": "python -m star_export bench serve: closed-loop load on the pipeline model over gRPC (loopback)",
         "machine": machine_info(0),
         "model": model,
         "server": {
             "version": version,
-            "startup_s": server.startup_s,
+            "startup_s": startup_s,
             "stream_model": stream,
             "pipeline": pipeline,
         },
@@ -358,7 +380,13 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "pipeline_instances": args.pipeline_instances if args.repo is None else None,
             "threads": args.threads if args.repo is None else None,
-            "repository": str(args.repo) if args.repo else "written from --export into a temporary directory",
+            "repository": (
+                f"a running server (gRPC 127.0.0.1:{args.grpc_port})"
+                if args.grpc_port is not None
+                else str(args.repo)
+                if args.repo
+                else "written from --export into a temporary directory"
+            ),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         },
         "ttft_kind": points[0]["ttft_kind"] if points else "not measured",
