@@ -61,6 +61,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K,K,...",
         help="keep levels to sweep (default: all held)",
     )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="drive a server already running on 127.0.0.1:PORT (e.g. `serve`) instead of starting one; "
+        "--export names the export it serves",
+    )
     p.add_argument("--no-mix", action="store_true", help="skip the point set whose requests mix the levels")
     p.add_argument(
         "--concurrency",
