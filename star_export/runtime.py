@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from star_export.contract import FLOAT_DTYPES, KEEP_INPUT, GraphContract, carrie
 from star_export.encoding import cast_inputs, declared_dtypes
 from star_export.geometry import Geometry
 from star_export.star import StarConfig, check_prompts
+
+if TYPE_CHECKING:
+    from star_export.weights import SharedWeights
 
 
 class Backend(Protocol):
@@ -39,7 +42,8 @@ class Backend(Protocol):
 
 class OnnxruntimeBackend:
     """A prefill graph + decode.onnx in onnxruntime (CPU provider unless told otherwise). ``decode``:
-    an existing decode session to share (every keep level of an export uses the same decode graph)."""
+    an existing decode session to share (every keep level of an export uses the same decode graph);
+    ``weights``: the export's initializers read once for every session (``weights.SharedWeights``)."""
 
     name = "onnxruntime"
 
@@ -50,18 +54,25 @@ class OnnxruntimeBackend:
         threads: int | None = None,
         providers=None,
         decode: Any = None,
+        weights: SharedWeights | None = None,
     ):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        def options(path: Path) -> Any:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                opts.intra_op_num_threads = threads
+            return opts if weights is None else weights.options(path, opts)
+
         providers = providers or ["CPUExecutionProvider"]
-        self._prefill = ort.InferenceSession(str(prefill_path), sess_options=opts, providers=providers)
-        self.decode_session = decode or ort.InferenceSession(
-            str(decode_path), sess_options=opts, providers=providers
+        self._prefill = ort.InferenceSession(
+            str(prefill_path), sess_options=options(prefill_path), providers=providers
         )
+        self.decode_session = decode or ort.InferenceSession(
+            str(decode_path), sess_options=options(decode_path), providers=providers
+        )
+        self.weights = weights
         self._prefill_out = [o.name for o in self._prefill.get_outputs()]
         self._decode_out = [o.name for o in self.decode_session.get_outputs()]
         # the graphs' declared input dtypes: float32 pixels become fp16 for an fp16 export

@@ -179,9 +179,13 @@ class Pipeline:
                 )
 
 
-def load_export(directory: str | Path, runtime: str = "onnxruntime") -> Pipeline:
+def load_export(
+    directory: str | Path, runtime: str = "onnxruntime", *, share_weights: bool = True
+) -> Pipeline:
     """An export directory (``export``'s ``out``): its graphs in onnxruntime, or (``runtime="torch"``)
-    the PyTorch rewrite of the checkpoint its manifest names, with the same levels."""
+    the PyTorch rewrite of the checkpoint its manifest names, with the same levels. onnxruntime:
+    every level's prefill session and the one decode session read the same weights, held once in
+    memory (``share_weights``; False: each session loads and pre-packs its own copy, as before)."""
     from star_export.contract import contract_from_dict
     from star_export.manifest import levels, read_manifest
     from star_export.preprocess import Preprocessor
@@ -197,6 +201,7 @@ def load_export(directory: str | Path, runtime: str = "onnxruntime") -> Pipeline
     graph_of = {lv.cfg.keep2: lv for lv in held}
     if runtime == "onnxruntime":
         from star_export.runtime import OnnxruntimeBackend
+        from star_export.weights import SharedWeights
 
         if any(t.get("dtype") == "bfloat16" for t in graphs[held[0].graph].get("inputs", [])):
             raise UsageError(
@@ -205,11 +210,15 @@ def load_export(directory: str | Path, runtime: str = "onnxruntime") -> Pipeline
             )
 
         shared: dict[str, Any] = {}
+        weights = SharedWeights(directory) if share_weights else None
 
         def backend_for(cfg: StarConfig) -> Any:  # one decode session for every level
             level = graph_of[cfg.keep2]
             backend = OnnxruntimeBackend(
-                directory / level.file, directory / "decode.onnx", decode=shared.get("decode")
+                directory / level.file,
+                directory / "decode.onnx",
+                decode=shared.get("decode"),
+                weights=weights,
             )
             shared.setdefault("decode", backend.decode_session)
             return backend

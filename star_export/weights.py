@@ -7,6 +7,9 @@ each distinct tensor (by content) once, and points every graph's initializers at
 ``location``, ``offset`` and ``length`` for the same weights), then deletes the per-graph files.
 One tensor is in memory at a time. onnxruntime and TensorRT's ONNX parser read external data
 relative to the graph's directory, so the graphs and the data file stay side by side.
+
+:class:`SharedWeights` is the reading side: the file mapped once and its tensors handed to every
+onnxruntime session of the export, so that they are held once in memory too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 
 WEIGHTS_FILE = "weights.onnx.data"
@@ -101,3 +106,56 @@ def share_weights(paths: Sequence[Path], name: str = WEIGHTS_FILE) -> Shared:
             source.unlink()
     shared.bytes = target.stat().st_size
     return shared
+
+
+class SharedWeights:
+    """The external initializers of an export's graphs read once and handed to every session.
+
+    An export stores its weights once on disk (:mod:`star_export.weights`: ``weights.onnx.data``,
+    shared by every keep level's prefill graph and the decode graph). Left to itself, each
+    onnxruntime session reads its own copy of them, and the CPU provider pre-packs its own copy of
+    every MatMul weight on top: (levels + 1) x weights in memory. Here the data file is memory-mapped
+    once (read-only, file-backed pages the kernel shares with every process that maps the file) and
+    each initializer becomes one ``OrtValue`` over its slice of the mapping, given to every session
+    through ``SessionOptions.add_initializer`` (onnxruntime uses the caller's buffer, no copy). Pre-
+    packing is turned off in those sessions (``session.disable_prepacking``): its packed buffers are
+    per session (the Python API has no shared pre-packed container) and would bring the copies back.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._maps: dict[str, np.ndarray] = {}  # data file -> its read-only memory map
+        self.values: dict[tuple, Any] = {}  # (file, offset, length, dtype, dims) -> OrtValue
+        self._arrays: list[np.ndarray] = []  # the OrtValues' buffers, alive as long as this object
+
+    @property
+    def bytes(self) -> int:
+        """The bytes of the data files mapped (each once, whatever the number of sessions)."""
+        return sum(m.nbytes for m in self._maps.values())
+
+    def options(self, graph_path: Path, opts: Any) -> Any:
+        """``opts`` with every external initializer of ``graph_path`` added from the shared mapping."""
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        model = onnx.load(str(graph_path), load_external_data=False)
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            key = (info["location"], offset, length, dtype.str, tuple(tensor.dims))
+            if key not in self.values:
+                self.values[key] = self._value(info["location"], offset, length, dtype, tuple(tensor.dims))
+            opts.add_initializer(tensor.name, self.values[key])
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        return opts
+
+    def _value(self, location: str, offset: int, length: int, dtype: np.dtype, dims: tuple) -> Any:
+        import onnxruntime as ort
+
+        if location not in self._maps:
+            self._maps[location] = np.memmap(self.directory / location, dtype=np.uint8, mode="r")
+        array = self._maps[location][offset : offset + length].view(dtype).reshape(dims)
+        self._arrays.append(array)
+        return ort.OrtValue.ortvalue_from_numpy(array)

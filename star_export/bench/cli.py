@@ -23,6 +23,10 @@ examples:
       a quick look (about a minute)
   python -m star_export bench --runtime onnxruntime --keep 64 --batch 1 --repeats 30
 
+  python -m star_export bench serve --export star_out --keep 64,576 --concurrency 1,2,4,8,16 --requests 32
+      the export served by a real tritonserver under a concurrency sweep per keep level (and a mix):
+      TTFT, TPOT, end-to-end p50/p90/p99, requests/s, tokens/s, rejections (bench serve --help)
+
 graphs are exported into --out/graphs/ and reused by the next run while the model and the export
 code are unchanged. Run on a quiet machine: the load average before and after is recorded.
 """
@@ -115,11 +119,28 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ablation", action="store_true", help="skip the onnxruntime settings comparison")
     parser.add_argument("--no-profile", action="store_true", help="skip the onnxruntime profile")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images and prompts")
+    from star_export.bench.serve import DESCRIPTION as SERVE_DESCRIPTION
+    from star_export.bench.serve import add_serve_arguments
+
+    modes = parser.add_subparsers(dest="bench_mode", metavar="serve", parser_class=type(parser))
+    serve = modes.add_parser(
+        "serve",
+        help="serve an export with tritonserver and sweep concurrency (TTFT, TPOT, p50/p90/p99, req/s)",
+        description=SERVE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_arguments(serve)
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Entry point for ``python -m star_export bench``: returns the exit code (0 once the report is written)."""
     import logging
+
+    if getattr(args, "bench_mode", None) == "serve":
+        from star_export.bench.serve import run_serve_bench
+
+        run_serve_bench(args)
+        return 0
 
     import transformers
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from star_export.bench.gpu.model import IMAGE_TOKEN_ID, llava_7b_config  # the 7B widths
+from star_export.bench.procs import descendants, status_kib
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: bench/results/ lives there
 
@@ -103,35 +104,6 @@ def build_checkpoint(directory: Path, layers: int, processor_cache: Path) -> dic
     }
 
 
-def _rss_kib(pid: int) -> dict[str, int]:
-    """VmRSS and its anonymous / file-backed parts (mmapped safetensors pages count as RssFile)."""
-    out = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":")[0]
-                if key in out:
-                    out[key] = int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                out += kids
-                todo += kids
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return out
-
-
 def run_export(model_dir: Path, out_dir: Path, dtype: str, timeout: float, keep: str = "64") -> dict:
     """Export under /usr/bin/time -v; RSS of the exporter sampled every 0.2 s and split by stage.
     Export only (--skip-validation): the CPU parity run of a 7B-wide model is another measurement."""
@@ -154,7 +126,7 @@ def run_export(model_dir: Path, out_dir: Path, dtype: str, timeout: float, keep:
 
     def sample() -> None:
         while not done.is_set():
-            per = [_rss_kib(p) for p in _descendants(proc.pid)]
+            per = [status_kib(p) for p in descendants(proc.pid)]
             rss = {k: sum(r[k] for r in per) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
             with lock:
                 s = stages.setdefault(stage["name"], {"start_s": None})

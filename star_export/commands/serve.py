@@ -20,7 +20,8 @@ DESCRIPTION = (
     "wheel: Python backend, CPU) on a repository written by `python -m star_export triton`, bound to "
     "127.0.0.1. Prints the HTTP and gRPC addresses, the models and a tritonclient call once the server "
     "is ready; its log goes to a file in a temporary directory (printed). Ctrl-C or SIGTERM stops it "
-    "(exit 0 on a clean stop). On a GPU host, serve with the NGC Triton container instead (README)."
+    "after draining: the pipeline model is unloaded first, which answers its queued and running "
+    "requests and refuses new ones (exit 0 on a clean stop). On a GPU host, serve with the NGC Triton container instead (README)."
 )
 EPILOG = """examples:
   python -m star_export triton --from star_out --repo model_repository
@@ -84,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="star_export-serve-"))
     server = None
     try:
-        server = TritonServer(args.repo.resolve(), work, install=install)
+        # explicit model control (every model loaded at start): a stop first unloads the pipeline, which
+        # finishes its queued and running requests (a bare SIGTERM fails a BLS pipeline's requests)
+        explicit = ["--model-control-mode=explicit", "--load-model=*"]
+        server = TritonServer(args.repo.resolve(), work, install=install, options=explicit)
         print(f"star_export serve: starting tritonserver on {args.repo}; log: {server.log_path}", flush=True)
         try:
             server.start(ports, timeout=args.ready_timeout)
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.5)
         except (KeyboardInterrupt, Terminated) as e:
             code = 130 if isinstance(e, KeyboardInterrupt) else 143
-            clean = server.stop(timeout=30)
+            clean = server.stop(timeout=30, drain=[pipe] if pipe else ())
             status = server.proc.returncode
             print(
                 f"star_export serve: stopped (tritonserver exit {status}"

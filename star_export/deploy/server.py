@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +127,19 @@ def free_port() -> int:
 
 class TritonServer:
     """tritonserver from the nvidia-pytriton wheel on ``repo``, loopback only, in its own process group
-    (Ctrl-C in a terminal reaches us, not it: :meth:`stop` ends it). Its log goes to ``log_path``."""
+    (Ctrl-C in a terminal reaches us, not it: :meth:`stop` ends it). Its log goes to ``log_path``.
+    ``options``: more tritonserver flags (e.g. ``--model-control-mode=explicit``); ``exit_timeout``:
+    seconds a stop waits for in-flight requests (``--exit-timeout-secs``)."""
 
     def __init__(
-        self, repo: Path, work: Path, stub: Path | None = None, install: TritonInstall | None = None
+        self,
+        repo: Path,
+        work: Path,
+        stub: Path | None = None,
+        install: TritonInstall | None = None,
+        *,
+        options: Sequence[str] = (),
+        exit_timeout: int = 10,
     ):
         install = install or find_tritonserver()
         self.work = Path(work)
@@ -151,6 +161,7 @@ class TritonServer:
         )
         self.env["PATH"] = os.pathsep.join([str(stub), os.environ.get("PATH", "")])
         self.repo, self.log_path = Path(repo), self.work / "tritonserver.log"
+        self.options, self.exit_timeout = list(options), int(exit_timeout)
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
         self.startup_s = 0.0
@@ -165,8 +176,10 @@ class TritonServer:
             *(f"--{k}-port={v}" for k, v in self.ports.items()),
             "--allow-gpu-metrics=false",
             "--exit-on-error=false",
-            "--exit-timeout-secs=10",  # bounded shutdown even with a client connection left open
+            # bounded shutdown even with a client connection left open
+            f"--exit-timeout-secs={self.exit_timeout}",
             "--log-verbose=0",
+            *self.options,
         ]
 
     def start(self, ports: dict[str, int], timeout: float = 150.0) -> None:
@@ -230,10 +243,39 @@ class TritonServer:
         kept = [line for line in lines if not any(w in line for w in LOG_NOISE)]
         return "\n".join(kept[-n:])[-8000:]
 
-    def stop(self, timeout: float = 30.0) -> bool:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL the process group. True if it stopped by itself."""
+    def drain(self, models: Sequence[str], timeout: float | None = None) -> bool:
+        """Unload ``models`` (the pipeline) and wait until they are gone: Triton finishes their queued and
+        in-flight requests (the pipeline's BLS calls still run) and answers new ones NOT_FOUND. Needs
+        ``--model-control-mode=explicit``. A SIGTERM alone does not drain a BLS pipeline: the server
+        refuses every new inference at once, the pipeline's calls to its prefill and decode models
+        included, so the requests in flight fail ("Server not ready"). True once every model is
+        unloaded within ``timeout`` (default the exit timeout)."""
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{self.ports['http']}")
+        try:
+            for model in models:
+                client.unload_model(model)
+            deadline = time.perf_counter() + (self.exit_timeout if timeout is None else timeout)
+            while time.perf_counter() < deadline:
+                states = {m["name"]: m.get("state") for m in client.get_model_repository_index()}
+                if all(states.get(m) not in ("READY", "UNLOADING") for m in models):
+                    return True
+                time.sleep(0.1)
+            return False
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 30.0, drain: Sequence[str] = ()) -> bool:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL the process group. True if it stopped by itself.
+        ``drain``: models to :meth:`drain` first (the pipeline; explicit model-control mode only)."""
         if self.proc is None or self.proc.poll() is not None:
             return True
+        if drain and "--model-control-mode=explicit" in self.options:
+            try:
+                self.drain(drain)
+            except Exception:  # the server went away meanwhile: stop it anyway
+                pass
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)

@@ -9,7 +9,16 @@ not star_export. The tensor names come from the model's ``config.pbtxt`` (genera
 export's manifest); the ONNX file name from its ``onnx_file`` parameter.
 
 Config parameters (all optional): ``onnx_file`` (default ``model.onnx``),
-``intra_op_num_threads`` (default 0 = onnxruntime's choice).
+``intra_op_num_threads`` (default 0 = onnxruntime's choice), ``share_weights`` (default ``1``).
+
+Weights: every prefill model and the decode model run in their own stub process, each with its own
+session. With ``share_weights`` (and the ``onnx`` package present to read where each initializer
+lies), the external data file is memory-mapped read-only and each initializer handed to onnxruntime
+over its slice (``SessionOptions.add_initializer``, no copy; pre-packing off, since its buffers
+would be per process): the file is hard-linked into every model directory, so every stub maps the
+same page-cache pages and the weights sit in memory once for all levels (each process's RSS still
+counts them; their proportional set sizes add up to one copy). Without it each session reads and
+pre-packs its own copy.
 """
 
 from __future__ import annotations
@@ -42,6 +51,38 @@ def check_numpy_bridge() -> None:
         )
 
 
+def map_initializers(path: Path, opts) -> list:
+    """Add every external initializer of ``path`` to ``opts`` as an OrtValue over a read-only memory
+    map of its data file (page-cache pages shared with every process that maps the file); returns the
+    maps (keep them alive as long as the session). Nothing is added without the ``onnx`` package."""
+    try:
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+    except ImportError:
+        return []
+    import onnxruntime as ort
+
+    maps: dict[str, np.ndarray] = {}
+    kept: list = []
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info["location"]
+        if location not in maps:
+            maps[location] = np.memmap(path.parent / location, dtype=np.uint8, mode="r")
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+        array = maps[location][offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        opts.add_initializer(tensor.name, value)
+        kept += [array, value]
+    if kept:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return [*maps.values(), *kept]
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         check_numpy_bridge()
@@ -63,6 +104,9 @@ class TritonPythonModel:
             device = int(args.get("model_instance_device_id") or 0)
             providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         path = version_dir / (params.get("onnx_file") or "model.onnx")
+        self._mapped: list = []  # the memory maps the session's initializers point into
+        if params.get("share_weights", "1") != "0" and providers == ["CPUExecutionProvider"]:
+            self._mapped = map_initializers(path, opts)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
