@@ -293,11 +293,13 @@ def test_prefix_names_models_and_wires_the_pipeline(export, tmp_path):
     assert sorted(p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()) == [
         "llava_decode",
         "llava_pipeline",
+        "llava_pipeline_stream",
         "llava_prefill",
     ]
-    config = parse_config(tmp_path / "repo" / "llava_pipeline" / "config.pbtxt")
-    assert config.name == "llava_pipeline"
-    assert config.parameters["decode_model"].string_value == "llava_decode"
+    for name in ("llava_pipeline", "llava_pipeline_stream"):
+        config = parse_config(tmp_path / "repo" / name / "config.pbtxt")
+        assert config.name == name
+        assert config.parameters["decode_model"].string_value == "llava_decode"
 
 
 # ------------------------------------------------------------------------------ several keep levels
@@ -401,6 +403,7 @@ def test_several_levels_prefix_and_copies_without_hard_links(levels_export, tmp_
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
         "llava_decode",
         "llava_pipeline",
+        "llava_pipeline_stream",
         "llava_prefill_k16",
         "llava_prefill_k32",
         "llava_prefill_k8",
