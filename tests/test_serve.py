@@ -61,7 +61,9 @@ def test_serve_answers_like_load_export_and_stops_on_ctrl_c(cli_export, tmp_path
 
     export = cli_export(f"llava-keep{KEEP}", "--keep", str(KEEP))
     repo = tmp_path / "model_repository"
-    deploy.write_repository(export, repo, "python", MAX_NEW, pipeline_instances=1, intra_op_threads=1)
+    deploy.write_repository(
+        export, repo, "python", MAX_NEW, pipeline_instances=1, intra_op_threads=1, stream=False
+    )
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(image)
     ports = {}

@@ -240,7 +240,7 @@ def test_repository_layout(repos, export, backend):
     """Pure file-layout check (for tensorrt the copied 'engines' are the fake files above)."""
     repo = repos[backend]
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert models == ["decode", "pipeline", "prefill"]  # Triton treats every directory as a model
+    assert models == ["decode", "pipeline", "pipeline_stream", "prefill"]  # every directory is a model
     for graph in ("prefill", "decode"):
         assert (repo / graph / "config.pbtxt").is_file()
         assert {p.name for p in (repo / graph / "1").iterdir()} == MODEL_FILES[backend]
@@ -293,11 +293,13 @@ def test_prefix_names_models_and_wires_the_pipeline(export, tmp_path):
     assert sorted(p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()) == [
         "llava_decode",
         "llava_pipeline",
+        "llava_pipeline_stream",
         "llava_prefill",
     ]
-    config = parse_config(tmp_path / "repo" / "llava_pipeline" / "config.pbtxt")
-    assert config.name == "llava_pipeline"
-    assert config.parameters["decode_model"].string_value == "llava_decode"
+    for name in ("llava_pipeline", "llava_pipeline_stream"):
+        config = parse_config(tmp_path / "repo" / name / "config.pbtxt")
+        assert config.name == name
+        assert config.parameters["decode_model"].string_value == "llava_decode"
 
 
 # ------------------------------------------------------------------------------ several keep levels
@@ -331,7 +333,7 @@ def test_several_levels_one_prefill_model_each_and_one_decode(
 ):
     repo = level_repos[backend]
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert models == ["decode", "pipeline", "prefill_k16", "prefill_k32", "prefill_k8"]
+    assert models == ["decode", "pipeline", "pipeline_stream", "prefill_k16", "prefill_k32", "prefill_k8"]
     for graph in graph_names(levels_manifest):
         config = parse_config(repo / graph / "config.pbtxt")
         g = levels_manifest["graphs"][graph]
@@ -401,6 +403,7 @@ def test_several_levels_prefix_and_copies_without_hard_links(levels_export, tmp_
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
         "llava_decode",
         "llava_pipeline",
+        "llava_pipeline_stream",
         "llava_prefill_k16",
         "llava_prefill_k32",
         "llava_prefill_k8",
@@ -534,13 +537,15 @@ class Server(triton_server.TritonServer):
 
 
 @contextlib.contextmanager
-def serving(export: Path, tmp_path_factory, name: str, pipeline_instances: int = 2):
-    """A real tritonserver on the ``--backend python`` repository of ``export``, stopped on exit."""
+def serving(export: Path, tmp_path_factory, name: str, pipeline_instances: int = 2, **settings):
+    """A real tritonserver on the ``--backend python`` repository of ``export``, stopped on exit;
+    ``settings``: more of write_repository's (pipeline_stream only where asked: stream=True)."""
     stub = stub_bin(tmp_path_factory)
     work = tmp_path_factory.mktemp(name)
     repo = work / "model_repository"
+    settings = {"intra_op_threads": 1, "stream": False} | settings
     deploy.write_repository(
-        export, repo, "python", MAX_NEW, pipeline_instances=pipeline_instances, intra_op_threads=1
+        export, repo, "python", MAX_NEW, pipeline_instances=pipeline_instances, **settings
     )
     srv = Server(repo, work, stub)
     try:

@@ -13,6 +13,7 @@ written once by the exporter) and writes, atomically (staging directory + rename
       pipeline/config.pbtxt          Python backend, BLS: image bytes + prompt (+ keep) -> text + token ids
       pipeline/1/model.py            (star_export/triton_models/pipeline.py)
       pipeline/1/manifest.json, pipeline/1/processor/
+      pipeline_stream/               the same, decoupled: one response per token (unless stream=False)
 
 An export with several keep levels (``--keep 32,64,128``) gets one prefill model per level, named
 after its graph (``prefill_k32``, ``prefill_k64``, ``prefill_k128``), and ONE decode model; the
@@ -67,7 +68,13 @@ from star_export.deploy.files import MARKER, TEMPLATES, check_repo_path, replace
 from star_export.deploy.models import write_graph_model as _write_graph_model
 from star_export.deploy.models import write_pipeline as _write_pipeline
 from star_export.deploy.readme import repository_readme
-from star_export.deploy.settings import BACKENDS, Repository, RepositorySettings, check_settings
+from star_export.deploy.settings import (
+    BACKENDS,
+    Repository,
+    RepositorySettings,
+    check_settings,
+    thread_budget,
+)
 from star_export.deploy.source import (
     batch_first,
     check_servable,
@@ -118,6 +125,11 @@ def write_repository(
     device: str | None = None,
     prefix: str = "",
     intra_op_threads: int = 0,
+    cores: int = 0,
+    batch_delay_us: int = 2000,
+    max_queue: int = 64,
+    queue_timeout_s: float = 60.0,
+    stream: bool = True,
 ) -> Repository:
     """Write a Triton model repository for the export in ``from_dir`` to ``repo`` (atomically).
 
@@ -133,12 +145,18 @@ def write_repository(
         device=device,
         prefix=prefix,
         intra_op_threads=intra_op_threads,
+        cores=cores,
+        batch_delay_us=batch_delay_us,
+        max_queue=max_queue,
+        queue_timeout_s=queue_timeout_s,
+        stream=stream,
     )
     check_settings(settings)
     manifest = read_export(from_dir)
     check_servable(from_dir, manifest)  # bf16: refused here, not at the server's first request
     graphs = manifest["graphs"]
     names = graph_names(manifest)  # every level's prefill graph, then decode
+    settings = thread_budget(settings, len(names))  # onnxruntime threads from the cores, written down
     for g in names:
         batch_first(graphs[g])
     check_repo_path(repo)
@@ -161,7 +179,8 @@ def write_repository(
     repo.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
     try:
-        models = {g: settings.name(g) for g in (*names, "pipeline")}
+        pipelines = ("pipeline", "pipeline_stream") if settings.stream else ("pipeline",)
+        models = {g: settings.name(g) for g in (*names, *pipelines)}
         linked: list[Path] = []
         for g in names:
             linked += _write_graph_model(

@@ -68,7 +68,43 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefix", default="", help="model name prefix, e.g. llava_ -> llava_prefill, ... (default none)"
     )
     parser.add_argument(
-        "--threads", type=int, default=0, metavar="N", help="python backend: onnxruntime threads per instance"
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="onnxruntime intra-op threads per prefill/decode session (default: cores // sessions running "
+        "at once, written in the config)",
+    )
+    parser.add_argument(
+        "--cores", type=int, default=0, metavar="N", help="cores of the serving machine (default: this one's)"
+    )
+    parser.add_argument(
+        "--batch-delay-us",
+        type=int,
+        default=2000,
+        metavar="US",
+        help="pipeline's dynamic batching: the longest a request waits for others to join its batch "
+        "(default 2000)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests queued per pipeline model; more are rejected at once (default 64)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a request queued longer is rejected; 0 = no timeout (default 60)",
+    )
+    parser.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="leave out pipeline_stream, the decoupled (one response per token) variant",
     )
     parser.add_argument(
         "--cpp-header",
@@ -103,6 +139,11 @@ def run_triton(args: argparse.Namespace) -> int:
                 device=args.device,
                 prefix=args.prefix,
                 intra_op_threads=args.threads,
+                cores=args.cores,
+                batch_delay_us=args.batch_delay_us,
+                max_queue=args.max_queue,
+                queue_timeout_s=args.queue_timeout,
+                stream=args.stream,
             )
         out["repository"] = result.to_dict()
     if args.cpp_header is not None:

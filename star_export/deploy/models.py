@@ -50,9 +50,20 @@ def write_graph_model(
         big(engine[0], version / "model.plan")
         comments += profile_comments(engine[0], engine[1], max_batch)
     else:
+        comments += thread_comments(settings)
         if settings.backend == "python":
             copy_file(template("onnx_graph.py"), version / "model.py")
-            parameters = {"onnx_file": "model.onnx", "intra_op_num_threads": str(settings.intra_op_threads)}
+            parameters = {
+                "onnx_file": "model.onnx",
+                "intra_op_num_threads": str(settings.intra_op_threads),
+                "inter_op_num_threads": "1",
+                "allow_spinning": "0",  # threads that spin-wait take the cores other sessions need
+            }
+        else:  # Triton's onnxruntime backend reads these (onnxruntime_backend README, "Model Config")
+            parameters = {
+                "intra_op_thread_count": str(settings.intra_op_threads),
+                "inter_op_thread_count": "1",
+            }
         copy_file(onnx_path, version / "model.onnx")
         for data in external_data(onnx_path):
             if not data.is_file():
@@ -64,6 +75,16 @@ def write_graph_model(
         graph_config(graph, settings, max_batch_size=max_batch, comments=comments, parameters=parameters)
     )
     return linked
+
+
+def thread_comments(settings: RepositorySettings) -> list[str]:
+    """config.pbtxt comment lines on the thread budget the onnxruntime parameters come from."""
+    return [
+        f"Threads: {settings.intra_op_threads} intra-op per session ({settings.instances} instance(s) each; "
+        f"{settings.cores} cores, {settings.pipelines} pipeline",
+        "instance(s) calling at once; star_export.deploy.settings.thread_budget). Flags: --threads, --cores,",
+        "--instances, --pipeline-instances.",
+    ]
 
 
 def write_pipeline(
@@ -94,3 +115,9 @@ def write_pipeline(
     (model_dir / "config.pbtxt").write_text(
         pipeline_config(settings, limits["batch"], limits, prefill_models, default_keep)
     )
+    if settings.stream:  # the decoupled variant: the same model.py and files, its own config
+        stream_dir = model_dir.parent / settings.name("pipeline_stream")
+        shutil.copytree(version, stream_dir / "1")
+        (stream_dir / "config.pbtxt").write_text(
+            pipeline_config(settings, limits["batch"], limits, prefill_models, default_keep, stream=True)
+        )

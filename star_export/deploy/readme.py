@@ -98,7 +98,31 @@ levels; re-export with `--keep` to add one.
         "(the manifest's engine_build records which). The pipeline model (Python backend) needs `numpy`, `pillow`, `transformers` and, "
         "to read GPU outputs, `torch` in the stub's Python environment.",
     }[repo.backend]
-    layout = "\n".join(f"    {f}" for f in repo.files if not f.startswith(f"{m['pipeline']}/1/processor/"))
+    stream_row = (
+        f"| `{m['pipeline_stream']}` | the same, decoupled: one response per generated token (`token_ids` [B, 1], "
+        "the `text` it adds), the last flagged final; stream it with `tritonclient.grpc` |\n"
+        if "pipeline_stream" in m
+        else ""
+    )
+    timeout = f"{settings.queue_timeout_s:g} s" if settings.queue_timeout_s > 0 else "none"
+    serving_text = f"""
+## Batching, queue, threads
+
+Requests that arrive within {settings.batch_delay_us} us of one another (Triton's `dynamic_batching`,
+`max_queue_delay_microseconds`) run as ONE left-padded prefill and ONE decode loop per keep level
+(at most {repo.limits["batch"]} rows); each row stops at its own `max_new_tokens` / stop ids and its
+tokens are those it gets alone. The queue holds at most {settings.max_queue} requests
+(`max_queue_size`; beyond that a request is rejected at once with UNAVAILABLE) and a request queued
+longer than {timeout} is rejected (`default_queue_policy`). A malformed request is answered with
+INVALID_ARGUMENT and a message naming the problem. onnxruntime runs {settings.intra_op_threads}
+intra-op thread(s) per session ({settings.cores} cores; see the comments in each config.pbtxt).
+Rewrite with `--batch-delay-us`, `--max-queue`, `--queue-timeout`, `--threads`, `--cores`.
+"""
+    pipelines = [m[k] for k in ("pipeline", "pipeline_stream") if k in m]
+    layout = "\n".join(
+        f"    {f}" for f in repo.files if not any(f.startswith(f"{p}/1/processor/") for p in pipelines)
+    )
+    layout += "".join(f"\n    {p}/1/processor/..." for p in pipelines)
     return f"""# Triton model repository for a STAR-pruned LLaVA
 
 Written by `python -m star_export triton --from {from_dir} --backend {repo.backend}` (star_export
@@ -116,16 +140,15 @@ Backend: {backend_note}
 {prefill_rows}
 | `{m["decode"]}` | one decode step with per-layer pasts (L1 slots before layer K, L2 from K on), every keep level |
 | `{m["pipeline"]}` | Python backend (BLS): image bytes + prompt (+ `keep`) -> `text`, `token_ids` (greedy) |
-
+{stream_row}
 Limits served: batch <= {repo.limits["batch"]} rows per request, prompts <= {repo.limits["text_len"]}
 tokens, past lengths L1 + new tokens - 1 <= {repo.limits["past_len_l1"]} and L2 + new tokens - 1 <=
 {repo.limits["past_len_l2"]} ({spans}).
 Default `max_new_tokens`: {settings.max_new_tokens} (config parameter of `{m["pipeline"]}`).
-{levels_text}
+{levels_text}{serving_text}
 Layout:
 
 {layout}
-    {m["pipeline"]}/1/processor/...
 
 {weights_note}
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ class RepositorySettings:
     prefix: str = (
         ""  # model name prefix, e.g. "llava_" -> llava_prefill(_k32...), llava_decode, llava_pipeline
     )
-    intra_op_threads: int = 0  # python backend: onnxruntime threads per instance (0 = its default)
+    intra_op_threads: int = 0  # onnxruntime threads per session; 0 = from the thread budget (cores)
+    cores: int = 0  # cores the server may use; 0 = this machine's (os.sched_getaffinity)
+    batch_delay_us: int = 2000  # dynamic batching: the longest a request waits for others to join
+    max_queue: int = 64  # requests queued per pipeline model; more are rejected (UNAVAILABLE)
+    queue_timeout_s: float = 60.0  # a request queued longer is rejected; 0 = no timeout
+    stream: bool = True  # also write pipeline_stream (decoupled: one response per token)
 
     @property
     def kind(self) -> str:
@@ -33,6 +39,33 @@ class RepositorySettings:
 
     def name(self, model: str) -> str:
         return f"{self.prefix}{model}"
+
+    @property
+    def pipelines(self) -> int:
+        """Pipeline instances that may run at once (the streaming model's count too)."""
+        return self.pipeline_instances * (2 if self.stream else 1)
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (its CPU affinity; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_budget(s: RepositorySettings, graph_models: int) -> RepositorySettings:
+    """``s`` with ``cores`` and ``intra_op_threads`` resolved (never the library's default).
+
+    A pipeline instance runs one graph call at a time (BLS: prefill, then decode steps), and a graph
+    model runs one call per instance, so at most ``min(pipelines, graph_models * instances)``
+    onnxruntime sessions compute at once; each gets ``cores // that`` intra-op threads (at least 1).
+    """
+    cores = s.cores or machine_cores()
+    if s.intra_op_threads:
+        return replace(s, cores=cores)
+    busy = max(1, min(s.pipelines, graph_models * s.instances))
+    return replace(s, cores=cores, intra_op_threads=max(1, cores // busy))
 
 
 @dataclass
@@ -68,5 +101,13 @@ def check_settings(s: RepositorySettings) -> None:
         raise UsageError("--instances and --pipeline-instances must be >= 1")
     if s.intra_op_threads < 0:
         raise UsageError(f"--threads must be >= 0, got {s.intra_op_threads}")
+    if s.cores < 0:
+        raise UsageError(f"--cores must be >= 0, got {s.cores}")
+    if s.batch_delay_us < 0:
+        raise UsageError(f"--batch-delay-us must be >= 0, got {s.batch_delay_us}")
+    if s.max_queue < 1:
+        raise UsageError(f"--max-queue must be >= 1, got {s.max_queue}")
+    if s.queue_timeout_s < 0:
+        raise UsageError(f"--queue-timeout must be >= 0 seconds, got {s.queue_timeout_s:g}")
     if s.prefix and not all(c.isalnum() or c in "_-" for c in s.prefix):
         raise UsageError(f"--prefix {s.prefix!r}: use letters, digits, '_' and '-' only")

@@ -9,7 +9,10 @@ not star_export. The tensor names come from the model's ``config.pbtxt`` (genera
 export's manifest); the ONNX file name from its ``onnx_file`` parameter.
 
 Config parameters (all optional): ``onnx_file`` (default ``model.onnx``),
-``intra_op_num_threads`` (default 0 = onnxruntime's choice), ``share_weights`` (default ``1``).
+``intra_op_num_threads`` and ``inter_op_num_threads`` (default 0 = onnxruntime's choice; the
+``triton`` command writes its thread budget), ``allow_spinning`` ("0": idle threads sleep instead of
+spin-waiting, so sessions sharing the cores do not take them from one another), ``share_weights``
+(default ``1``).
 
 Weights: every prefill model and the decode model run in their own stub process, each with its own
 session. With ``share_weights`` (and the ``onnx`` package present to read where each initializer
@@ -96,6 +99,11 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_num_threads") or 0)
         if threads > 0:
             opts.intra_op_num_threads = threads
+        inter = int(params.get("inter_op_num_threads") or 0)
+        if inter > 0:
+            opts.inter_op_num_threads = inter
+        if params.get("allow_spinning") in ("0", "1"):
+            opts.add_session_config_entry("session.intra_op.allow_spinning", params["allow_spinning"])
         providers: list = ["CPUExecutionProvider"]
         if (
             args.get("model_instance_kind") == "GPU"

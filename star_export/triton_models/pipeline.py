@@ -29,6 +29,22 @@ Config parameters: ``prefill_models`` (JSON {keep2: model name}), ``default_keep
 ``prefill_model`` (the default level's), ``decode_model``, ``max_new_tokens`` (default limit),
 ``text_len_max``, ``past_len_l1_max`` and ``past_len_l2_max`` (the limits served; the TensorRT
 engines' profiles).
+
+Batching across requests: the config enables Triton's dynamic batcher, so one ``execute`` gets
+every request queued within ``max_queue_delay_microseconds`` (up to ``max_batch_size`` rows). The
+requests are checked one by one (a bad one is answered alone), grouped by keep level and packed,
+in arrival order, into batches whose rows, longest prompt and longest answer fit the profile; each
+batch is ONE left-padded prefill and ONE decode loop in which every row stops at its own end
+(its ``max_new_tokens``, its stop ids). Left padding and per-row masks make each row's tokens
+those of the row alone.
+
+Streaming: where the config's ``model_transaction_policy`` is decoupled (the ``pipeline_stream``
+model), each request gets one response per decode step while any of its rows is running
+(``token_ids`` [B, 1], -1 for a row that has finished; ``text`` [B, 1], the text the step adds),
+the last one flagged final (Triton's decoupled convention, as its LLM backends stream).
+
+Errors: a client mistake is answered with status INVALID_ARGUMENT (``TritonError.INVALID_ARG``)
+and a message naming the problem; a failure of the server's own models with INTERNAL.
 """
 
 from __future__ import annotations
@@ -46,6 +62,35 @@ import star_encoding
 
 class RequestError(ValueError):
     """A bad request: answered with an error, the model keeps serving."""
+
+
+class Job:
+    """One request, checked: its keep level, per-row limits and stop ids, its encoded prompts
+    (left padded among its own rows) and pixels; ``tokens`` once generated."""
+
+    def __init__(self, index: int, level, limits, stops, ids, mask, pixels, sender=None):
+        self.index, self.level, self.limits, self.stops = index, level, limits, stops
+        self.ids, self.mask, self.pixels, self.sender = ids, mask, pixels, sender
+        self.rows, self.text_len = ids.shape
+        self.tokens: list[list[int]] = []
+        self.sent = [""] * self.rows  # streaming: the text sent so far, per row
+        self.closed = False  # streaming: its final response is sent
+
+
+def _error(message: str, invalid: bool):
+    """A TritonError: INVALID_ARGUMENT for a client mistake where the backend has codes (2.31+)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _left_pad(arrays: list[np.ndarray], width: int, value: int) -> np.ndarray:
+    return np.concatenate(
+        [np.pad(a, ((0, 0), (width - a.shape[1], 0)), constant_values=value) for a in arrays]
+    )
 
 
 class Level:
@@ -100,6 +145,8 @@ class TritonPythonModel:
         manifest = json.loads((here / "manifest.json").read_text())
         self.decode_model = params.get("decode_model") or "decode"
         self.default_max_new_tokens = int(params.get("max_new_tokens") or 32)
+        self.max_batch = max(1, int(config.get("max_batch_size") or 1))  # rows of one prefill batch
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)  # streaming
 
         star, geo = manifest["star"], manifest["model"]["geometry"]
         self.n_positions = int(star["n_positions"])
@@ -207,21 +254,109 @@ class TritonPythonModel:
             )
         return level
 
-    # ---- pre-processing (star_export.encoding, one image + prompt per row) --------------------------
-    def _encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    # ---- one request, checked -------------------------------------------------------------------
+    def _allowed(self, text_len: int, level: Level) -> int:
+        """contract.max_new_tokens: the tighter of the two past lengths, with this level's spans."""
+        return min(
+            self.past_max1 - (text_len - 1 + level.span1) + 1,
+            self.past_max2 - (text_len - 1 + level.span2) + 1,
+        )
+
+    def _job(self, index: int, request, sender=None) -> Job:
+        images, prompts = _rows(request, "image"), _rows(request, "prompt")
+        if images is None or prompts is None:
+            raise RequestError("inputs 'image' and 'prompt' are required")
+        images = [bytes(x) for x in images.reshape(len(images), -1)[:, 0]]
+        texts = []
+        for i, p in enumerate(prompts.reshape(len(prompts), -1)[:, 0]):
+            try:
+                texts.append(p.decode("utf-8") if isinstance(p, bytes) else str(p))
+            except UnicodeDecodeError:
+                raise RequestError(f"prompt {i}: not UTF-8 text") from None
+        if len(images) != len(texts):
+            raise RequestError(f"{len(images)} images but {len(texts)} prompts")
+        batch = len(texts)
+        level = self._level(request, batch)
+        limit_rows = _rows(request, "max_new_tokens")
+        if limit_rows is None:
+            limits = [self.default_max_new_tokens] * batch
+        else:
+            limits = [int(v) for v in limit_rows.reshape(batch, -1)[:, 0]]
+        if min(limits) < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {min(limits)}")
+        stop_rows = _rows(request, "stop_token_ids")
+        extra = [[] for _ in range(batch)] if stop_rows is None else stop_rows.reshape(batch, -1).tolist()
+        eos = {int(self.eos)} if self.eos is not None else set()
+        stops = [{int(t) for t in row if int(t) >= 0} | eos for row in extra]
         try:
-            return star_encoding.encode_prompts(self.processor, prompts, self.image_token_id)
+            ids, mask = star_encoding.encode_prompts(self.processor, texts, self.image_token_id)
         except star_encoding.InputError as e:
             raise RequestError(str(e)) from None
-
-    def _pixel_values(self, images: list[bytes]) -> np.ndarray:
+        if ids.shape[1] > self.text_max:
+            raise RequestError(
+                f"prompt is {ids.shape[1]} tokens; the exported profile allows at most {self.text_max}"
+            )
+        allowed = self._allowed(ids.shape[1], level)
+        if max(limits) > allowed:
+            raise RequestError(
+                f"max_new_tokens {max(limits)} exceeds the exported decode profile (at most {allowed} here, "
+                f"keep {level.keep2})"
+            )
         pil = []
         for i, data in enumerate(images):
             try:
                 pil.append(star_encoding.open_image(data, label=f"image {i}"))
             except star_encoding.InputError:
                 raise RequestError(f"image {i}: not a readable image") from None
-        return star_encoding.pixel_values(pil, self.image_spec, self.processor.image_processor)  # float32
+        pixels = star_encoding.pixel_values(pil, self.image_spec, self.processor.image_processor)
+        return Job(index, level, limits, stops, ids, mask, pixels, sender)
+
+    # ---- batches across requests ------------------------------------------------------------------
+    def _pack(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs grouped by keep level, then packed in arrival order into batches that fit the profile:
+        rows <= max_batch_size, the longest answer within the longest prompt's decode limit."""
+        by_level: dict[int, list[Job]] = {}
+        for job in jobs:
+            by_level.setdefault(job.level.keep2, []).append(job)
+        batches: list[list[Job]] = []
+        for group in by_level.values():
+            current: list[Job] = []
+            for job in group:
+                trial = [*current, job]
+                rows = sum(j.rows for j in trial)
+                longest = max(max(j.limits) for j in trial)
+                fits = longest <= self._allowed(max(j.text_len for j in trial), job.level)
+                if current and (rows > self.max_batch or not fits):
+                    batches.append(current)
+                    trial = [job]
+                current = trial
+            batches.append(current)
+        return batches
+
+    def _run(self, batch: list[Job]) -> None:
+        """One left-padded prefill and one decode loop for the batch; each job gets its rows' tokens."""
+        width = max(j.text_len for j in batch)
+        raw = {
+            "pixel_values": np.concatenate([j.pixels for j in batch]),
+            "input_ids": _left_pad([j.ids for j in batch], width, self.pad_id),
+            "attention_mask": _left_pad([j.mask for j in batch], width, 0),
+        }
+        feeds = star_encoding.cast_inputs(raw, self.prefill_dtypes)  # as every runtime: the declared dtypes
+        limits = [n for j in batch for n in j.limits]
+        stops = [s for j in batch for s in j.stops]
+        starts = np.cumsum([0] + [j.rows for j in batch])
+        emit = None
+        if self.decoupled:
+
+            def emit(tokens: list[list[int]], emitted: np.ndarray, finished: np.ndarray) -> None:
+                for j, start in zip(batch, starts, strict=False):
+                    rows = slice(start, start + j.rows)
+                    if not j.closed and emitted[rows].any():
+                        self._stream(j, tokens[rows], emitted[rows], bool(finished[rows].all()))
+
+        tokens = self._generate(feeds, limits, stops, batch[0].level, emit)
+        for j, start in zip(batch, starts, strict=False):
+            j.tokens = tokens[start : start + j.rows]
 
     # ---- BLS -------------------------------------------------------------------------------------
     def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict:
@@ -237,9 +372,7 @@ class TritonPythonModel:
             pb_utils.Tensor.from_dlpack(n.replace("present", "past", 1), out[n]) for n in self.present_names
         ]
 
-    def _generate(
-        self, feeds: dict, limits: list[int], stops: list[set[int]], level: Level
-    ) -> list[list[int]]:
+    def _generate(self, feeds: dict, limits: list[int], stops: list[set[int]], level: Level, emit=None):
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         batch, text_len = ids.shape
         inputs = [pb_utils.Tensor(n, feeds[n]) for n in ("pixel_values", "input_ids", "attention_mask")]
@@ -259,10 +392,13 @@ class TritonPythonModel:
         longest = max(limits)
         for step in range(longest):
             token = np.where(finished, self.pad_id, np.argmax(logits, axis=-1)).astype(np.int64)  # greedy
-            for b in np.flatnonzero(~finished):
+            emitted = ~finished
+            for b in np.flatnonzero(emitted):
                 tokens[b].append(int(token[b]))
                 if int(token[b]) in stops[b] or len(tokens[b]) >= limits[b]:
                     finished[b] = True
+            if emit is not None:
+                emit(tokens, emitted, finished)
             if finished.all() or step == longest - 1:
                 break
             mask_l1 = np.concatenate([mask_l1, one], axis=1)
@@ -278,75 +414,62 @@ class TritonPythonModel:
             logits, pasts = _numpy(out["logits"]), self._pasts(out)
         return tokens
 
-    # ---- one request -------------------------------------------------------------------------------
-    def _answer(self, request):
-        images = _rows(request, "image")
-        prompts = _rows(request, "prompt")
-        if images is None or prompts is None:
-            raise RequestError("inputs 'image' and 'prompt' are required")
-        images = [bytes(x) for x in images.reshape(len(images), -1)[:, 0]]
-        prompts = [
-            (p.decode("utf-8") if isinstance(p, bytes) else str(p))
-            for p in prompts.reshape(len(prompts), -1)[:, 0]
-        ]
-        if len(images) != len(prompts):
-            raise RequestError(f"{len(images)} images but {len(prompts)} prompts")
-        batch = len(prompts)
-        level = self._level(request, batch)
-        limit_rows = _rows(request, "max_new_tokens")
-        if limit_rows is None:
-            limits = [self.default_max_new_tokens] * batch
-        else:
-            limits = [int(v) for v in limit_rows.reshape(batch, -1)[:, 0]]
-        if min(limits) < 1:
-            raise RequestError(f"max_new_tokens must be >= 1, got {min(limits)}")
-        stop_rows = _rows(request, "stop_token_ids")
-        extra = [[] for _ in range(batch)] if stop_rows is None else stop_rows.reshape(batch, -1).tolist()
-        stops = [
-            {int(t) for t in row if int(t) >= 0} | ({int(self.eos)} if self.eos is not None else set())
-            for row in extra
-        ]
-
-        input_ids, attention_mask = self._encode_prompts(prompts)
-        text_len = input_ids.shape[1]
-        if text_len > self.text_max:
-            raise RequestError(
-                f"prompt is {text_len} tokens; the exported profile allows at most {self.text_max}"
-            )
-        # contract.max_new_tokens: the tighter of the two past lengths, with this level's spans
-        allowed = min(
-            self.past_max1 - (text_len - 1 + level.span1) + 1,
-            self.past_max2 - (text_len - 1 + level.span2) + 1,
-        )
-        if max(limits) > allowed:
-            raise RequestError(
-                f"max_new_tokens {max(limits)} exceeds the exported decode profile (at most {allowed} here, "
-                f"keep {level.keep2})"
-            )
-        raw = {
-            "pixel_values": self._pixel_values(images),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-        }
-        feeds = star_encoding.cast_inputs(raw, self.prefill_dtypes)  # as every runtime: the declared dtypes
-        tokens = self._generate(feeds, limits, stops, level)
-
-        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-        width = max(len(t) for t in tokens)
-        token_ids = np.full((batch, width), -1, dtype=np.int64)
+    # ---- responses -------------------------------------------------------------------------------
+    def _stream(self, job: Job, tokens: list[list[int]], emitted: np.ndarray, final: bool) -> None:
+        """One streamed response of ``job``: this step's token and the text it adds, per row."""
+        step = np.array([[t[-1] if e else -1] for t, e in zip(tokens, emitted, strict=True)], dtype=np.int64)
+        deltas = []
         for b, t in enumerate(tokens):
+            text = self.tokenizer.decode(t, skip_special_tokens=True)
+            # hold back a partial character (a byte-level token that completes it comes later)
+            upto = len(text) if final or not text.endswith("\ufffd") else len(job.sent[b])
+            deltas.append(text[len(job.sent[b]) : upto])
+            job.sent[b] = text[:upto]
+        text = np.array([[d.encode("utf-8")] for d in deltas], dtype=np.object_)
+        response = pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("text", text), pb_utils.Tensor("token_ids", step)]
+        )
+        job.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        job.closed = final
+
+    def _answer(self, job: Job):
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in job.tokens]
+        width = max(len(t) for t in job.tokens)
+        token_ids = np.full((job.rows, width), -1, dtype=np.int64)
+        for b, t in enumerate(job.tokens):
             token_ids[b, : len(t)] = t
         text = np.array([[s.encode("utf-8")] for s in texts], dtype=np.object_)
-        return [pb_utils.Tensor("text", text), pb_utils.Tensor("token_ids", token_ids)]
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("text", text), pb_utils.Tensor("token_ids", token_ids)]
+        )
 
-    def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
+    def _fail(self, e: BaseException, invalid: bool, sender=None):
+        response = pb_utils.InferenceResponse(output_tensors=[], error=_error(_first_line(e), invalid))
+        if sender is None:
+            return response
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def execute(self, requests: list) -> list | None:
+        """Every request checked alone (a bad one is answered alone, INVALID_ARGUMENT), the good ones
+        batched by keep level; one answer per request, in order (streamed where decoupled)."""
+        senders = [r.get_response_sender() for r in requests] if self.decoupled else [None] * len(requests)
+        responses: list = [None] * len(requests)
+        jobs = []
+        for i, request in enumerate(requests):
             try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._answer(request)))
+                jobs.append(self._job(i, request, senders[i]))
             except Exception as e:  # one bad request must not take the model down
-                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                responses.append(
-                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
-                )
-        return responses
+                responses[i] = self._fail(e, isinstance(e, RequestError), senders[i])
+        for batch in self._pack(jobs):
+            try:
+                self._run(batch)
+            except Exception as e:  # the server's own models failed: INTERNAL, for this batch only
+                for j in batch:
+                    if not j.closed:
+                        responses[j.index] = self._fail(e, False, j.sender)
+                continue
+            if not self.decoupled:
+                for j in batch:
+                    responses[j.index] = self._answer(j)
+        return None if self.decoupled else responses
