@@ -65,7 +65,6 @@ def _level(geo: Geometry, cfg: StarConfig, graph: str) -> dict[str, Any]:
         "keep1": cfg.keep1,
         "keep2": cfg.keep2,
         "layer_K": cfg.layer,
-        "selection": cfg.selection,  # star.SELECTIONS: "star", or a baseline of `bench methods`
         # visual-span lengths: kept tokens + always-kept structural ones (LLaVA-NeXT newlines)
         "span1": geo.span(cfg.keep1),
         "span2": geo.span(cfg.keep2),
@@ -73,6 +72,8 @@ def _level(geo: Geometry, cfg: StarConfig, graph: str) -> dict[str, Any]:
         "L2": f"text_len - 1 + {geo.span(cfg.keep2)}",
         "graph": graph,
         "file": f"{graph}.onnx",
+        # a baseline of `compare` (star.SELECTIONS) says so; STAR's own levels leave it out
+        **({"selection": cfg.selection} if cfg.selection != "star" else {}),
     }
 
 

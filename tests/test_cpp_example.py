@@ -257,6 +257,9 @@ def test_generated_header_matches_the_manifest(any_export, tmp_path):
         "kMaxPastLenL2": decode["past_len_l2"],
         "kDefaultKeep": star["default_keep"],
         "kNumLevels": len(levels),
+        # a keep range's ends (0 / 0: these exports hold fixed levels only)
+        "kKeepMin": levels[0].get("keep_range", {}).get("min", 0),
+        "kKeepMax": levels[0].get("keep_range", {}).get("max", 0),
     }
     # one row per level, the default first; the engine names `build --from DIR` writes by default
     several = len(levels) > 1

@@ -187,11 +187,9 @@ def longest_answer(limits: Mapping[str, int], levels: list[dict[str, Any]], text
     from star_export.contract import max_new_tokens
 
     dims = {k: {"max": limits[k]} for k in ("past_len_l1", "past_len_l2")}
-    return min(
-        (max_new_tokens(dims, text_len, int(s1), int(s2)), int(keep))
-        for lv in levels
-        for keep, s1, s2 in (
-            [(lv["keep2"], lv["span1"], lv["span2"])]
-            + [(lv["keep_range"]["max"], *(lv[f"span{i}_range"][1] for i in (1, 2)))] * ("keep_range" in lv)
-        )
-    )
+    ends = []  # (keep2, span1, span2) of every level, and of a keep range's largest keep
+    for lv in levels:
+        ends.append((lv["keep2"], lv["span1"], lv["span2"]))
+        if "keep_range" in lv:
+            ends.append((lv["keep_range"]["max"], lv["span1_range"][1], lv["span2_range"][1]))
+    return min((max_new_tokens(dims, text_len, int(s1), int(s2)), int(keep)) for keep, s1, s2 in ends)
