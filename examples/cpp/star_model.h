@@ -21,6 +21,8 @@ constexpr int64_t kMaxPastLenL1 = 894;  // decode: past_len_l1 (layers < K) <= t
 constexpr int64_t kMaxPastLenL2 = 830;  // decode: past_len_l2 (layers >= K) <= this
 constexpr int64_t kDefaultKeep = 64;  // keep2 of the default level
 constexpr int32_t kNumLevels = 1;  // rows of kLevels
+constexpr int64_t kKeepMin = 0;  // a keep range (0: none): kLevels[0]'s engine runs any keep2 in [kKeepMin, kKeepMax], fed as the LENGTH of its input keep_slots [B, keep2] (int64, values unread); keep1 = min(kNVisual, 2 * keep2)
+constexpr int64_t kKeepMax = 0;
 
 // One prefill engine per keep level (the default first); ONE decode engine serves every level.
 struct Level {
