@@ -20,7 +20,7 @@ import torch
 from star_export.errors import UsageError
 
 # What ranks the visual tokens. "star" is the method; the others are the baselines it is measured
-# against (``bench methods``), exported the same static way (the same TopK with a literal K):
+# against (``compare``), exported the same static way (the same TopK with a literal K):
 # "random" / "stride" rank by a constant prior that ignores the image (``prior_scores``) and choose at
 # stage 1 alone (keep1 = keep2, stage 2 keeps everything); "inverted" keeps the LOWEST STAR scores at
 # both stages (a deliberately wrong selection: what a flipped sign or axis would do).

@@ -126,7 +126,7 @@ def test_serve_answers_like_load_export_and_stops_on_ctrl_c(cli_export, tmp_path
 
         stop = time.perf_counter()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        assert proc.wait(150) == 0  # drain (unload the pipeline) + SIGTERM + the exit timeout
         stop_s = time.perf_counter() - stop
         rest = []
         while (line := lines.get(timeout=10)) is not None:
