@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from star_export.bench.argtypes import int_list, str_list
 from star_export.bench.run import DEFAULT_BATCHES, DEFAULT_KEEPS, DEFAULT_RECIPE, RUNTIMES, run_bench
 
 DESCRIPTION = (
@@ -32,20 +33,6 @@ code are unchanged. Run on a quiet machine: the load average before and after is
 """
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``python -m star_export bench``."""
     parser.add_argument(
@@ -59,7 +46,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--keep",
-        type=_int_list,
+        type=int_list,
         default=list(DEFAULT_KEEPS),
         metavar="K,K,...",
         help="keep2 values of the pruned graphs (default 64,128,192); the unpruned graph is always measured",
@@ -69,14 +56,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch",
-        type=_int_list,
+        type=int_list,
         default=list(DEFAULT_BATCHES),
         metavar="B,B,...",
         help="batch sizes (default 1,4)",
     )
     parser.add_argument(
         "--runtime",
-        type=_str_list,
+        type=str_list,
         default=list(RUNTIMES),
         metavar="R,R,...",
         help="onnxruntime, torch (HF eager + the PyTorch rewrite), tensorrt (default: all three; "

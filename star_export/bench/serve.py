@@ -46,7 +46,7 @@ PROMPTS = ("What is in the image?", "Describe the picture in detail.", "What col
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``python -m star_export bench serve``."""
-    from star_export.bench.cli import _int_list
+    from star_export.bench.argtypes import int_list
 
     p.add_argument(
         "--export", type=Path, default=None, metavar="DIR", help="an export directory (`export --out`)"
@@ -56,7 +56,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keep",
-        type=_int_list,
+        type=int_list,
         default=None,
         metavar="K,K,...",
         help="keep levels to sweep (default: all held)",
@@ -72,7 +72,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mix", action="store_true", help="skip the point set whose requests mix the levels")
     p.add_argument(
         "--concurrency",
-        type=_int_list,
+        type=int_list,
         default=list(DEFAULT_CONCURRENCY),
         metavar="C,C,...",
         help="requests in flight (default 1,2,4,8,16)",
