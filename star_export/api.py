@@ -86,8 +86,8 @@ def export(
     log: Log | None = None,
     selection: str = "star",
 ) -> ExportResult:
-    """Export ``model`` (a checkpoint directory, a hub id, or None: the recipe, default the embedded
-    llava-tiny) with STAR pruning into ``out``: a prefill graph per keep level, one decode graph, the
+    """Export ``model`` (a checkpoint directory, a hub id, or None: the recipe's embedded random model,
+    or without a recipe the shipped trained demo model) with STAR pruning into ``out``: a prefill graph per keep level, one decode graph, the
     weights once (weights.onnx.data), processor/, manifest.json and (``validate``) report.json.
 
     keep: keep2, one level or several (``[32, 64, 128]``: one prefill graph each, the first the

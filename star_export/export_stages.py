@@ -21,7 +21,7 @@ from typing import Any
 from star_export.errors import UsageError
 from star_export.progress import Log, Steps, heartbeat, quiet_libraries
 
-DEFAULT_RECIPE = "llava-tiny"
+DEFAULT_RECIPE = "llava-tiny"  # the embedded random model of the fast tests (--recipe llava-tiny)
 GENERIC_PROFILE = {"batch": [1, 2, 8], "text_len": [2, 64, 512]}
 DTYPES = {"fp32": ("float32", "float32"), "fp16": ("float16", "float16"), "bf16": ("bfloat16", "bfloat16")}
 PROCESSOR_FILES = (
@@ -163,20 +163,27 @@ def resolve_settings(
 
 def _resolve_source(model: str | Path | None, recipe: str | Path | None):
     """(model_dir, source label, recipe or None, family)."""
-    from star_export.load import materialise, read_config, resolve_model
+    from star_export.load import (
+        DEMO_RECIPE,
+        DEMO_SOURCE,
+        demo_checkpoint,
+        materialise,
+        read_config,
+        resolve_model,
+    )
     from star_export.preprocess import check_processor_files
     from star_export.recipes import load_recipe
 
-    rec = (
-        load_recipe(recipe)
-        if recipe is not None
-        else (load_recipe(DEFAULT_RECIPE) if model is None else None)
-    )
-    if model is None:
+    if model is None and recipe is None:  # the shipped trained demo model
+        rec = load_recipe(DEMO_RECIPE)
+        model_dir, source = demo_checkpoint(), DEMO_SOURCE
+    elif model is None:
+        rec = load_recipe(recipe)
         if not rec.embedded:
             raise UsageError(f"recipe {rec.name!r} needs a checkpoint: pass --model DIR")
         model_dir, source = materialise(rec), f"recipe:{rec.name}"
     else:
+        rec = load_recipe(recipe) if recipe is not None else None
         model_dir, source = resolve_model(model)
     cfg, family = read_config(model_dir)  # fails fast, before any weight is read
     if model is not None and rec is not None:

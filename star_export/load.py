@@ -51,6 +51,16 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+DEMO_RECIPE = "llava-demo"  # the recipe the shipped demo checkpoint was trained from (its profile)
+DEMO_SOURCE = f"demo:{DEMO_RECIPE}"
+
+
+def demo_checkpoint() -> Path:
+    """The shipped trained demo checkpoint (``tools/train_demo.py``): a directory loaded like any
+    ``--model DIR``, and the model of the command line and the API when none is named."""
+    return Path(__file__).resolve().parent / "data" / "demo" / DEMO_RECIPE
+
+
 def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: Path | None = None) -> Path:
     """Save the embedded recipe's seeded random model as a checkpoint directory (cached).
 

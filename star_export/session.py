@@ -262,19 +262,30 @@ def load_model(
     image_size: int | tuple[int, int] | None = None,
     selection: str = "star",
 ) -> Pipeline:
-    """A checkpoint (directory, hub id, or None: the embedded llava-tiny) through the PyTorch rewrite;
+    """A checkpoint (directory, hub id, or None: the shipped trained demo model, ``recipe``: an
+    embedded random one) through the PyTorch rewrite;
     ``keep``: one level or several (the first the default); ``selection``: "star" or a baseline
     (``star.SELECTIONS``)."""
-    from star_export.api import DEFAULT_RECIPE, quiet_libraries
     from star_export.contract import decode_contract, prefill_contract
-    from star_export.load import load, load_recipe_model, resolve_model
+    from star_export.load import (
+        DEMO_RECIPE,
+        DEMO_SOURCE,
+        demo_checkpoint,
+        load,
+        load_recipe_model,
+        resolve_model,
+    )
     from star_export.preprocess import Preprocessor
+    from star_export.progress import quiet_libraries
     from star_export.recipes import load_recipe
     from star_export.runtime import TorchBackend
 
     quiet_libraries()
-    if model is None:
-        loaded = load_recipe_model(load_recipe(recipe or DEFAULT_RECIPE))
+    if model is None and recipe is None:  # the shipped trained demo model
+        rec = load_recipe(DEMO_RECIPE)
+        loaded = load(demo_checkpoint(), source=DEMO_SOURCE, options=rec.layout)
+    elif model is None:
+        loaded = load_recipe_model(load_recipe(recipe))
     else:
         model_dir, source = resolve_model(model)
         loaded = load(model_dir, source=source, options={"grid": grid, "image_size": image_size})

@@ -128,6 +128,8 @@ def cli_export(_isolated_cache, tmp_path_factory):
         return out
 
     def _export(out: Path, args: tuple[str, ...]) -> None:
+        if not {"--recipe", "--model"} & set(args):  # the fast tests' model, not the shipped demo
+            args = ("--recipe", "llava-tiny", *args)
         cmd = [sys.executable, "-m", "star_export", "llava", *args, "--skip-validation", "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -36,14 +36,16 @@ def test_the_python_api_example_runs_as_documented(tmp_path):
     assert out.parent == tmp and out.name.startswith("star_api_out-")
     assert not list(tmp.rglob("api_example.png")) and not list(tmp.glob("tmp*"))  # the image's folder is gone
     assert "(scans ok: True)" in lines[0]
-    assert [line.split(":")[0] for line in lines[1:]] == ["keep 16", "keep 32"]
-    assert all(line.endswith("(onnxruntime == PyTorch rewrite: True)") for line in lines[1:])
+    assert "(the scene's answer: " in lines[1]
+    assert [line.split(":")[0] for line in lines[2:]] == ["keep 32", "keep 64"]
+    assert all(line.endswith("(onnxruntime == PyTorch rewrite: True)") for line in lines[2:])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [lv["keep2"] for lv in manifest["star"]["levels"]] == [16, 32]
+    assert [lv["keep2"] for lv in manifest["star"]["levels"]] == [32, 64]
+    assert manifest["model"]["source"] == "demo:llava-demo"
     assert sorted(p.name for p in out.glob("*.onnx")) == [
         "decode.onnx",
-        "prefill_k16.onnx",
         "prefill_k32.onnx",
+        "prefill_k64.onnx",
     ]
 
 

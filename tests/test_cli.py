@@ -252,7 +252,7 @@ def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "export_onnx", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated"):
-        main(["llava", "--keep", "8", "--out", str(out)])
+        main(["llava", "--recipe", "llava-tiny", "--keep", "8", "--out", str(out)])
     assert not out.exists() or not any(out.iterdir())
     assert not list(tmp_path.glob(".star_export-*"))
 
@@ -286,7 +286,7 @@ def test_sigterm_during_an_export_leaves_nothing_behind(tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "star_export", "llava", "--keep", "8", "--out", str(out)],
+        [sys.executable, "-m", "star_export", "llava", "--recipe", "llava-tiny", "--keep", "8", "--out", out],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

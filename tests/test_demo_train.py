@@ -45,7 +45,19 @@ def test_training_is_reproducible_bit_for_bit(tmp_path):
     and a dense target and captions that really reach the model (another seed differs)."""
     from safetensors.torch import load_file
 
-    cfg = TrainConfig(steps=2, batch=4, eval_every=2, eval_count=6, test_count=6, warmup=1, captions=0.5)
+    cfg = TrainConfig(
+        steps=4,
+        batch=4,
+        eval_every=3,
+        eval_count=6,
+        test_count=6,
+        warmup=1,
+        captions=0.5,
+        symbolic_steps=1,
+        vision_steps=1,
+        symbolic_tokens=40,
+        turns=3,
+    )
     weights = []
     for name, c in (("a", cfg), ("b", cfg), ("c", TrainConfig(**{**cfg.__dict__, "seed": 1}))):
         train(tmp_path / name, c, log=lambda _: None, progress=False)
@@ -68,3 +80,88 @@ def test_patch_labels_mark_each_object_once_at_its_centre():
         assert (labels == 0).mean() > 0.6  # most patches show nothing an answer needs
     caption = scenes.caption(s.scene)
     assert caption.count(",") == len(s.scene.shapes) - 1
+
+
+def test_patch_code_names_shape_colour_centre_and_place():
+    """The symbolic code the first phase reads and the second asks of the projector: one-hot shape
+    and colour where an object is, the centre flag on one patch per object, and the patch's place."""
+    import numpy as np
+
+    from star_export.demo import scenes
+    from star_export.demo.train import CODE_GAIN, patch_code
+
+    s = scenes.sample(0, "train", 3)
+    labels = scenes.patch_labels(s.scene, 168, 14)
+    code = patch_code(labels, 12, 128)
+    n_shapes = len(scenes.SHAPES)
+    assert code.shape == (144, 128) and not code[:, 40:].any()
+    assert (code[labels == 0, 0] == CODE_GAIN).all() and not code[labels == 0, 1:10].any()
+    for shape in s.scene.shapes:
+        row, col = int(shape.y * 168) // 14, int(shape.x * 168) // 14
+        c = code[row * 12 + col]
+        assert c[1 + scenes.SHAPES.index(shape.kind)] == CODE_GAIN
+        assert c[1 + n_shapes + list(scenes.COLOURS).index(shape.colour)] == CODE_GAIN
+        assert c[1 + n_shapes + len(scenes.COLOURS)] == CODE_GAIN  # the centre flag
+    assert (code[:, 1 + n_shapes + len(scenes.COLOURS)] > 0).sum() == len(s.scene.shapes)
+    waves = code[:, 11:13].reshape(12, 12, 2)  # sin, cos of the column: equal down a column
+    assert np.allclose(waves[0], waves[5]) and not np.allclose(waves[:, 0], waves[:, 5])
+
+
+def test_sparse_rows_keep_every_object_patch_at_its_position_id():
+    """The symbolic phase's short rows: every object patch, background drawn at random, original
+    position ids (what STAR's kept tokens get)."""
+    import numpy as np
+
+    from star_export.demo import scenes
+    from star_export.demo.train import Batcher
+    from star_export.load import load, materialise
+    from star_export.recipes import load_recipe
+
+    recipe = load_recipe("llava-demo")
+    loaded = load(materialise(recipe), source="recipe", options=recipe.layout)
+    batcher = Batcher(loaded, 168, 14)
+    batch = list(scenes.samples(0, "train", 3))
+    full = batcher(batch, symbolic=True)
+    short = batcher(batch, symbolic=True, tokens=40, rng=np.random.default_rng(0))
+    image = loaded.geometry.image_token_id
+    assert (full["input_ids"] == image).sum(1).tolist() == [144] * 3
+    assert (short["input_ids"] == image).sum(1).tolist() == [40] * 3
+    assert short["code"].shape == (3, 40, 128)
+    for b in range(3):
+        ids, pos = short["input_ids"][b], short["position_ids"][b]
+        first = int((ids == image).nonzero()[0])
+        kept = (pos[ids == image] - first).numpy()
+        assert (np.diff(kept) > 0).all() and kept.max() < 144
+        objects = np.flatnonzero(short["patch_labels"][b].numpy() > 0)
+        assert set(objects) <= set(kept)
+        assert torch.equal(short["code"][b], full["code"][b][kept])
+        n = int(short["attention_mask"][b].sum())  # the text after the image keeps its own ids
+        assert pos[n - 1] == n - 1 + 144 - 40
+
+
+def test_the_phases_move_what_they_train(tmp_path):
+    """The symbolic phase trains the decoder and leaves the vision tower and projector as they were;
+    the vision phase trains those and leaves the decoder (the forward stops at the projector)."""
+    from safetensors.torch import load_file
+
+    from star_export.demo.train import phase
+    from star_export.load import materialise
+    from star_export.recipes import load_recipe
+
+    start = load_file(materialise(load_recipe("llava-demo")) / "model.safetensors")
+    base = dict(batch=4, eval_count=6, test_count=6, warmup=1, symbolic_tokens=40, turns=2)
+    cfg = TrainConfig(steps=2, eval_every=2, symbolic_steps=2, **base)
+    assert [phase(cfg, s)[0] for s in range(2)] == ["symbolic", "symbolic"]
+    train(tmp_path / "a", cfg, log=lambda _: None, progress=False)
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    vision = [k for k in a if "vision_tower" in k or "multi_modal_projector" in k]
+    decoder = [k for k in a if "language_model" in k or "lm_head" in k]
+    assert vision and decoder
+    assert all(torch.equal(a[k], start[k]) for k in vision)
+    assert not all(torch.equal(a[k], start[k]) for k in decoder)
+    cfg = TrainConfig(steps=2, eval_every=2, symbolic_steps=0, vision_steps=2, **base)
+    assert [phase(cfg, s)[0] for s in range(3)] == ["vision", "vision", "joint"]
+    train(tmp_path / "b", cfg, log=lambda _: None, progress=False)
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(b[k], start[k]) for k in decoder)
+    assert not all(torch.equal(b[k], start[k]) for k in vision)

@@ -73,7 +73,7 @@ def test_a_broken_fp16_graph_still_fails(tmp_path, monkeypatch, broken):
             monkeypatch.undo()
 
     monkeypatch.setattr(onnx_export, "export_onnx", sabotaged)
-    result = api.export(keep=16, dtype="fp16", out=tmp_path / "out")
+    result = api.export(recipe="llava-tiny", keep=16, dtype="fp16", out=tmp_path / "out")
     assert result.scan_ok and not result.passed
     failed = [r for r in result.report.rows if not r.passed]
     assert failed and all("onnxruntime fp16" in r.check or "generate" in r.check for r in failed), failed

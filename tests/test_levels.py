@@ -127,7 +127,7 @@ def test_bad_level_lists_are_refused_before_any_work(tmp_path, capsys):
         (["--keep", "8,x"], "expected an integer"),
     ):
         try:
-            code = main(["llava", *args, "--out", str(tmp_path / "o")])
+            code = main(["llava", "--recipe", "llava-tiny", *args, "--out", str(tmp_path / "o")])
         except SystemExit as e:  # argparse's own one-line errors
             code = e.code
         err = capsys.readouterr().err.strip().splitlines()

@@ -79,13 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR|ORG/NAME",
         help="a checkpoint directory (Hugging Face layout) or a hub id resolved in the local Hugging Face "
-        "cache; default: the recipe's embedded model (llava-tiny)",
+        "cache; default: the shipped trained demo model (star_export/data/demo/llava-demo), or with "
+        "--recipe that recipe's embedded random model",
     )
     p.add_argument(
         "--recipe",
         default=None,
         metavar="NAME|FILE",
-        help="recipe name in recipes/ or a .toml path (profile ranges, expectations)",
+        help="recipe name in recipes/ or a .toml path (profile ranges, expectations); without --model, "
+        "its embedded random model (llava-tiny: the fast tests' model)",
     )
     p.add_argument(
         "--out",

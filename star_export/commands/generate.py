@@ -17,14 +17,14 @@ DESCRIPTION = (
     "Pre-process an image and a prompt with the checkpoint's own processor and chat template, "
     "run the STAR-pruned prefill, then greedy or sampled decode steps with per-layer KV caches "
     "(L1 slots before layer K, L2 from K on). With --from DIR it runs the exported graphs in "
-    "onnxruntime; with --model (or nothing: the embedded llava-tiny) the PyTorch rewrite."
+    "onnxruntime; with --model (or nothing: the shipped trained demo model) the PyTorch rewrite."
 )
 EPILOG = """\
 examples:
-  python -m star_export generate --image cat.png --prompt "What is in the image?"
-      embedded llava-tiny through the PyTorch rewrite (random weights: the answer is noise)
+  python -m star_export generate --image examples/demo/scene.png --prompt "What colour is the circle?"
+      the shipped demo model (trained on scenes of shapes) through the PyTorch rewrite
   python -m star_export llava --keep 64 --out star_out && \\
-  python -m star_export generate --from star_out --image cat.png --prompt "What is in the image?"
+  python -m star_export generate --from star_out --image examples/demo/scene.png --prompt "How many squares are there?"
       the exported prefill.onnx + decode.onnx in onnxruntime
 """
 

@@ -169,6 +169,24 @@ def sample(seed: int, split: str, index: int, most: int = MAX_OBJECTS) -> Sample
             return Sample(scene, kind, *asked)
 
 
+def conversation(seed: int, split: str, index: int, turns: int, most: int = MAX_OBJECTS) -> list[Sample]:
+    """The ``index``-th sample of ``split`` and up to ``turns - 1`` more questions about the same
+    scene, of the next kinds in turn (a kind the scene has no question of is skipped). Training
+    asks them one after another in one sequence: the image's tokens, most of a step's cost, then
+    serve several answers."""
+    first = sample(seed, split, index, most)
+    rng = np.random.default_rng([seed, 20 + SPLITS[split], index])
+    more = []
+    for k in range(1, len(KINDS)):
+        if len(more) + 1 >= turns:
+            break
+        kind = KINDS[(index + k) % len(KINDS)]
+        asked = _ask(first.scene, kind, rng)
+        if asked is not None:
+            more.append(Sample(first.scene, kind, *asked))
+    return [first, *more]
+
+
 CAPTION_PROMPT = "Describe the scene."
 
 

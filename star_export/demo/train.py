@@ -7,6 +7,16 @@ through the export's own pre-processing (``Preprocessor``: chat template, image 
 the family's ``hf_inputs`` (the unmodified model's inputs), so training sees exactly what the
 exported graphs see. The loss is on the answer's tokens and the end-of-sequence token only.
 
+Three phases (``phase``), because a decoder trained from scratch on pixels alone learns to read
+colour and position and stalls below 50 % (measured: README, "A model that sees"):
+
+1. ``symbolic_steps``: the decoder alone, on a symbolic code of each patch (``patch_code``: shape,
+   colour, object centre, place) where the image embeddings go, in short rows of every object patch
+   and a few background ones at their original position ids, several questions per image (``turns``).
+2. ``vision_steps``: the vision tower and projector alone, taught to write that code from pixels
+   (``DenseTarget``; the forward stops at the projector).
+3. the rest: the whole model on the answers, with the dense targets kept.
+
 Resumable: ``out/.train/state.pt`` holds the weights, optimiser, step and history after every
 evaluation; the data of step s are samples ``s * batch ..`` of the train split, so a resumed run
 draws what the uninterrupted one would. Accuracy is exact match of the whole answer under
@@ -47,7 +57,11 @@ class TrainConfig:
     test_count: int = 600  # test samples for the final accuracy (100 per question kind)
     easy_steps: int = 0  # a curriculum: the first easy_steps steps draw scenes of two shapes only
     captions: float = 0.0  # the share of each batch that is captioning (scenes.caption), not questions
-    aux_weight: float = 1.0  # weight of the dense per-patch target on the stage-1 candidates (0: off)
+    aux_weight: float = 1.0  # weight of the dense per-patch targets (probe and symbolic code; 0: off)
+    symbolic_steps: int = 0  # a first phase: the decoder alone, reading each patch's symbolic code
+    vision_steps: int = 0  # then the vision tower and projector alone, taught to write that code
+    symbolic_tokens: int = 0  # image tokens a row in that phase (objects + random background; 0: all)
+    turns: int = 1  # questions about one image, asked one after another in one training sequence
 
 
 @dataclass
@@ -59,45 +73,70 @@ class History:
     aux: list[float] = field(default_factory=list)  # the dense per-patch loss, step by step
 
 
-SHAPE_GAIN = 4.0
+CODE_GAIN = 2.0
+FREQUENCIES = (1, 2, 4)
+
+
+def patch_code(labels: np.ndarray, grid: int, dim: int) -> np.ndarray:
+    """What each patch shows, written as an image embedding a decoder can read: (N, dim) float32 for
+    ``scenes.patch_labels``' N classes in raster order over a ``grid`` x ``grid`` patch grid.
+
+    Channels: background or one of the shapes (one-hot), the colour (one-hot), the object-centre
+    flag, each scaled by CODE_GAIN; then the patch's column and row as sines and cosines
+    (FREQUENCIES); the rest zero. The training's first phase feeds it to the decoder in place of the
+    projector's output (``TrainConfig.symbolic_steps``), and the second asks the projector to produce
+    it (``DenseTarget``): the decoder learns to read objects in clean features while the vision tower
+    learns to find them. Training only: nothing of it is in a checkpoint."""
+    n_shapes, n_colours = len(scenes.SHAPES), len(scenes.COLOURS)
+    centre = labels > scenes.PATCH_KINDS
+    kind = np.where(centre, labels - scenes.PATCH_KINDS, labels)
+    obj = kind > 0
+    colour, shape = (kind - 1) // n_shapes, (kind - 1) % n_shapes
+    out = np.zeros((len(labels), dim), np.float32)
+    out[~obj, 0] = CODE_GAIN
+    out[obj, 1 + shape[obj]] = CODE_GAIN
+    out[obj, 1 + n_shapes + colour[obj]] = CODE_GAIN
+    out[centre, 1 + n_shapes + n_colours] = CODE_GAIN
+    where = (np.arange(grid) + 0.5) / grid
+    row, col = np.meshgrid(where, where, indexing="ij")
+    waves = [f(math.pi * k * v) for k in FREQUENCIES for v in (col, row) for f in (np.sin, np.cos)]
+    first = 2 + n_shapes + n_colours
+    out[:, first : first + len(waves)] = np.stack(waves, -1).reshape(grid * grid, -1)
+    return out
+
+
+class StopForward(Exception):
+    """Raised by ``DenseTarget``'s hook once the projector's output is seen (``DenseTarget.stop``)."""
 
 
 class DenseTarget(torch.nn.Module):
-    """Linear probes trained to name what each patch shows (``scenes.patch_labels``): one on the
-    stage-1 candidates (the input of ``Family.raster_candidates``, the projector) and one on the
-    projector's output (the decoder's image embeddings). A dense signal that teaches the vision tower
-    objects in hundreds of steps where one-word answers alone take thousands; the second probe and a
-    fixed target for the shape (``loss``) make the projector pass each patch's shape on to the decoder
-    from the start (an untrained decoder gives the projector no reason to keep what it does not use
-    yet). Training only: the
-    probes are not part of the saved checkpoint."""
+    """Dense per-patch targets for the second phase, from ``scenes.patch_labels``: a linear probe on
+    the stage-1 candidates (the input of ``Family.raster_candidates``, the projector) trained to name
+    what each patch shows, a signal that teaches the vision tower objects in hundreds of steps where
+    one-word answers alone take thousands; and the symbolic code (``patch_code``) as the target of the
+    projector's output, the embeddings the first phase taught the decoder to read. Training only: the
+    probe is not part of the saved checkpoint."""
 
-    def __init__(self, module: torch.nn.Module | None, dim: int, out_dim: int, weight: float):
+    def __init__(self, module: torch.nn.Module | None, dim: int, grid: int, weight: float):
         super().__init__()
         self.active = module is not None and weight > 0
+        self.grid = grid
         self.head = torch.nn.Linear(dim, scenes.N_CLASSES) if self.active else None
-        self.out_head = torch.nn.Linear(out_dim, scenes.N_CLASSES) if self.active else None
         self._seen: list[torch.Tensor] = []
+        self.stop = False
         self._hook = module.register_forward_hook(self._keep) if self.active else None
 
     def _keep(self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
         self._seen = [args[0], output]
+        if self.stop:  # the vision phase: nothing after the projector is needed
+            raise StopForward
 
-    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, labels: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         if not self.active or not self._seen:
             return torch.zeros(())
         (features, embeds), self._seen = self._seen, []
-        flat = labels.flatten()
-        on_features = torch.nn.functional.cross_entropy(self.head(features).flatten(0, 1), flat)
-        on_embeds = torch.nn.functional.cross_entropy(self.out_head(embeds).flatten(0, 1), flat)
-        # the shape, written loudly: the embedding's first len(SHAPES) + 1 channels are SHAPE_GAIN x a
-        # one-hot of (background, circle, square, triangle). Measured without it: shape is 1-3 % of the
-        # object embeddings' variance beside colour's 60-70 %, and the decoder never learned to read it.
-        kind = torch.where(labels > scenes.PATCH_KINDS, labels - scenes.PATCH_KINDS, labels)
-        shape = torch.where(kind > 0, 1 + (kind - 1) % len(scenes.SHAPES), 0)
-        target = SHAPE_GAIN * torch.nn.functional.one_hot(shape, len(scenes.SHAPES) + 1).to(embeds.dtype)
-        loud = torch.nn.functional.mse_loss(embeds[..., : len(scenes.SHAPES) + 1], target)
-        return on_features + on_embeds + loud
+        probe = torch.nn.functional.cross_entropy(self.head(features).flatten(0, 1), labels.flatten())
+        return probe + torch.nn.functional.mse_loss(embeds, code.to(embeds.dtype))
 
     def remove(self) -> None:
         if self._hook is not None:
@@ -117,6 +156,7 @@ class Batcher:
         self.size, self.patch = size, patch
         self.eos = self.pre.eos_token_id
         self._answers: dict[str, list[int]] = {}
+        self._prompts: dict[str, list[int]] = {}
 
     def answer_ids(self, answer: str) -> list[int]:
         if answer not in self._answers:
@@ -124,19 +164,62 @@ class Batcher:
             self._answers[answer] = [int(t) for t in ids] + [int(self.eos)]
         return self._answers[answer]
 
-    def __call__(self, batch: list[scenes.Sample]) -> dict[str, torch.Tensor]:
-        images = [scenes.render(s.scene, self.size) for s in batch]
-        feeds = self.pre.encode(images, [s.question for s in batch])
-        rows, labels, extras = [], [], []
-        for b, s in enumerate(batch):
-            ids = feeds["input_ids"][b][feeds["attention_mask"][b] == 1].tolist()
-            pixels = torch.from_numpy(feeds["pixel_values"][b])
-            inputs = self.family.hf_inputs(self.model, self.geo, pixels, ids)
-            prompt = inputs.pop("input_ids")[0].tolist()
-            inputs.pop("attention_mask")
-            answer = self.answer_ids(s.answer)
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
+    def _prompt(self, question: str, pixels: torch.Tensor | None) -> tuple[list[int], dict[str, Any]]:
+        """The unmodified model's prompt ids (the image placeholder expanded) and its other inputs."""
+        if pixels is None and question in self._prompts:
+            return self._prompts[question], {}
+        ids, mask = self.pre.encode_prompts([question])
+        blank = torch.zeros(3, self.size, self.size) if pixels is None else pixels
+        inputs = self.family.hf_inputs(self.model, self.geo, blank, ids[0][mask[0] == 1].tolist())
+        prompt = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask")
+        if pixels is None:  # symbolic rows: the prompt depends on the question alone
+            self._prompts[question] = prompt
+            return prompt, {}
+        return prompt, inputs
+
+    def __call__(
+        self,
+        batch: list[scenes.Sample] | list[list[scenes.Sample]],
+        symbolic: bool = False,
+        tokens: int = 0,
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training inputs, a row per image; an entry of ``batch`` is a sample or several about one
+        scene (a conversation: the first question in the prompt's format, the next ones appended
+        after each answer, every answer labelled). ``symbolic``: no pixels, the rows' ``code``
+        stands in for the image, and with ``tokens`` only that many image tokens a row: every patch
+        an object covers and background ones drawn by ``rng``, at their original position ids (as
+        STAR keeps them)."""
+        turns = [b if isinstance(b, list) else [b] for b in batch]
+        pixels: list[torch.Tensor | None] = [None] * len(turns)
+        if not symbolic:
+            feeds = self.pre.pixel_values([scenes.render(t[0].scene, self.size) for t in turns])
+            pixels = [torch.from_numpy(p) for p in feeds]
+        grid, dim = self.size // self.patch, self.model.config.text_config.hidden_size
+        patch_labels = [scenes.patch_labels(t[0].scene, self.size, self.patch) for t in turns]
+        codes = [patch_code(p, grid, dim) for p in patch_labels]
+        n = len(patch_labels[0])
+        rows, labels, positions, extras = [], [], [], []
+        for b, (conv, px) in enumerate(zip(turns, pixels, strict=True)):
+            row, inputs = self._prompt(conv[0].question, px)
+            first = row.index(self.geo.image_token_id)
+            label = [-100] * len(row)
+            for i, s in enumerate(conv):
+                if i:  # a follow-up: the next question's prompt after the image span
+                    follow = self._prompt(s.question, None)[0][first + n :]
+                    row, label = row + follow, label + [-100] * len(follow)
+                answer = self.answer_ids(s.answer)
+                row, label = row + answer, label + answer
+            position = list(range(len(row)))
+            if symbolic and tokens:
+                kept = _sparse(patch_labels[b], tokens, rng or np.random.default_rng(0))
+                keep = list(range(first)) + [first + int(k) for k in kept] + list(range(first + n, len(row)))
+                row, label, position = ([v[i] for i in keep] for v in (row, label, position))
+                codes[b] = codes[b][kept]
+            rows.append(row)
+            labels.append(label)
+            positions.append(position)
             extras.append(inputs)
         length = max(map(len, rows))
         pad = self.pre.pad_token_id
@@ -145,20 +228,62 @@ class Batcher:
             "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
             "labels": torch.tensor([r + [-100] * (length - len(r)) for r in labels]),
         }
+        if symbolic and tokens:
+            out["position_ids"] = torch.tensor(
+                [p + list(range(p[-1] + 1, p[-1] + 1 + length - len(p))) for p in positions]
+            )
         for key in extras[0]:
             out[key] = torch.cat([e[key] for e in extras])
-        labels = [scenes.patch_labels(s.scene, self.size, self.patch) for s in batch]
-        out["patch_labels"] = torch.from_numpy(np.stack(labels)).long()
+        out["patch_labels"] = torch.from_numpy(np.stack(patch_labels)).long()
+        out["code"] = torch.from_numpy(np.stack(codes))
         return out
 
 
-def batch_of(cfg: TrainConfig, step: int, most: int) -> list[scenes.Sample]:
-    """Step ``step``'s samples: questions ``step * batch ..`` of the train split, the first
-    ``captions * batch`` of them replaced by the captioning samples of the same indices."""
+def _sparse(labels: np.ndarray, tokens: int, rng: np.random.Generator) -> np.ndarray:
+    """``tokens`` patch indices in raster order: every object patch (the first ``tokens`` of them if
+    there are more) and background ones drawn at random."""
+    objects = np.flatnonzero(labels > 0)[:tokens]
+    background = np.flatnonzero(labels == 0)
+    drawn = rng.choice(background, size=tokens - len(objects), replace=False)
+    return np.sort(np.concatenate([objects, drawn]))
+
+
+def answer_logits(
+    model: Any, inputs: dict[str, torch.Tensor], image_token_id: int
+) -> tuple[torch.Tensor, ...]:
+    """The logits of the labelled positions only (the answers; the head over the whole sequence is a
+    quarter of a step), their targets and their rows. Rows without pixels read ``code`` in place of
+    the image embeddings (the symbolic phase)."""
+    feed = {k: v for k, v in inputs.items() if k not in ("labels", "patch_labels", "code")}
+    if "pixel_values" not in feed:
+        ids = feed.pop("input_ids")
+        embeds = model.get_input_embeddings()(ids)
+        image = (ids == image_token_id)[..., None]
+        feed["inputs_embeds"] = embeds.masked_scatter(image, inputs["code"].to(embeds.dtype))
+    hidden = model.model(**feed).last_hidden_state[:, :-1]
+    target = inputs["labels"][:, 1:]
+    where = target != -100
+    return model.lm_head(hidden[where]), target[where], where.nonzero()[:, 0]
+
+
+def rows_exact(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) 1.0 where every labelled position of the row is predicted (``answer_logits``' layout)."""
+    wrong = (logits.argmax(-1) != target).float()
+    return (torch.zeros(n).index_add(0, rows, wrong) == 0).float()
+
+
+def batch_of(cfg: TrainConfig, step: int, most: int) -> list[list[scenes.Sample]]:
+    """Step ``step``'s images: conversations ``step * batch ..`` of the train split
+    (``scenes.conversation``, ``turns`` questions each), the first ``captions * batch`` of them
+    replaced by the captioning samples of the same indices."""
     n_cap = round(cfg.captions * cfg.batch)
     start = step * cfg.batch
-    questions = list(scenes.samples(cfg.seed, "train", cfg.batch - n_cap, start=start + n_cap, most=most))
-    return [scenes.caption_sample(cfg.seed, "train", start + i, most) for i in range(n_cap)] + questions
+    captions = [[scenes.caption_sample(cfg.seed, "train", start + i, most)] for i in range(n_cap)]
+    talks = [
+        scenes.conversation(cfg.seed, "train", i, cfg.turns, most)
+        for i in range(start + n_cap, start + cfg.batch)
+    ]
+    return captions + talks
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,16 +295,16 @@ def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: Any, batcher: Batcher, samples: list[scenes.Sample], batch: int = 48) -> dict[str, float]:
-    """Exact-match accuracy overall and per question kind."""
+def accuracy(
+    model: Any, batcher: Batcher, samples: list[scenes.Sample], batch: int = 48, symbolic: bool = False
+) -> dict[str, float]:
+    """Exact-match accuracy overall and per question kind (``symbolic``: on the symbolic code)."""
     model.eval()
     hits: dict[str, list[float]] = {}
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
-        inputs = batcher(chunk)
-        labels = inputs.pop("labels")
-        inputs.pop("patch_labels")
-        ok = exact_match(model(**inputs).logits, labels)
+        logits, target, rows = answer_logits(model, batcher(chunk, symbolic), batcher.geo.image_token_id)
+        ok = rows_exact(logits, target, rows, len(chunk))
         for s, v in zip(chunk, ok.tolist(), strict=True):
             hits.setdefault(s.kind, []).append(v)
     model.train()
@@ -188,11 +313,27 @@ def accuracy(model: Any, batcher: Batcher, samples: list[scenes.Sample], batch: 
     return out
 
 
+def phase(cfg: TrainConfig, step: int) -> tuple[str, int, int]:
+    """Step ``step``'s phase and its [start, end): "symbolic" (the decoder on the code), "vision"
+    (the vision tower and projector on the dense targets), "joint" (the whole model on answers and
+    dense targets)."""
+    vision = cfg.symbolic_steps + cfg.vision_steps
+    if step < cfg.symbolic_steps:
+        return "symbolic", 0, cfg.symbolic_steps
+    if step < vision:
+        return "vision", cfg.symbolic_steps, vision
+    return "joint", vision, cfg.steps
+
+
 def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """Warm-up then cosine, once per phase (``phase``)."""
+
     def factor(step: int) -> float:
+        _, start, end = phase(cfg, step)
+        step -= start
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        progress = (step - cfg.warmup) / max(1, end - start - cfg.warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -242,9 +383,11 @@ def train(
     dense = DenseTarget(
         batcher.family.raster_candidates(model),
         model.config.vision_config.hidden_size,
-        model.config.text_config.hidden_size,
+        size // batcher.patch,
         cfg.aux_weight,
     )
+    if cfg.symbolic_steps and not dense.active:
+        raise ValueError(f"{cfg.recipe}: no raster of candidates to write a symbolic code for")
     opt = torch.optim.AdamW(
         [*model.parameters(), *dense.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -262,15 +405,36 @@ def train(
         history, step = History(**state["history"]), state["step"]
         log(f"resuming at step {step} of {cfg.steps}")
     val = list(scenes.samples(cfg.seed, "val", cfg.eval_count))
+    decoder = [*model.get_decoder().parameters(), *model.get_output_embeddings().parameters()]
     model.train()
     started = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step")
     while step < cfg.steps:
         most = 2 if step < cfg.easy_steps else scenes.MAX_OBJECTS
-        inputs = batcher(batch_of(cfg, step, most))
-        patch_labels = inputs.pop("patch_labels")
-        loss = model(**inputs).loss
-        aux = dense.loss(patch_labels)
+        name, start, _ = phase(cfg, step)
+        symbolic = name == "symbolic"
+        # the joint phase's warm-up after a symbolic one moves the vision tower and projector only:
+        # the decoder the first phase trained is not bent to fit a projector that does not yet write
+        # the code
+        settle = cfg.symbolic_steps > 0 and name == "joint" and step < start + cfg.warmup
+        for p in decoder:
+            p.requires_grad_(not settle)
+        rng = np.random.default_rng([cfg.seed, step])
+        inputs = batcher(batch_of(cfg, step, most), symbolic, cfg.symbolic_tokens, rng)
+        if name == "vision":
+            dense.stop = True
+            try:
+                model.model(
+                    **{k: v for k, v in inputs.items() if k not in ("labels", "patch_labels", "code")}
+                )
+            except StopForward:
+                pass
+            dense.stop = False
+            loss = torch.zeros(())
+        else:
+            logits, target, _ = answer_logits(model, inputs, batcher.geo.image_token_id)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+        aux = dense.loss(inputs["patch_labels"], inputs["code"])
         history.aux.append(float(aux.detach()))
         loss = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
@@ -283,11 +447,16 @@ def train(
         history.loss.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}", dense=f"{history.aux[-1]:.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            acc = accuracy(model, batcher, val)
+        if step % cfg.eval_every == 0 or step in (
+            cfg.symbolic_steps,
+            cfg.symbolic_steps + cfg.vision_steps,
+            cfg.steps,
+        ):
+            acc = accuracy(model, batcher, val, symbolic=step <= cfg.symbolic_steps)
             history.eval_steps.append(step)
             history.val_accuracy.append(acc["all"])
-            bar.write(f"step {step}: val exact match {100 * acc['all']:.1f} % " + json.dumps(acc))
+            mode = " (symbolic code)" if step <= cfg.symbolic_steps else ""
+            bar.write(f"step {step}: val exact match{mode} {100 * acc['all']:.1f} % " + json.dumps(acc))
             state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = state_path.with_suffix(".tmp")
             torch.save(
@@ -303,6 +472,8 @@ def train(
                 tmp,
             )
             tmp.replace(state_path)
+            if step in (cfg.symbolic_steps, cfg.symbolic_steps + cfg.vision_steps):  # a phase's end, kept
+                shutil.copy(state_path, state_path.with_name(f"state-{step}.pt"))
             plot(history, out / "training.png")
     bar.close()
     dense.remove()
@@ -344,10 +515,16 @@ learned something (`python -m star_export compare`); it knows nothing but these 
 - Data: `star_export/demo/scenes.py`, seed {cfg.seed}: 2-4 small circles / squares / triangles in six
   colours on plain or textured backgrounds; one-word questions on colour, shape, count, position,
   presence and one relation. Train, validation and test are separate random streams of the seed.
-- Training: {len(history.steps)} steps of {cfg.batch} ({samples:,} samples, each drawn fresh), AdamW
-  lr {cfg.lr} (warm-up {cfg.warmup}, cosine), answer tokens only, plus a dense per-patch target on the
-  vision features (a training-only probe, not in these weights).
-- Command: `python tools/train_demo.py --out DIR {flags}`.
+- Training: {len(history.steps)} steps of {cfg.batch} images ({samples:,} images, each drawn fresh,
+  up to {cfg.turns} questions each), AdamW lr {cfg.lr} (warm-up {cfg.warmup} and cosine per phase), in
+  three phases: {cfg.symbolic_steps} steps of the decoder alone reading a symbolic code of each patch
+  (shape, colour, object centre, place) in place of the image embeddings, {cfg.vision_steps} of the
+  vision tower and projector alone learning to write that code from pixels (and a linear probe naming
+  each patch), then the whole model on the answers with the same dense targets. The code and the
+  probe are training-only: nothing of them is in these weights, which are read like any LLaVA's.
+- Command: `python tools/train_demo.py --out DIR {flags}` ({card["train_seconds_this_run"] / 60:.0f} minutes
+  of training in its last run, CPU only; the validation curve reads the symbolic code during the first
+  phase and images after it).
 - Test exact match ({cfg.test_count} questions, teacher forcing = greedy): **{100 * test["all"]:.1f} %**
 
 | question kind | exact match |
