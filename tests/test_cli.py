@@ -234,6 +234,8 @@ def test_bad_input_exits_2_with_one_line_and_no_files(tmp_path, gqa_dir, args, m
     out = tmp_path / "out"
     if "--out" not in args:
         args += ["--out", str(out)]
+    if not {"--model", "--recipe"} & set(args):  # the tests' model, not the shipped demo
+        args = ["--recipe", "llava-tiny", *args]
     r = run_main(capsys, "llava", *args)  # in process (the console entry point: test_help_runs et al.)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()

@@ -430,7 +430,11 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tmp_path, caps
         export_mod, "export_onnx", lambda module, contract, path, *a, **k: _full_disk(written)(path)
     )
     out = tmp_path / "out"
-    line = one_line(run_main(capsys, "llava", "--keep", "8", "--skip-validation", "--out", str(out)))
+    line = one_line(
+        run_main(
+            capsys, "llava", "--recipe", "llava-tiny", "--keep", "8", "--skip-validation", "--out", str(out)
+        )
+    )
     assert line.startswith(f"star_export: error: --out {out}: no space left on device writing ")
     assert "free, up to" in line and "MiB needed)" in line
     assert written and not written[0].exists()  # the half-written graph went with the staging directory

@@ -143,7 +143,7 @@ def test_generate_command_takes_any_keep_in_the_range(range_export, tmp_path, ca
     ],
 )
 def test_bad_ranges_are_one_line(keep, message, tmp_path, capsys):
-    assert _exit_code(["llava", "--keep", keep, "--out", str(tmp_path / "o")]) == 2
+    assert _exit_code(["llava", "--recipe", "llava-tiny", "--keep", keep, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -157,7 +157,22 @@ def _exit_code(argv: list[str]) -> int:
 
 
 def test_keep1_with_a_range_is_refused(tmp_path, capsys):
-    assert main(["llava", "--keep", "8:32", "--keep1", "40", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "llava",
+                "--recipe",
+                "llava-tiny",
+                "--keep",
+                "8:32",
+                "--keep1",
+                "40",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "keep1 follows min(N, 2 * keep)" in capsys.readouterr().err
 
 
