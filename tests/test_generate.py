@@ -222,7 +222,9 @@ def test_generate_default_model_human_output(image):
         "generate", "--image", str(image), "--prompt", "What is in the image?", "--max-new-tokens", "4"
     )
     assert r.returncode == 0, r.stderr
-    assert "visual tokens: 576 -> 128 (stage 1) -> 64 (stage 2, from layer 2)" in r.stdout
+    # the default model is the shipped trained demo (N = 144), through the PyTorch rewrite
+    assert "runtime: torch, PyTorch rewrite of demo:llava-demo" in r.stdout
+    assert "visual tokens: 144 -> 128 (stage 1) -> 64 (stage 2, from layer 2)" in r.stdout
     assert "-> " in r.stdout and "prefill" in r.stdout and "ms/step" in r.stdout
 
 
