@@ -262,7 +262,7 @@ def _bad_manifest(tmp_path: Path, src: Path, star: dict | None = None, drop: str
         (["--image", "{img}", "--prompt", "two <image> here"], "<image>"),
         (["--image", "{img}", "--from", "{badk}"], "manifest.json: --layer must be in 1..3"),
         (["--image", "{img}", "--from", "{notok}"], "--from {notok}/processor: cannot encode prompts"),
-        (["--image", "{img}", "--from", "NONE", "--keep", "0"], "--keep must be in 1..576"),
+        (["--image", "{img}", "--from", "NONE", "--keep", "0"], "--keep must be in 1..144"),
         (["--image", "{img}", "--from", "NONE", "--layer", "0"], "--layer must be in 1..3"),
     ],
 )
