@@ -248,13 +248,21 @@ def _sparse(labels: np.ndarray, tokens: int, rng: np.random.Generator) -> np.nda
     return np.sort(np.concatenate([objects, drawn]))
 
 
+TARGETS = ("labels", "patch_labels", "code")  # the Batcher's training targets, never model inputs
+
+
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Batcher's output without its training targets: what the model's forward takes."""
+    return {k: v for k, v in inputs.items() if k not in TARGETS}
+
+
 def answer_logits(
     model: Any, inputs: dict[str, torch.Tensor], image_token_id: int
 ) -> tuple[torch.Tensor, ...]:
     """The logits of the labelled positions only (the answers; the head over the whole sequence is a
     quarter of a step), their targets and their rows. Rows without pixels read ``code`` in place of
     the image embeddings (the symbolic phase)."""
-    feed = {k: v for k, v in inputs.items() if k not in ("labels", "patch_labels", "code")}
+    feed = model_inputs(inputs)
     if "pixel_values" not in feed:
         ids = feed.pop("input_ids")
         embeds = model.get_input_embeddings()(ids)
@@ -424,9 +432,7 @@ def train(
         if name == "vision":
             dense.stop = True
             try:
-                model.model(
-                    **{k: v for k, v in inputs.items() if k not in ("labels", "patch_labels", "code")}
-                )
+                model.model(**model_inputs(inputs))
             except StopForward:
                 pass
             dense.stop = False
