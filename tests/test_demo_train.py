@@ -8,8 +8,14 @@ import json
 import pytest
 import torch
 
-from star_export.demo.train import TrainConfig, exact_match, train
+from star_export.demo.train import TrainConfig, rows_exact, train
 from star_export.load import load
+
+
+def _exact(logits, labels):
+    """``rows_exact`` on the labelled positions, laid out as ``answer_logits`` gives them."""
+    where = labels[:, 1:] != -100
+    return rows_exact(logits[:, :-1][where], labels[:, 1:][where], where.nonzero()[:, 0], len(labels))
 
 
 def test_exact_match_counts_whole_answers_only():
@@ -19,9 +25,9 @@ def test_exact_match_counts_whole_answers_only():
         for t in range(3):
             if row[t + 1] >= 0:
                 logits[b, t, row[t + 1]] = 1.0
-    assert exact_match(logits, labels).tolist() == [1.0, 1.0]
+    assert _exact(logits, labels).tolist() == [1.0, 1.0]
     logits[1, 2, 2], logits[1, 2, 3] = -1.0, 1.0  # the end token missed: the answer runs on
-    assert exact_match(logits, labels).tolist() == [1.0, 0.0]
+    assert _exact(logits, labels).tolist() == [1.0, 0.0]
 
 
 def test_train_resume_and_load(tmp_path):

@@ -294,15 +294,6 @@ def batch_of(cfg: TrainConfig, step: int, most: int) -> list[list[scenes.Sample]
     return captions + talks
 
 
-def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) 1.0 where every labelled position's next-token argmax is the label (teacher forcing)."""
-    pred = logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    ok = (pred == target) | (target == -100)
-    return ok.all(dim=1).float()
-
-
-@torch.no_grad()
 def accuracy(
     model: Any, batcher: Batcher, samples: list[scenes.Sample], batch: int = 48, symbolic: bool = False
 ) -> dict[str, float]:
