@@ -171,3 +171,51 @@ def test_the_phases_move_what_they_train(tmp_path):
     b = load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(b[k], start[k]) for k in decoder)
     assert not all(torch.equal(b[k], start[k]) for k in vision)
+
+
+def test_sincos_table_encodes_row_and_column():
+    """MAE's 2-D table: the first quarter of the channels are sines of the row, the third quarter sines
+    of the column, every patch's row distinct; a width not divisible by 4 is refused."""
+    import numpy as np
+
+    from star_export.demo.train import sincos_table
+
+    t = sincos_table(12, 96)
+    assert t.shape == (144, 96) and t.dtype == np.float32
+    row, col = np.divmod(np.arange(144), 12)
+    np.testing.assert_allclose(t[:, 0], np.sin(row), atol=1e-6)  # frequency 1, the row
+    np.testing.assert_allclose(t[:, 24], np.cos(row), atol=1e-6)
+    np.testing.assert_allclose(t[:, 48], np.sin(col), atol=1e-6)  # frequency 1, the column
+    assert len({r.tobytes() for r in t}) == 144
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_table(12, 98)
+
+
+def test_position_init_sincos_starts_the_patch_positions_from_the_table(tmp_path):
+    """``position_init = "sincos"`` writes the table into the patch rows of the vision tower's position
+    embedding (the class token's row untouched); the symbolic phase leaves it there, so the saved
+    checkpoint holds it exactly. "default" keeps the recipe's random start; anything else is refused."""
+    from safetensors.torch import load_file
+
+    from star_export.demo.train import sincos_table
+    from star_export.load import materialise
+    from star_export.recipes import load_recipe
+
+    def table_of(path):
+        weights = load_file(path / "model.safetensors")
+        return next(
+            v for k, v in weights.items() if k.endswith("vision_tower.embeddings.position_embedding.weight")
+        )
+
+    start = table_of(materialise(load_recipe("llava-demo")))
+    base = dict(steps=1, batch=2, eval_every=1, eval_count=6, test_count=6, warmup=1, symbolic_steps=1)
+    train(tmp_path / "s", TrainConfig(position_init="sincos", **base), log=lambda _: None, progress=False)
+    table = table_of(tmp_path / "s")
+    assert torch.equal(table[1:], torch.from_numpy(sincos_table(12, 96)))
+    assert torch.equal(table[0], start[0])
+    train(tmp_path / "d", TrainConfig(**base), log=lambda _: None, progress=False)
+    assert torch.equal(table_of(tmp_path / "d"), start)
+    with pytest.raises(ValueError, match="position_init"):
+        train(
+            tmp_path / "x", TrainConfig(position_init="learned", **base), log=lambda _: None, progress=False
+        )

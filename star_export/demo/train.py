@@ -62,6 +62,7 @@ class TrainConfig:
     vision_steps: int = 0  # then the vision tower and projector alone, taught to write that code
     symbolic_tokens: int = 0  # image tokens a row in that phase (objects + random background; 0: all)
     turns: int = 1  # questions about one image, asked one after another in one training sequence
+    position_init: str = "default"  # "sincos": the vision tower's position table starts as 2-D sines
 
 
 @dataclass
@@ -103,6 +104,20 @@ def patch_code(labels: np.ndarray, grid: int, dim: int) -> np.ndarray:
     first = 2 + n_shapes + n_colours
     out[:, first : first + len(waves)] = np.stack(waves, -1).reshape(grid * grid, -1)
     return out
+
+
+def sincos_table(grid: int, dim: int) -> np.ndarray:
+    """(grid * grid, dim) float32: the fixed 2-D sine-cosine position embedding of MAE / ViT (half the
+    channels encode the row, half the column, each as sines and cosines at dim / 4 frequencies from 1
+    down to 1 / 10000), raster order. ``position_init = "sincos"`` starts a learned position table
+    from it: a tower initialised with small random positions (CLIP's) reads what a patch shows long
+    before where it is, and the place is half of what position and relation questions ask."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+    row, col = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = [f(np.outer(v.reshape(-1), omega)) for v in (row, col) for f in (np.sin, np.cos)]
+    return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 class StopForward(Exception):
@@ -379,6 +394,14 @@ def train(
     size = int(recipe.image["size"])
     batcher = Batcher(loaded, size, int(model.config.vision_config.patch_size))
     torch.manual_seed(cfg.seed)
+    if cfg.position_init not in ("default", "sincos"):
+        raise ValueError(f"position_init must be 'default' or 'sincos', got {cfg.position_init!r}")
+    positions = batcher.family.patch_positions(model)
+    if cfg.position_init == "sincos":
+        if positions is None:
+            raise ValueError(f"{cfg.recipe}: the vision tower has no learned position table to initialise")
+        with torch.no_grad():
+            positions.copy_(torch.from_numpy(sincos_table(size // batcher.patch, positions.shape[1])))
     dense = DenseTarget(
         batcher.family.raster_candidates(model),
         model.config.vision_config.hidden_size,
@@ -502,6 +525,18 @@ def model_card(cfg: TrainConfig, card: dict[str, Any], history: History) -> str:
     test = card["test_exact_match"]
     kinds = "\n".join(f"| {k} | {100 * v:.1f} % |" for k, v in test.items() if k != "all")
     samples = len(history.steps) * cfg.batch
+    rest = cfg.steps - cfg.symbolic_steps - cfg.vision_steps
+    joint = (
+        f"{rest} steps of the whole model on the answers with the same dense targets"
+        if rest > 0
+        else "no joint phase: the decoder of the first phase reads what the vision tower learned to write"
+    )
+    start = (
+        " The vision tower's patch position table started from MAE's 2-D sine-cosine table instead of"
+        " small random values, so that the tower can write each patch's place."
+        if cfg.position_init == "sincos"
+        else ""
+    )
     return f"""# {cfg.recipe}: a small LLaVA trained to answer questions about synthetic scenes
 
 `LlavaForConditionalGeneration` (CLIP vision tower, Llama decoder), built from the recipe
@@ -514,11 +549,11 @@ learned something (`python -m star_export compare`); it knows nothing but these 
   presence and one relation. Train, validation and test are separate random streams of the seed.
 - Training: {len(history.steps)} steps of {cfg.batch} images ({samples:,} images, each drawn fresh,
   up to {cfg.turns} questions each), AdamW lr {cfg.lr} (warm-up {cfg.warmup} and cosine per phase), in
-  three phases: {cfg.symbolic_steps} steps of the decoder alone reading a symbolic code of each patch
+  phases: {cfg.symbolic_steps} steps of the decoder alone reading a symbolic code of each patch
   (shape, colour, object centre, place) in place of the image embeddings, {cfg.vision_steps} of the
   vision tower and projector alone learning to write that code from pixels (and a linear probe naming
-  each patch), then the whole model on the answers with the same dense targets. The code and the
-  probe are training-only: nothing of them is in these weights, which are read like any LLaVA's.
+  each patch), then {joint}. The code and the
+  probe are training-only: nothing of them is in these weights, which are read like any LLaVA's.{start}
 - Command: `python tools/train_demo.py --out DIR {flags}` ({card["train_seconds_this_run"] / 60:.0f} minutes
   of training in its last run, CPU only; the validation curve reads the symbolic code during the first
   phase and images after it).

@@ -187,6 +187,13 @@ class Family:
         training hooks it for its dense per-patch target (``demo/train.py``). Default: None."""
         return None
 
+    def patch_positions(self, model: Any) -> torch.Tensor | None:
+        """The vision tower's learned position embeddings of the patch grid, (N, dv) in raster
+        order, as a view of the parameter (a class token's row left out), or None where positions
+        are not a learned table (rotary ones). The demo training starts them from a 2-D sine-cosine
+        table (``demo/train.py``, ``TrainConfig.position_init``). Default: None."""
+        return None
+
     # ---- 6. documentation ---------------------------------------------------------------------------
     def pixel_doc(self, geo: Geometry) -> str:
         return "image pixels as the checkpoint's image processor lays them out"

@@ -142,6 +142,10 @@ class Llava(Family):
     def raster_candidates(self, model: Any) -> torch.nn.Module | None:
         return model.model.multi_modal_projector
 
+    def patch_positions(self, model: Any) -> torch.Tensor | None:
+        table = model.model.vision_tower.embeddings.position_embedding.weight  # (1 + N, dv), CLS first
+        return table[1:]
+
     def hf_extra(self, geo: Geometry) -> dict[str, Any]:
         """Inputs the unmodified model needs besides pixels and ids (none for LLaVA-1.5)."""
         return {}
