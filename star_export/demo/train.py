@@ -386,6 +386,8 @@ def train(
     from star_export.load import load, materialise
     from star_export.recipes import load_recipe
 
+    if cfg.position_init not in ("default", "sincos"):  # before the model is loaded
+        raise ValueError(f"position_init must be 'default' or 'sincos', got {cfg.position_init!r}")
     out = Path(out)
     recipe = load_recipe(cfg.recipe)
     loaded = load(materialise(recipe), source=f"recipe:{recipe.name}", options=recipe.layout)
@@ -394,10 +396,8 @@ def train(
     size = int(recipe.image["size"])
     batcher = Batcher(loaded, size, int(model.config.vision_config.patch_size))
     torch.manual_seed(cfg.seed)
-    if cfg.position_init not in ("default", "sincos"):
-        raise ValueError(f"position_init must be 'default' or 'sincos', got {cfg.position_init!r}")
-    positions = batcher.family.patch_positions(model)
     if cfg.position_init == "sincos":
+        positions = batcher.family.patch_positions(model)
         if positions is None:
             raise ValueError(f"{cfg.recipe}: the vision tower has no learned position table to initialise")
         with torch.no_grad():
