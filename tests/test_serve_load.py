@@ -165,6 +165,18 @@ def _outcome(start, end, tokens=3, arrivals=None, error=None, status=None):
     return Outcome(None, start, end, list(range(tokens)), arrivals or [], error, status)
 
 
+def test_decode_step_times_per_batch_pre_packed_and_shared(levels_export):
+    """``weights_memory --decode-batches``: one decode step per batch size in both sessions (the one
+    over the shared mapping with pre-packing off, and one with its own pre-packed copy); the step's
+    feeds follow the manifest's decode inputs, so one the graph refuses fails here."""
+    from star_export.bench.weights_memory import decode_step_ms
+
+    steps = decode_step_ms(levels_export, [1, 2], steps=2, past=(20, 12))
+    assert set(steps) == {"pre-packed (own copy)", "shared mapping (pre-packing off)"}
+    for row in steps.values():
+        assert set(row) == {"1", "2"} and all(ms > 0 for ms in row.values())
+
+
 def test_summary_figures_from_known_times():
     done = [_outcome(0.0, 1.0), _outcome(0.5, 2.5), _outcome(1.0, 2.0)]
     rejected = _outcome(
@@ -292,10 +304,25 @@ def test_unloading_a_prefill_model_under_load_fails_cleanly_then_reload_serves(s
 
 
 def test_soak_reports_the_servers_rss(server, requests):
-    result = soak(server.ports["grpc"], server.proc.pid, requests[:12], concurrency=4, warmup=4)
+    seen = []
+    result = soak(
+        server.ports["grpc"],
+        server.proc.pid,
+        requests[:12],
+        concurrency=4,
+        warmup=4,
+        chunk=5,
+        progress=lambda sent, total: seen.append((sent, total)),
+    )
     assert (result.ok, result.failed) == (16, 0)
     assert result.rss_after_warmup > 50 * MIB and result.rss_end > 50 * MIB
     assert result.growth == pytest.approx(result.rss_end / result.rss_after_warmup - 1)
+    assert [sent for sent, _ in result.trace] == [5, 10, 12] and seen == [(5, 12), (10, 12), (12, 12)]
+    assert result.rss_end == result.trace[-1][1]
+    peak = max(rss for _, rss in result.trace)
+    assert result.peak_growth == pytest.approx(peak / result.rss_after_warmup - 1)
+    assert result.peak_growth >= result.growth
+    assert result.to_dict()["growth"] == result.growth
     assert tree_rss(server.proc.pid)["processes"] >= 5  # the server and a stub per model
     bad = [Request(r.image, r.prompt, r.max_new_tokens, 12) for r in requests[:3]]  # keep 12: not held
     assert soak(server.ports["grpc"], server.proc.pid, bad, concurrency=2, warmup=0).failed == 3
@@ -365,6 +392,32 @@ def test_stop_drains_in_flight_requests_then_exits(server, requests, expected):
     }
 
 
+def test_scaling_is_top_concurrency_over_one_per_level_and_batching_mode():
+    from star_export.bench.serve import scaling
+
+    def pt(level, batching, c, rps):
+        return {"level": level, "batching": batching, "concurrency": c, "requests_per_s": rps}
+
+    points = [
+        pt("64", "on", 1, 2.0),
+        pt("64", "on", 8, 3.5),
+        pt("64", "off", 1, 2.0),
+        pt("64", "off", 8, 1.8),
+    ]
+    points += [pt("576", "on", 1, 1.0), pt("576", None, 2, 1.0)]  # a series with no concurrency 1: left out
+    assert scaling(points) == {
+        "64 batching on": {"concurrency": 8, "ratio": 1.75},
+        "64 batching off": {"concurrency": 8, "ratio": 0.9},
+    }
+    with pytest.raises(SystemExit):  # argparse refuses a mode it does not know
+        from star_export.cli import main
+
+        main(["bench", "serve", "--batching", "sometimes"])
+
+
+BATCHING_REFUSED = ["bench", "serve", "--grpc-port", "1", "--batching", "on,off"]
+
+
 def test_bench_serve_usage_errors_are_one_line(levels_export, tmp_path, capsys):
     from star_export.cli import main
 
@@ -372,9 +425,12 @@ def test_bench_serve_usage_errors_are_one_line(levels_export, tmp_path, capsys):
     assert (
         main(["bench", "serve", "--export", str(levels_export), "--keep", "12", "--out", str(tmp_path)]) == 2
     )
+    assert main([*BATCHING_REFUSED, "--export", str(levels_export), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "star_export: error: bench serve: give --export DIR (an export) or --repo DIR (a python-backend repository)",
         "star_export: error: --keep 12: this export holds keep levels 8,16,32",
+        "star_export: error: --batching: only with --export (the repository is written for each mode); a given "
+        "repository or running server keeps its own setting",
     ]
     assert not list(tmp_path.iterdir())

@@ -227,6 +227,52 @@ def test_pipeline_config_parses_and_declares_the_bls_interface(repos, manifest):
             assert config.max_batch_size == 4
 
 
+def test_pipeline_max_batch_one_turns_batching_across_requests_off(export, tmp_path, manifest):
+    """``--pipeline-max-batch 1``: both pipeline models take one row per execution (the dynamic batcher
+    then hands each execute one request); the default is the profile's max batch; negative is refused."""
+    profile_batch = next(
+        d["max"] for d in manifest["graphs"]["prefill"]["dynamic_dims"] if d["name"] == "batch"
+    )
+    assert profile_batch > 1  # else the two repositories below could not differ
+    for flag, want in (("0", profile_batch), ("1", 1)):
+        repo = tmp_path / f"r{flag}"
+        deploy.run_triton(cli_args("--from", str(export), "--repo", str(repo), "--pipeline-max-batch", flag))
+        for model in ("pipeline", "pipeline_stream"):
+            text = (repo / model / "config.pbtxt").read_text()
+            assert parse_config(repo / model / "config.pbtxt").max_batch_size == want, (model, flag)
+            assert ("Batching: off" in text) == (want == 1)
+        # the graph models keep the profile's batch: only the pipeline stops grouping requests
+        assert parse_config(repo / "prefill" / "config.pbtxt").max_batch_size == profile_batch
+    with pytest.raises(UsageError, match="--pipeline-max-batch must be >= 0"):
+        deploy.run_triton(
+            cli_args("--from", str(export), "--repo", str(tmp_path / "r"), "--pipeline-max-batch", "-1")
+        )
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "prefill", "decode"), [("decode-packed", "1", "0"), ("shared", "1", "1"), ("packed", "0", "0")]
+)
+def test_weights_mode_sets_which_graph_models_map_the_shared_file(export, tmp_path, mode, prefill, decode):
+    """``--weights``: the python backend's graph models map the one weights file (``share_weights``
+    "1", pre-packing off) or load and pre-pack their own copy ("0"); decode-packed (the default) pre-packs
+    the decode model only, whose batched steps pre-packing makes cheap."""
+    repo = tmp_path / "r"
+    deploy.run_triton(cli_args("--from", str(export), "--repo", str(repo), "--weights", mode))
+    for model, want in (("prefill", prefill), ("decode", decode)):
+        params = parse_config(repo / model / "config.pbtxt").parameters
+        assert params["share_weights"].string_value == want, (mode, model)
+    if mode == "decode-packed":
+        default = tmp_path / "default"
+        deploy.run_triton(cli_args("--from", str(export), "--repo", str(default)))
+        assert (default / "decode" / "config.pbtxt").read_text() == (
+            repo / "decode" / "config.pbtxt"
+        ).read_text()
+        with pytest.raises(UsageError, match="--weights must be one of decode-packed, shared, packed"):
+            deploy.write_repository(export, tmp_path / "bad", "python", 8, weights="once")
+        assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------------------- layout
 MODEL_FILES = {  # the export's weights (weights.onnx.data) beside each graph: it refers to them by that name
     "python": {"model.py", "model.onnx", "weights.onnx.data"},

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -242,7 +242,8 @@ def summarise(
 
 @dataclass
 class Soak:
-    """:func:`soak`'s figures: RSS of the server's process tree after the warm-up and at the end."""
+    """:func:`soak`'s figures: RSS of the server's process tree after the warm-up, after each chunk of
+    requests (``trace``: [requests sent after the warm-up, RSS bytes]) and at the end."""
 
     requests: int
     warmup: int
@@ -251,11 +252,21 @@ class Soak:
     rss_after_warmup: int
     rss_end: int
     wall_s: float
+    trace: list[list[int]] = field(default_factory=list)
 
     @property
     def growth(self) -> float:
         """Relative RSS growth from the end of the warm-up to the end."""
         return self.rss_end / self.rss_after_warmup - 1.0
+
+    @property
+    def peak_growth(self) -> float:
+        """Relative growth of the highest RSS read after the warm-up (the trace and the end)."""
+        peak = max([self.rss_end, *(rss for _, rss in self.trace)])
+        return peak / self.rss_after_warmup - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "growth": self.growth, "peak_growth": self.peak_growth}
 
 
 def soak(
@@ -266,23 +277,32 @@ def soak(
     warmup: int,
     model: str = "pipeline",
     timeout: float = 300.0,
+    chunk: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Soak:
-    """Send ``warmup`` requests, read the server's RSS, send ``requests``, read it again."""
+    """Send ``warmup`` requests, read the server's RSS, send ``requests`` (in chunks of ``chunk``,
+    the RSS read after each; 0 = one chunk), read it again."""
     start = time.perf_counter()
     cycle = [requests[i % len(requests)] for i in range(warmup)]
-    first = run_requests(port, cycle, concurrency, model, timeout)
+    every = run_requests(port, cycle, concurrency, model, timeout)
     after = tree_rss(server_pid)["rss"]
-    rest = run_requests(port, requests, concurrency, model, timeout)
-    end = tree_rss(server_pid)["rss"]
-    every = [*first, *rest]
+    step = chunk or len(requests)
+    trace: list[list[int]] = []
+    for i in range(0, len(requests), step):
+        every += run_requests(port, requests[i : i + step], concurrency, model, timeout)
+        sent = min(i + step, len(requests))
+        trace.append([sent, tree_rss(server_pid)["rss"]])
+        if progress is not None:
+            progress(sent, len(requests))
     return Soak(
         requests=len(requests),
         warmup=warmup,
         ok=sum(o.ok for o in every),
         failed=sum(not o.ok for o in every),
         rss_after_warmup=after,
-        rss_end=end,
+        rss_end=trace[-1][1] if trace else after,
         wall_s=time.perf_counter() - start,
+        trace=trace,
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from star_export.bench.load import Request, run_requests, summarise
 from star_export.bench.procs import tree_rss
+from star_export.deploy.settings import WEIGHT_MODES
 from star_export.errors import UsageError
 
 DESCRIPTION = """\
@@ -87,6 +88,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--pipeline-instances", type=int, default=2, metavar="N", help="pipeline model instances (default 2)"
     )
     p.add_argument(
+        "--batching",
+        type=_batching_modes,
+        default=["on"],
+        metavar="on|off|on,off",
+        help="batching across requests in the pipeline (Triton's dynamic batcher, up to the profile's max "
+        "batch) or off (one request per execution); on,off sweeps both, one server each (default on; "
+        "with --repo / --grpc-port the server's own setting, not changed)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_MODES,
+        default="decode-packed",
+        help="how the graph models hold the weights (triton --weights; default decode-packed)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -101,6 +117,26 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-ttft-probe", action="store_true", help="without streaming, skip the 1-token pass")
     p.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the sweep, on the same server (the first --batching mode): N more requests at "
+        "--soak-concurrency cycling the --keep levels, the server's RSS read after a warm-up and every "
+        "N/20 requests (issue 22: within 5 %% of its level after the warm-up)",
+    )
+    p.add_argument(
+        "--soak-concurrency", type=int, default=8, metavar="C", help="requests in flight in the soak (8)"
+    )
+    p.add_argument(
+        "--soak-warmup",
+        type=int,
+        default=100,
+        metavar="N",
+        help="untimed soak requests before the first RSS (100)",
+    )
+    p.add_argument("--no-sweep", action="store_true", help="the soak only (with --soak)")
+    p.add_argument(
         "--timeout", type=float, default=300.0, metavar="S", help="client timeout per request (300)"
     )
     p.add_argument(
@@ -112,6 +148,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _batching_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in ("on", "off") for m in modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give on, off or on,off")
+    return modes
+
+
 def check_args(args: argparse.Namespace) -> None:
     if (args.export is None) == (args.repo is None):
         raise UsageError(
@@ -120,10 +163,23 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--requests", args.requests), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.soak < 0 or args.soak_warmup < 0 or args.soak_concurrency < 1:
+        raise UsageError("--soak and --soak-warmup must be >= 0 and --soak-concurrency >= 1")
+    if args.no_sweep and not args.soak:
+        raise UsageError("--no-sweep: give --soak N (there is nothing else to run)")
+    if args.soak and args.grpc_port is not None:
+        raise UsageError(
+            "--soak reads the server's RSS: leave out --grpc-port (this command starts the server)"
+        )
     if min(args.concurrency) < 1:
         raise UsageError(f"--concurrency must be >= 1, got {min(args.concurrency)}")
     if args.grpc_port is not None and args.export is None:
         raise UsageError("--grpc-port: give --export DIR too (the export the running server serves)")
+    if (args.repo is not None or args.grpc_port is not None) and args.batching != ["on"]:
+        raise UsageError(
+            "--batching: only with --export (the repository is written for each mode); a given "
+            "repository or running server keeps its own setting"
+        )
 
 
 def _image(seed: int) -> bytes:
@@ -144,7 +200,7 @@ def requests_for(keeps: list[int | None], n: int, max_new: int, images: list[byt
     ]
 
 
-def _repository(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
+def _repository(args: argparse.Namespace, work: Path, batching: str = "on") -> tuple[Path, dict[str, Any]]:
     from star_export import deploy
     from star_export.deploy.server import served_models
 
@@ -156,7 +212,7 @@ def _repository(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, A
             )
         marker = json.loads((args.repo / deploy.files.MARKER).read_text()) if pipeline else {}
         return args.repo.resolve(), marker
-    repo = work / "model_repository"
+    repo = work / f"model_repository_batching_{batching}"
     written = deploy.write_repository(
         args.export,
         repo,
@@ -164,6 +220,8 @@ def _repository(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, A
         args.max_new_tokens,
         pipeline_instances=args.pipeline_instances,
         intra_op_threads=args.threads,
+        pipeline_max_batch=1 if batching == "off" else 0,
+        weights=args.weights,
     )
     return repo, written.to_dict() | {
         "settings": {"pipeline_instances": args.pipeline_instances, "threads": args.threads}
@@ -196,6 +254,7 @@ def sweep(
     stream: str | None,
     args: argparse.Namespace,
     levels: list[Any],
+    batching: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every (level, concurrency) point: warm-up, timed requests, the 1-token probe, the server's RSS."""
     images = [_image(s) for s in range(3)]
@@ -216,6 +275,7 @@ def sweep(
             row = {
                 "level": name,
                 "keeps": keeps,
+                "batching": batching,
                 "concurrency": c,
                 **summarise(outcomes, stream is not None, probe),
             }
@@ -225,12 +285,57 @@ def sweep(
     return points
 
 
+def run_soak(
+    port: int, server_pid: int, model: str, args: argparse.Namespace, keeps: list[int]
+) -> dict[str, Any]:
+    """``--soak``: the server's RSS after a warm-up and every ``soak / 20`` requests (non-streaming
+    pipeline, the --keep levels in turn)."""
+    from star_export.bench.load import soak
+
+    images = [_image(s) for s in range(3)]
+    requests = requests_for(list(keeps), args.soak, args.max_new_tokens, images)
+    print(
+        f"soak: {args.soak_warmup} warm-up + {args.soak} requests at concurrency {args.soak_concurrency}, "
+        f"keeps {','.join(map(str, keeps))} ...",
+        flush=True,
+    )
+
+    def progress(sent: int, total: int) -> None:
+        print(
+            f"  soak {sent}/{total} requests, server RSS {tree_rss(server_pid)['rss'] / (1 << 20):.0f} MiB",
+            flush=True,
+        )
+
+    result = soak(
+        port,
+        server_pid,
+        requests,
+        args.soak_concurrency,
+        args.soak_warmup,
+        model=model,
+        timeout=args.timeout,
+        chunk=max(1, args.soak // 20),
+        progress=progress,
+    )
+    return result.to_dict() | {"concurrency": args.soak_concurrency, "keeps": list(keeps)}
+
+
+def format_soak(s: dict[str, Any]) -> str:
+    mib = 1 << 20
+    return (
+        f"soak: {s['requests']} requests after {s['warmup']} warm-up (concurrency {s['concurrency']}, keeps "
+        f"{','.join(map(str, s['keeps']))}): {s['ok']} ok, {s['failed']} failed, {s['wall_s']:.0f} s; server RSS "
+        f"{s['rss_after_warmup'] / mib:.0f} MiB after the warm-up, {s['rss_end'] / mib:.0f} MiB at the end "
+        f"({s['growth']:+.1%}; highest read {s['peak_growth']:+.1%})"
+    )
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
 HEADER = (
-    f"{'level':>14} {'conc':>4} {'req/s':>6} {'tok/s':>6} {'TTFT50':>7} {'TPOT50':>7} {'ITL50':>6} "
+    f"{'level':>14} {'batch':>5} {'conc':>4} {'req/s':>6} {'tok/s':>6} {'TTFT50':>7} {'TPOT50':>7} {'ITL50':>6} "
     f"{'e2e50':>7} {'e2e90':>7} {'e2e99':>7} {'ok':>4} {'rej':>4} {'fail':>4} {'RSS MiB':>8}"
 )
 
@@ -239,7 +344,7 @@ def format_row(r: dict[str, Any]) -> str:
     rps = "-" if r["requests_per_s"] is None else f"{r['requests_per_s']:.2f}"
     tps = "-" if r["output_tokens_per_s"] is None else f"{r['output_tokens_per_s']:.1f}"
     return (
-        f"{r['level']:>14} {r['concurrency']:>4} {rps:>6} {tps:>6} {_ms(r['ttft_p50_s']):>7} "
+        f"{r['level']:>14} {r.get('batching') or '-':>5} {r['concurrency']:>4} {rps:>6} {tps:>6} {_ms(r['ttft_p50_s']):>7} "
         f"{_ms(r['tpot_p50_s']):>7} {_ms(r['itl_p50_s']):>6} {_ms(r['e2e_p50_s']):>7} {_ms(r['e2e_p90_s']):>7} "
         f"{_ms(r['e2e_p99_s']):>7} {r['ok']:>4} {r['rejected']:>4} {r['failed']:>4} "
         + ("       -" if r["server_rss_bytes"] is None else f"{r['server_rss_bytes'] / (1 << 20):>8.0f}")
@@ -259,7 +364,27 @@ def format_table(doc: dict[str, Any]) -> str:
         HEADER,
         *(format_row(r) for r in doc["points"]),
     ]
+    if doc.get("scaling"):
+        lines.append(
+            "requests/s at the highest concurrency over concurrency 1: "
+            + "; ".join(f"{k} {v['ratio']:.2f}x (c={v['concurrency']})" for k, v in doc["scaling"].items())
+        )
     return "\n".join(lines)
+
+
+def _series(r: dict[str, Any]) -> str:
+    return r["level"] + (f" batching {r['batching']}" if r.get("batching") else "")
+
+
+def scaling(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per level (and batching mode): requests/s at its highest concurrency over that at concurrency 1."""
+    out: dict[str, dict[str, Any]] = {}
+    for series in dict.fromkeys(_series(r) for r in points):
+        pts = {r["concurrency"]: r["requests_per_s"] for r in points if _series(r) == series}
+        top = max(pts)
+        if 1 in pts and top > 1 and pts[1] and pts[top]:
+            out[series] = {"concurrency": top, "ratio": round(pts[top] / pts[1], 3)}
+    return out
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path:
@@ -270,12 +395,15 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    for level in dict.fromkeys(r["level"] for r in doc["points"]):
-        pts = [r for r in doc["points"] if r["level"] == level and r["requests_per_s"] and r["e2e_p90_s"]]
+    colours = {lv: f"C{i}" for i, lv in enumerate(dict.fromkeys(r["level"] for r in doc["points"]))}
+    for series in dict.fromkeys(_series(r) for r in doc["points"]):
+        pts = [r for r in doc["points"] if _series(r) == series and r["requests_per_s"] and r["e2e_p90_s"]]
         if not pts:
             continue
         x, y = [r["e2e_p90_s"] for r in pts], [r["requests_per_s"] for r in pts]
-        ax.plot(x, y, marker="o", label=f"keep {level}")
+        off = pts[0].get("batching") == "off"
+        colour = colours[pts[0]["level"]]
+        ax.plot(x, y, marker="o", linestyle="--" if off else "-", color=colour, label=f"keep {series}")
         for r, xx, yy in zip(pts, x, y, strict=True):
             ax.annotate(
                 str(r["concurrency"]), (xx, yy), textcoords="offset points", xytext=(4, 4), fontsize=8
@@ -356,22 +484,33 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
         port, startup_s, pipeline = args.grpc_port, None, "pipeline"
         version, stream = _server_facts(port, args.stream_model)
         print(HEADER, flush=True)
-        points = sweep(port, None, pipeline, stream, args, levels)
+        points, soaked = sweep(port, None, pipeline, stream, args, levels), None
     else:
-        with tempfile.TemporaryDirectory(prefix="star-bench-serve-") as tmp:
-            work = Path(tmp)
-            repo, info = _repository(args, work)
-            server = TritonServer(repo, work)
-            print(f"starting tritonserver on {repo} ...", flush=True)
-            server.start({k: free_port() for k in ("http", "grpc", "metrics")}, timeout=900)
-            try:
-                pipeline = (info.get("models") or {}).get("pipeline", "pipeline")
-                version, stream = _server_facts(server.ports["grpc"], args.stream_model)
-                print(HEADER, flush=True)
-                points = sweep(server.ports["grpc"], server.proc.pid, pipeline, stream, args, levels)
-            finally:
-                server.stop()
-            startup_s = server.startup_s
+        points, startup_s, soaked = [], None, None
+        modes = args.batching if args.repo is None else [None]
+        if args.no_sweep:  # the soak runs on the first mode's server only
+            modes = modes[:1]
+        for mode in modes:
+            with tempfile.TemporaryDirectory(prefix="star-bench-serve-") as tmp:
+                work = Path(tmp)
+                repo, info = _repository(args, work, mode or "on")
+                server = TritonServer(repo, work)
+                note = f" (batching {mode})" if mode else ""
+                print(f"starting tritonserver on {repo}{note} ...", flush=True)
+                server.start({k: free_port() for k in ("http", "grpc", "metrics")}, timeout=900)
+                try:
+                    pipeline = (info.get("models") or {}).get("pipeline", "pipeline")
+                    version, stream = _server_facts(server.ports["grpc"], args.stream_model)
+                    pid = server.proc.pid
+                    if not args.no_sweep:
+                        print(HEADER, flush=True)
+                        points += sweep(server.ports["grpc"], pid, pipeline, stream, args, levels, mode)
+                    if args.soak and soaked is None:
+                        soaked = run_soak(server.ports["grpc"], pid, pipeline, args, keeps)
+                        soaked["batching"] = mode
+                finally:
+                    server.stop()
+                startup_s = server.startup_s if startup_s is None else startup_s
     doc = {
         "what": "python -m star_export bench serve: closed-loop load on the pipeline model over gRPC (loopback)",
         "machine": machine_info(0),
@@ -388,6 +527,8 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "pipeline_instances": args.pipeline_instances if args.repo is None else None,
             "threads": args.threads if args.repo is None else None,
+            "batching": args.batching if args.repo is None and args.grpc_port is None else None,
+            "weights": args.weights if args.repo is None and args.grpc_port is None else None,
             "repository": (
                 f"a running server (gRPC 127.0.0.1:{args.grpc_port})"
                 if args.grpc_port is not None
@@ -399,10 +540,19 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "ttft_kind": points[0]["ttft_kind"] if points else "not measured",
         "points": points,
+        "scaling": scaling(points),
+        "soak": soaked,
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.no_sweep:  # the soak alone: its own file, a sweep's serve.json is left as it is
+        atomic_write(args.out / "serve_soak.json", json.dumps(doc, indent=2) + "\n")
+        print("\n" + format_soak(soaked))
+        print(f"wrote {args.out / 'serve_soak.json'}")
+        return doc
     atomic_write(args.out / "serve.json", json.dumps(doc, indent=2) + "\n")
     plot(doc, args.out / "serve.png")
     print("\n" + format_table(doc))
+    if soaked is not None:
+        print(format_soak(soaked))
     print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
     return doc

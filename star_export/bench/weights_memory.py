@@ -67,6 +67,70 @@ def measure_load_export(directory: Path, keeps: list[int], share: bool, timeout:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def decode_step_ms(
+    directory: Path, batches: list[int], steps: int = 8, past: tuple[int, int] = (150, 90)
+) -> dict:
+    """The decode graph's step time (ms, median of ``steps`` after one warm-up; 1 intra-op thread) per
+    batch size, in a session over the shared mapping (pre-packing off, what ``share_weights`` runs)
+    and in one that loads and pre-packs its own copy. ``past``: the past lengths (layers < K, >= K).
+    Without pre-packing, onnxruntime's CPU MatMul packs every weight matrix again on each call of 2+
+    rows; one row takes a path that reads it as it is."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from star_export.weights import SharedWeights
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    graph = manifest["graphs"]["decode"]
+    path = directory / graph.get("file", "decode.onnx")
+    sizes = {"past_len_l1": past[0], "past_len_l2": past[1]}
+
+    def feeds(batch: int) -> dict:
+        out = {}
+        rng = np.random.default_rng(0)
+        for t in graph["inputs"]:
+            shape = []
+            for d in t["shape"]:
+                if isinstance(d, int):
+                    shape.append(d)
+                elif d == "batch":
+                    shape.append(batch)
+                else:  # "past_len_l1" or "past_len_l1 + 1"
+                    name, _, extra = d.partition(" + ")
+                    shape.append(sizes[name] + int(extra or 0))
+            if t["dtype"].startswith("int"):
+                out[t["name"]] = (
+                    np.ones(shape, np.int64) if "mask" in t["name"] else np.full(shape, 5, np.int64)
+                )
+            else:
+                out[t["name"]] = rng.standard_normal(shape).astype(t["dtype"])
+        return out
+
+    result: dict = {}
+    for name, share in (("pre-packed (own copy)", False), ("shared mapping (pre-packing off)", True)):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        weights = None
+        if share:
+            weights = SharedWeights(directory)
+            weights.options(path, opts)  # turns pre-packing off
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        result[name] = {}
+        for batch in batches:
+            f = feeds(batch)
+            session.run(None, f)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                session.run(None, f)
+                times.append(time.perf_counter() - start)
+            result[name][str(batch)] = round(float(np.median(times)) * 1000, 1)
+        del session, weights
+    return result
+
+
 def weights_bytes(directory: Path) -> int:
     """The bytes of the export's external data (``weights.onnx.data`` and any other ``*.data``)."""
     return sum(p.stat().st_size for p in Path(directory).glob("*.data"))
@@ -84,13 +148,15 @@ def measure_server(
 
     repo = work / "repository"
     written = deploy.write_repository(
-        directory, repo, "python", 8, pipeline_instances=1, intra_op_threads=threads
+        directory,
+        repo,
+        "python",
+        8,
+        pipeline_instances=1,
+        intra_op_threads=threads,
+        weights="shared" if share else "packed",
     )
     models = written.models
-    if not share:
-        for model in (models[g] for g in models if g != "pipeline"):
-            with (repo / model / "config.pbtxt").open("a") as f:
-                f.write('parameters { key: "share_weights" value: { string_value: "0" } }\n')
     level_model = {int(lv["keep2"]): lv["model"] for lv in written.levels}
     first = [models["pipeline"], models["decode"], level_model[keeps[0]]]
     server = TritonServer(
@@ -145,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--server", action="store_true", help="also tritonserver, 1 level vs all (explicit mode)")
     p.add_argument("--no-load-export", action="store_true", help="skip the load_export cases")
+    p.add_argument(
+        "--decode-batches",
+        default=None,
+        metavar="B,B,...",
+        help="also time one decode step per batch size, pre-packed vs over the shared mapping",
+    )
     args = p.parse_args(argv)
     from star_export.bench.timing import machine_info
 
@@ -188,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{one['rss'] / MIB:.0f} MiB with keep {keeps[0]}, {every['rss'] / MIB:.0f} MiB with all "
                 f"{len(keeps)} levels; PSS {one['pss'] / MIB:.0f} -> {every['pss'] / MIB:.0f} MiB"
             )
+    if args.decode_batches:
+        batches = [int(b) for b in args.decode_batches.split(",")]
+        doc["decode_step_ms"] = steps = decode_step_ms(args.export, batches)
+        for name, row in steps.items():
+            print(f"decode step, {name}: " + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in row.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")

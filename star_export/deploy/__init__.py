@@ -127,9 +127,11 @@ def write_repository(
     intra_op_threads: int = 0,
     cores: int = 0,
     batch_delay_us: int = 2000,
+    pipeline_max_batch: int = 0,
     max_queue: int = 64,
     queue_timeout_s: float = 60.0,
     stream: bool = True,
+    weights: str = "decode-packed",
 ) -> Repository:
     """Write a Triton model repository for the export in ``from_dir`` to ``repo`` (atomically).
 
@@ -147,9 +149,11 @@ def write_repository(
         intra_op_threads=intra_op_threads,
         cores=cores,
         batch_delay_us=batch_delay_us,
+        pipeline_max_batch=pipeline_max_batch,
         max_queue=max_queue,
         queue_timeout_s=queue_timeout_s,
         stream=stream,
+        weights=weights,
     )
     check_settings(settings)
     manifest = read_export(from_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from star_export.deploy.cpp_header import write_cpp_header
-from star_export.deploy.settings import BACKENDS
+from star_export.deploy.settings import BACKENDS, WEIGHT_MODES
 from star_export.errors import UsageError
 
 EPILOG = """\
@@ -87,6 +87,24 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2000)",
     )
     parser.add_argument(
+        "--pipeline-max-batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rows the pipeline runs per execution (default 0: the profile's max batch); 1 turns "
+        "batching across requests off",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_MODES,
+        default="decode-packed",
+        help="python backend: how the graph models hold the weights. decode-packed (default): the prefill "
+        "models map the one weights file, the decode model pre-packs its own copy (2 copies for any "
+        "number of levels; a decode step of several rows costs about one row's); shared: every model "
+        "maps it (once in memory, but without pre-packing a decode step of 2+ rows costs 3.5-4x one row, "
+        "so batching gains little); packed: a pre-packed copy per model (levels + 1 copies)",
+    )
+    parser.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -141,6 +159,8 @@ def run_triton(args: argparse.Namespace) -> int:
                 intra_op_threads=args.threads,
                 cores=args.cores,
                 batch_delay_us=args.batch_delay_us,
+                pipeline_max_batch=args.pipeline_max_batch,
+                weights=args.weights,
                 max_queue=args.max_queue,
                 queue_timeout_s=args.queue_timeout,
                 stream=args.stream,

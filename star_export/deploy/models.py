@@ -58,6 +58,7 @@ def write_graph_model(
                 "intra_op_num_threads": str(settings.intra_op_threads),
                 "inter_op_num_threads": "1",
                 "allow_spinning": "0",  # threads that spin-wait take the cores other sessions need
+                "share_weights": "1" if shares_weights(settings, graph["graph"]) else "0",
             }
         else:  # Triton's onnxruntime backend reads these (onnxruntime_backend README, "Model Config")
             parameters = {
@@ -75,6 +76,12 @@ def write_graph_model(
         graph_config(graph, settings, max_batch_size=max_batch, comments=comments, parameters=parameters)
     )
     return linked
+
+
+def shares_weights(settings: RepositorySettings, graph: str) -> bool:
+    """Whether the python backend's model of ``graph`` maps the shared weights file (else it loads and
+    pre-packs its own copy): ``settings.weights``, see ``WEIGHT_MODES``."""
+    return settings.weights == "shared" or (settings.weights == "decode-packed" and graph != "decode")
 
 
 def thread_comments(settings: RepositorySettings) -> list[str]:
@@ -112,12 +119,14 @@ def write_pipeline(
         )
     shutil.copytree(processor, version / "processor")
     default_keep = int(manifest["star"].get("default_keep", next(iter(prefill_models))))
+    # rows per execution: the profile's max batch, or fewer (--pipeline-max-batch; 1 = no batching)
+    rows = min(limits["batch"], settings.pipeline_max_batch or limits["batch"])
     (model_dir / "config.pbtxt").write_text(
-        pipeline_config(settings, limits["batch"], limits, prefill_models, default_keep)
+        pipeline_config(settings, rows, limits, prefill_models, default_keep)
     )
     if settings.stream:  # the decoupled variant: the same model.py and files, its own config
         stream_dir = model_dir.parent / settings.name("pipeline_stream")
         shutil.copytree(version, stream_dir / "1")
         (stream_dir / "config.pbtxt").write_text(
-            pipeline_config(settings, limits["batch"], limits, prefill_models, default_keep, stream=True)
+            pipeline_config(settings, rows, limits, prefill_models, default_keep, stream=True)
         )

@@ -11,6 +11,13 @@ from typing import Any
 from star_export.errors import UsageError
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
+# How the python backend's graph models hold the weights (onnxruntime on the CPU):
+#   shared: every model maps the one weights file (in memory once; MatMul pre-packing off, which makes
+#           a decode step of 2+ rows 3.5-4x slower than one row (measured), so batching across requests gains little)
+#   decode-packed: the prefill models map it, the decode model loads and pre-packs its own copy
+#           (two copies whatever the number of levels; batched decode steps cost about one row's)
+#   packed: every model loads and pre-packs its own copy (levels + 1 copies)
+WEIGHT_MODES = ("decode-packed", "shared", "packed")
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,11 @@ class RepositorySettings:
     intra_op_threads: int = 0  # onnxruntime threads per session; 0 = from the thread budget (cores)
     cores: int = 0  # cores the server may use; 0 = this machine's (os.sched_getaffinity)
     batch_delay_us: int = 2000  # dynamic batching: the longest a request waits for others to join
+    pipeline_max_batch: int = 0  # rows per pipeline execution; 0 = the profile's max batch, 1 = no batching
     max_queue: int = 64  # requests queued per pipeline model; more are rejected (UNAVAILABLE)
     queue_timeout_s: float = 60.0  # a request queued longer is rejected; 0 = no timeout
     stream: bool = True  # also write pipeline_stream (decoupled: one response per token)
+    weights: str = "decode-packed"  # WEIGHT_MODES: how the graph models hold the weights (python backend)
 
     @property
     def kind(self) -> str:
@@ -105,9 +114,13 @@ def check_settings(s: RepositorySettings) -> None:
         raise UsageError(f"--cores must be >= 0, got {s.cores}")
     if s.batch_delay_us < 0:
         raise UsageError(f"--batch-delay-us must be >= 0, got {s.batch_delay_us}")
+    if s.pipeline_max_batch < 0:
+        raise UsageError(f"--pipeline-max-batch must be >= 0, got {s.pipeline_max_batch}")
     if s.max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {s.max_queue}")
     if s.queue_timeout_s < 0:
         raise UsageError(f"--queue-timeout must be >= 0 seconds, got {s.queue_timeout_s:g}")
+    if s.weights not in WEIGHT_MODES:
+        raise UsageError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {s.weights!r}")
     if s.prefix and not all(c.isalnum() or c in "_-" for c in s.prefix):
         raise UsageError(f"--prefix {s.prefix!r}: use letters, digits, '_' and '-' only")
