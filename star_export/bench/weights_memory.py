@@ -137,11 +137,12 @@ def weights_bytes(directory: Path) -> int:
 
 
 def measure_server(
-    directory: Path, keeps: list[int], work: Path, share: bool = True, threads: int = 1
+    directory: Path, keeps: list[int], work: Path, weights: str = "shared", threads: int = 1
 ) -> dict:
     """tritonserver (explicit model control) on the export's python-backend repository: the process
     tree's RSS and PSS with the first level loaded, then with every level (after one request at each).
-    ``share``: the graph models map the weights file (``onnx_graph.py``'s ``share_weights``) or not."""
+    ``weights``: ``triton --weights`` (shared: every graph model maps the weights file, packed: each
+    loads and pre-packs its own copy, decode-packed: only the decode model does)."""
     from star_export import deploy
     from star_export.bench.load import Request, run_requests
     from star_export.deploy.server import TritonServer, free_port
@@ -154,7 +155,7 @@ def measure_server(
         8,
         pipeline_instances=1,
         intra_op_threads=threads,
-        weights="shared" if share else "packed",
+        weights=weights,
     )
     models = written.models
     level_model = {int(lv["keep2"]): lv["model"] for lv in written.levels}
@@ -250,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.server:
         doc["tritonserver"] = {}
-        for share in (False, True):
-            name = "shared" if share else "per-session"
+        for mode in ("packed", "shared", "decode-packed"):
+            name = {"packed": "per-session", "shared": "shared"}.get(mode, mode)
             with tempfile.TemporaryDirectory(prefix="star-weights-") as tmp:
-                doc["tritonserver"][name] = s = measure_server(args.export, keeps, Path(tmp), share)
+                doc["tritonserver"][name] = s = measure_server(args.export, keeps, Path(tmp), mode)
             one, every = s["first_level"], s["all_levels"]
             print(
                 f"tritonserver {name}: RSS (summed over {every['processes']} processes) "
