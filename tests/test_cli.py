@@ -263,19 +263,21 @@ def test_failure_during_export_leaves_no_partial_files(tmp_path, monkeypatch):
     "command",
     [[], *([c] for c in "llava generate build validate triton serve bench check eval".split())],
 )
-def test_help_runs(command):
-    r = run_cli(*command, "--help", timeout=60)
+def test_help_runs(command, capsys):
+    """Every command's --help, in this process (``main`` is what ``python -m star_export`` runs; the
+    entry point itself is run as a process for the top-level help, and by test_check_command_exit_codes)."""
+    r = run_cli("--help", timeout=60) if not command else run_main(capsys, *command, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout
 
 
-def test_check_command_exit_codes(tmp_path):
-    r = run_cli("check", str(tmp_path / "nope.onnx"), timeout=60)
+def test_check_command_exit_codes(tmp_path, capsys):
+    r = run_cli("check", str(tmp_path / "nope.onnx"), timeout=60)  # the process's own exit code
     assert r.returncode == 2 and "no such file" in r.stderr
     notes, png = tmp_path / "notes.txt", tmp_path / "cat.png"
     notes.write_text("a note, not a graph\n")
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     for path in (notes, png):
-        r = run_cli("check", str(path), timeout=60)
+        r = run_main(capsys, "check", str(path))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "not an ONNX model" in lines[0], r.stderr
         assert "Traceback" not in r.stderr
@@ -309,7 +311,7 @@ def test_sigterm_during_an_export_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.skipif(trt_status()[0], reason="TensorRT is present here: the suggested commands would build")
-def test_every_command_the_tool_suggests_runs_as_printed(cli_export, tmp_path):
+def test_every_command_the_tool_suggests_runs_as_printed(cli_export, tmp_path, capsys):
     """The commands star_export prints as advice (help epilogs, error hints) parse and run: with no
     TensorRT here they end in exit 3 (the documented 'missing component'), never in a usage error."""
     import re
@@ -317,9 +319,11 @@ def test_every_command_the_tool_suggests_runs_as_printed(cli_export, tmp_path):
     export = cli_export("llava-keep16", "--keep", "16")
     hints: list[str] = []
     for command in ("triton", "build"):
-        text = run_cli(command, "--help", timeout=60).stdout
+        text = run_main(capsys, command, "--help").stdout
         hints += re.findall(r"python -m star_export (?:build|validate) [^`\n]*", text)
-    r = run_cli("triton", "--from", str(export), "--repo", str(tmp_path / "repo"), "--backend", "tensorrt")
+    r = run_main(
+        capsys, "triton", "--from", str(export), "--repo", str(tmp_path / "repo"), "--backend", "tensorrt"
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     hints += re.findall(r"python -m star_export (?:build|validate) [^`)\n]*", r.stderr)
     hints = [h for h in hints if "[" not in h]  # usage synopses are not advice
