@@ -243,6 +243,9 @@ def test_pipeline_max_batch_one_turns_batching_across_requests_off(export, tmp_p
             assert ("Batching: off" in text) == (want == 1)
         # the graph models keep the profile's batch: only the pipeline stops grouping requests
         assert parse_config(repo / "prefill" / "config.pbtxt").max_batch_size == profile_batch
+        readme = (repo / "README.md").read_text()
+        assert ("Batching across requests is off" in readme) == (want == 1)
+        assert (f"(at most {profile_batch} rows)" in readme) == (want > 1)
     with pytest.raises(UsageError, match="--pipeline-max-batch must be >= 0"):
         deploy.run_triton(
             cli_args("--from", str(export), "--repo", str(tmp_path / "r"), "--pipeline-max-batch", "-1")
@@ -262,6 +265,7 @@ def test_weights_mode_sets_which_graph_models_map_the_shared_file(export, tmp_pa
     for model, want in (("prefill", prefill), ("decode", decode)):
         params = parse_config(repo / model / "config.pbtxt").parameters
         assert params["share_weights"].string_value == want, (mode, model)
+    assert f"(`--weights {mode}`)" in (repo / "README.md").read_text()
     if mode == "decode-packed":
         default = tmp_path / "default"
         deploy.run_triton(cli_args("--from", str(export), "--repo", str(default)))

@@ -105,18 +105,37 @@ levels; re-export with `--keep` to add one.
         else ""
     )
     timeout = f"{settings.queue_timeout_s:g} s" if settings.queue_timeout_s > 0 else "none"
+    rows = min(repo.limits["batch"], settings.pipeline_max_batch or repo.limits["batch"])
+    batching = (
+        f"""Requests that arrive within {settings.batch_delay_us} us of one another (Triton's `dynamic_batching`,
+`max_queue_delay_microseconds`) run as ONE left-padded prefill and ONE decode loop per keep level
+(at most {rows} rows); each row stops at its own `max_new_tokens` / stop ids and its
+tokens are those it gets alone."""
+        if rows > 1
+        else "Batching across requests is off (`--pipeline-max-batch 1`): the pipeline runs one request at a time."
+    )
+    weights_mode = (
+        {
+            "decode-packed": "The prefill models map the shared weights file (in memory once for every level); the "
+            "decode model loads and pre-packs its own copy, so a decode step of several rows costs about one "
+            "row's (`--weights decode-packed`).",
+            "shared": "Every graph model maps the shared weights file: in memory once, but without pre-packing a "
+            "decode step of 2+ rows costs several times one row's (`--weights shared`).",
+            "packed": "Every graph model loads and pre-packs its own copy of the weights (`--weights packed`).",
+        }[settings.weights]
+        if repo.backend == "python"
+        else ""
+    )
     serving_text = f"""
 ## Batching, queue, threads
 
-Requests that arrive within {settings.batch_delay_us} us of one another (Triton's `dynamic_batching`,
-`max_queue_delay_microseconds`) run as ONE left-padded prefill and ONE decode loop per keep level
-(at most {repo.limits["batch"]} rows); each row stops at its own `max_new_tokens` / stop ids and its
-tokens are those it gets alone. The queue holds at most {settings.max_queue} requests
+{" ".join(t for t in (batching, weights_mode) if t)} The queue holds at most {settings.max_queue} requests
 (`max_queue_size`; beyond that a request is rejected at once with UNAVAILABLE) and a request queued
 longer than {timeout} is rejected (`default_queue_policy`). A malformed request is answered with
 INVALID_ARGUMENT and a message naming the problem. onnxruntime runs {settings.intra_op_threads}
 intra-op thread(s) per session ({settings.cores} cores; see the comments in each config.pbtxt).
-Rewrite with `--batch-delay-us`, `--max-queue`, `--queue-timeout`, `--threads`, `--cores`.
+Rewrite with `--batch-delay-us`, `--pipeline-max-batch`, `--weights`, `--max-queue`, `--queue-timeout`,
+`--threads`, `--cores`.
 """
     pipelines = [m[k] for k in ("pipeline", "pipeline_stream") if k in m]
     layout = "\n".join(
