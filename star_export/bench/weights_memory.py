@@ -80,32 +80,26 @@ def decode_step_ms(
     import numpy as np
     import onnxruntime as ort
 
+    from star_export.contract import contract_from_dict
     from star_export.weights import SharedWeights
 
     manifest = json.loads((directory / "manifest.json").read_text())
     graph = manifest["graphs"]["decode"]
     path = directory / graph.get("file", "decode.onnx")
-    sizes = {"past_len_l1": past[0], "past_len_l2": past[1]}
+    contract = contract_from_dict(graph)
 
     def feeds(batch: int) -> dict:
-        out = {}
+        sizes = {"batch": batch, "past_len_l1": past[0], "past_len_l2": past[1]}
         rng = np.random.default_rng(0)
-        for t in graph["inputs"]:
-            shape = []
-            for d in t["shape"]:
-                if isinstance(d, int):
-                    shape.append(d)
-                elif d == "batch":
-                    shape.append(batch)
-                else:  # "past_len_l1" or "past_len_l1 + 1"
-                    name, _, extra = d.partition(" + ")
-                    shape.append(sizes[name] + int(extra or 0))
-            if t["dtype"].startswith("int"):
-                out[t["name"]] = (
-                    np.ones(shape, np.int64) if "mask" in t["name"] else np.full(shape, 5, np.int64)
+        out = {}
+        for spec in contract.inputs:
+            shape = spec.concrete(sizes)
+            if spec.dtype.startswith("int"):
+                out[spec.name] = (
+                    np.ones(shape, np.int64) if "mask" in spec.name else np.full(shape, 5, np.int64)
                 )
             else:
-                out[t["name"]] = rng.standard_normal(shape).astype(t["dtype"])
+                out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         return out
 
     result: dict = {}

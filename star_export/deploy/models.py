@@ -119,8 +119,7 @@ def write_pipeline(
         )
     shutil.copytree(processor, version / "processor")
     default_keep = int(manifest["star"].get("default_keep", next(iter(prefill_models))))
-    # rows per execution: the profile's max batch, or fewer (--pipeline-max-batch; 1 = no batching)
-    rows = min(limits["batch"], settings.pipeline_max_batch or limits["batch"])
+    rows = settings.pipeline_rows(limits["batch"])
     (model_dir / "config.pbtxt").write_text(
         pipeline_config(settings, rows, limits, prefill_models, default_keep)
     )

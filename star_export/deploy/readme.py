@@ -105,7 +105,7 @@ levels; re-export with `--keep` to add one.
         else ""
     )
     timeout = f"{settings.queue_timeout_s:g} s" if settings.queue_timeout_s > 0 else "none"
-    rows = min(repo.limits["batch"], settings.pipeline_max_batch or repo.limits["batch"])
+    rows = settings.pipeline_rows(repo.limits["batch"])
     batching = (
         f"""Requests that arrive within {settings.batch_delay_us} us of one another (Triton's `dynamic_batching`,
 `max_queue_delay_microseconds`) run as ONE left-padded prefill and ONE decode loop per keep level

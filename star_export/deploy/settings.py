@@ -49,6 +49,11 @@ class RepositorySettings:
     def name(self, model: str) -> str:
         return f"{self.prefix}{model}"
 
+    def pipeline_rows(self, profile_batch: int) -> int:
+        """Rows the pipeline runs per execution: the profile's max batch, or fewer
+        (``pipeline_max_batch``; 1 = no batching across requests)."""
+        return min(profile_batch, self.pipeline_max_batch or profile_batch)
+
     @property
     def pipelines(self) -> int:
         """Pipeline instances that may run at once (the streaming model's count too)."""
