@@ -111,6 +111,8 @@ def test_patch_code_names_shape_colour_centre_and_place():
     assert (code[:, 1 + n_shapes + len(scenes.COLOURS)] > 0).sum() == len(s.scene.shapes)
     waves = code[:, 11:13].reshape(12, 12, 2)  # sin, cos of the column: equal down a column
     assert np.allclose(waves[0], waves[5]) and not np.allclose(waves[:, 0], waves[:, 5])
+    placeless = patch_code(labels, 12, 128, place=False)  # the M-RoPE demo: ids carry the place
+    assert np.array_equal(placeless[:, :11], code[:, :11]) and not placeless[:, 11:].any()
 
 
 def test_sparse_rows_keep_every_object_patch_at_its_position_id():

@@ -18,6 +18,15 @@ import sys
 from star_export.demo.train import TrainConfig, train
 
 
+def _boolean(text: str) -> bool:
+    """``--code-place false``: argparse's ``bool`` would read any non-empty word as True."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
-            type=type(getattr(defaults, f.name)),
+            type=_boolean if isinstance(getattr(defaults, f.name), bool) else type(getattr(defaults, f.name)),
             default=getattr(defaults, f.name),
             help=f"default {getattr(defaults, f.name)}",
         )

@@ -26,6 +26,7 @@ produces.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -63,6 +64,7 @@ class TrainConfig:
     symbolic_tokens: int = 0  # image tokens a row in that phase (objects + random background; 0: all)
     turns: int = 1  # questions about one image, asked one after another in one training sequence
     position_init: str = "default"  # "sincos": the vision tower's position table starts as 2-D sines
+    code_place: bool = True  # the symbolic code writes each patch's place (False: M-RoPE ids carry it)
 
 
 @dataclass
@@ -78,13 +80,14 @@ CODE_GAIN = 2.0
 FREQUENCIES = (1, 2, 4)
 
 
-def patch_code(labels: np.ndarray, grid: int, dim: int) -> np.ndarray:
+def patch_code(labels: np.ndarray, grid: int, dim: int, place: bool = True) -> np.ndarray:
     """What each patch shows, written as an image embedding a decoder can read: (N, dim) float32 for
     ``scenes.patch_labels``' N classes in raster order over a ``grid`` x ``grid`` patch grid.
 
     Channels: background or one of the shapes (one-hot), the colour (one-hot), the object-centre
     flag, each scaled by CODE_GAIN; then the patch's column and row as sines and cosines
-    (FREQUENCIES); the rest zero. The training's first phase feeds it to the decoder in place of the
+    (FREQUENCIES; zeros with ``place`` False: a tower with only rotary positions cannot write an
+    absolute place, and an M-RoPE decoder reads it from the tokens' position ids); the rest zero. The training's first phase feeds it to the decoder in place of the
     projector's output (``TrainConfig.symbolic_steps``), and the second asks the projector to produce
     it (``DenseTarget``): the decoder learns to read objects in clean features while the vision tower
     learns to find them. Training only: nothing of it is in a checkpoint."""
@@ -102,7 +105,8 @@ def patch_code(labels: np.ndarray, grid: int, dim: int) -> np.ndarray:
     row, col = np.meshgrid(where, where, indexing="ij")
     waves = [f(math.pi * k * v) for k in FREQUENCIES for v in (col, row) for f in (np.sin, np.cos)]
     first = 2 + n_shapes + n_colours
-    out[:, first : first + len(waves)] = np.stack(waves, -1).reshape(grid * grid, -1)
+    if place:
+        out[:, first : first + len(waves)] = np.stack(waves, -1).reshape(grid * grid, -1)
     return out
 
 
@@ -150,6 +154,8 @@ class DenseTarget(torch.nn.Module):
         if not self.active or not self._seen:
             return torch.zeros(())
         (features, embeds), self._seen = self._seen, []
+        # (B, N, .) already, or a merger's flat rows: m*m patch rows per token, tokens in raster order
+        features, embeds = features.reshape(*labels.shape, -1), embeds.reshape(*labels.shape, -1)
         probe = torch.nn.functional.cross_entropy(self.head(features).flatten(0, 1), labels.flatten())
         return probe + torch.nn.functional.mse_loss(embeds, code.to(embeds.dtype))
 
@@ -161,14 +167,14 @@ class DenseTarget(torch.nn.Module):
 class Batcher:
     """Samples -> the unmodified model's training inputs (right padded) and the answers' labels."""
 
-    def __init__(self, loaded: Any, size: int, patch: int):
+    def __init__(self, loaded: Any, size: int, patch: int, place: bool = True):
         from star_export.families import family_of
         from star_export.preprocess import Preprocessor
 
         self.model, self.geo = loaded.model, loaded.geometry
         self.family = family_of(self.geo)
         self.pre = Preprocessor.from_dir(loaded.model_dir, geometry=self.geo)
-        self.size, self.patch = size, patch
+        self.size, self.patch, self.place = size, patch, place
         self.eos = self.pre.eos_token_id
         self._answers: dict[str, list[int]] = {}
         self._prompts: dict[str, list[int]] = {}
@@ -187,7 +193,8 @@ class Batcher:
         blank = torch.zeros(3, self.size, self.size) if pixels is None else pixels
         inputs = self.family.hf_inputs(self.model, self.geo, blank, ids[0][mask[0] == 1].tolist())
         prompt = inputs.pop("input_ids")[0].tolist()
-        inputs.pop("attention_mask")
+        for key in PER_TOKEN:  # rebuilt for the whole row (positions) or not needed
+            inputs.pop(key, None)
         if pixels is None:  # symbolic rows: the prompt depends on the question alone
             self._prompts[question] = prompt
             return prompt, {}
@@ -213,7 +220,7 @@ class Batcher:
             pixels = [torch.from_numpy(p) for p in feeds]
         grid, dim = self.size // self.patch, self.model.config.text_config.hidden_size
         patch_labels = [scenes.patch_labels(t[0].scene, self.size, self.patch) for t in turns]
-        codes = [patch_code(p, grid, dim) for p in patch_labels]
+        codes = [patch_code(p, grid, dim, self.place) for p in patch_labels]
         n = len(patch_labels[0])
         rows, labels, positions, extras = [], [], [], []
         for b, (conv, px) in enumerate(zip(turns, pixels, strict=True)):
@@ -226,11 +233,14 @@ class Batcher:
                     row, label = row + follow, label + [-100] * len(follow)
                 answer = self.answer_ids(s.answer)
                 row, label = row + answer, label + answer
-            position = list(range(len(row)))
+            # (A, L): 0..L-1, or M-RoPE's t / h / w ids as the unmodified model computes them
+            unexpanded = [*row[:first], self.geo.image_token_id, *row[first + n :]]
+            position = self.family.full_positions(self.model, self.geo, None, unexpanded)
             if symbolic and tokens:
                 kept = _sparse(patch_labels[b], tokens, rng or np.random.default_rng(0))
                 keep = list(range(first)) + [first + int(k) for k in kept] + list(range(first + n, len(row)))
-                row, label, position = ([v[i] for i in keep] for v in (row, label, position))
+                row, label = ([v[i] for i in keep] for v in (row, label))
+                position = position[:, keep]
                 codes[b] = codes[b][kept]
             rows.append(row)
             labels.append(label)
@@ -243,10 +253,12 @@ class Batcher:
             "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
             "labels": torch.tensor([r + [-100] * (length - len(r)) for r in labels]),
         }
-        if symbolic and tokens:
-            out["position_ids"] = torch.tensor(
-                [p + list(range(p[-1] + 1, p[-1] + 1 + length - len(p))) for p in positions]
-            )
+        if (symbolic and tokens) or self.geo.position_axes > 1:  # else the model's own 0..L-1
+            padded = [  # padding continues each axis past the row's last position
+                torch.cat([p, p[:, -1:] + 1 + torch.arange(length - p.shape[1])], dim=1) for p in positions
+            ]
+            ids = torch.stack(padded, dim=1)  # (A, B, L)
+            out["position_ids"] = ids[0] if self.geo.position_axes == 1 else ids
         for key in extras[0]:
             out[key] = torch.cat([e[key] for e in extras])
         out["patch_labels"] = torch.from_numpy(np.stack(patch_labels)).long()
@@ -264,6 +276,7 @@ def _sparse(labels: np.ndarray, tokens: int, rng: np.random.Generator) -> np.nda
 
 
 TARGETS = ("labels", "patch_labels", "code")  # the Batcher's training targets, never model inputs
+PER_TOKEN = ("attention_mask", "mm_token_type_ids", "token_type_ids")  # hf_inputs' keys laid out per token
 
 
 def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -394,7 +407,12 @@ def train(
     model = loaded.model
     model.set_attn_implementation("sdpa")
     size = int(recipe.image["size"])
-    batcher = Batcher(loaded, size, int(model.config.vision_config.patch_size))
+    side = math.isqrt(loaded.geometry.n_visual)  # visual tokens across a square image
+    if side * side != loaded.geometry.n_visual or size % side:
+        raise ValueError(
+            f"{cfg.recipe}: {loaded.geometry.n_visual} visual tokens are not a square grid of {size} px"
+        )
+    batcher = Batcher(loaded, size, size // side, cfg.code_place)  # patch: the pixels of one token
     torch.manual_seed(cfg.seed)
     if cfg.position_init == "sincos":
         positions = batcher.family.patch_positions(model)
@@ -404,7 +422,7 @@ def train(
             positions.copy_(torch.from_numpy(sincos_table(size // batcher.patch, positions.shape[1])))
     dense = DenseTarget(
         batcher.family.raster_candidates(model),
-        model.config.vision_config.hidden_size,
+        batcher.family.candidate_width(model),
         size // batcher.patch,
         cfg.aux_weight,
     )
@@ -506,11 +524,17 @@ def train(
             shutil.copy(f, out / f.name)
     card = {
         "recipe": cfg.recipe,
+        "architecture": recipe.architecture,
+        "description": recipe.description,
         "config": asdict(cfg),
         "test_exact_match": test,
         "val_exact_match": history.val_accuracy[-1] if history.val_accuracy else None,
         "train_seconds_this_run": round(time.perf_counter() - started, 1),
         "final_loss": float(np.mean(history.loss[-50:])) if history.loss else None,
+        # the weights are bit-identical across runs of one command at one thread count (measured:
+        # two 2-thread runs, same hash); a different count sums in another order and trains another model
+        "torch_threads": torch.get_num_threads(),
+        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
     }
     (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "README.md").write_text(model_card(cfg, card, history))
@@ -520,7 +544,8 @@ def train(
 def model_card(cfg: TrainConfig, card: dict[str, Any], history: History) -> str:
     """The checkpoint's README.md: what it is, the data, the command that made it, its accuracy."""
     flags = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(TrainConfig(), k)
+        [f"--threads {card['torch_threads']}"]
+        + [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(TrainConfig(), k)]
     )
     test = card["test_exact_match"]
     kinds = "\n".join(f"| {k} | {100 * v:.1f} % |" for k, v in test.items() if k != "all")
@@ -537,9 +562,9 @@ def model_card(cfg: TrainConfig, card: dict[str, Any], history: History) -> str:
         if cfg.position_init == "sincos"
         else ""
     )
-    return f"""# {cfg.recipe}: a small LLaVA trained to answer questions about synthetic scenes
+    return f"""# {cfg.recipe}: a small vision-language model trained to answer questions about synthetic scenes
 
-`LlavaForConditionalGeneration` (CLIP vision tower, Llama decoder), built from the recipe
+`{card["architecture"]}` ({card["description"]}), built from the recipe
 `recipes/{cfg.recipe}.toml` and trained from scratch, CPU only, by star_export's
 `tools/train_demo.py`. It exists to show what STAR's pruning costs in answers on a model that has
 learned something (`python -m star_export compare`); it knows nothing but these scenes.
@@ -553,10 +578,11 @@ learned something (`python -m star_export compare`); it knows nothing but these 
   (shape, colour, object centre, place) in place of the image embeddings, {cfg.vision_steps} of the
   vision tower and projector alone learning to write that code from pixels (and a linear probe naming
   each patch), then {joint}. The code and the
-  probe are training-only: nothing of them is in these weights, which are read like any LLaVA's.{start}
+  probe are training-only: nothing of them is in these weights, which are read like any checkpoint's.{start}
 - Command: `python tools/train_demo.py --out DIR {flags}` ({card["train_seconds_this_run"] / 60:.0f} minutes
   of training in its last run, CPU only; the validation curve reads the symbolic code during the first
-  phase and images after it).
+  phase and images after it). At that thread count the command writes these weights bit for bit
+  (sha256 `{card["weights_sha256"]}`); another count trains a different model.
 - Test exact match ({cfg.test_count} questions, teacher forcing = greedy): **{100 * test["all"]:.1f} %**
 
 | question kind | exact match |

@@ -182,10 +182,17 @@ class Family:
         before ``save_pretrained``). Default: nothing."""
 
     def raster_candidates(self, model: Any) -> torch.nn.Module | None:
-        """The module whose first input is one image's stage-1 candidates as (B, N, dv) in raster
-        order (row by row over the patch grid), or None where they are not laid out so. The demo
-        training hooks it for its dense per-patch target (``demo/train.py``). Default: None."""
+        """The module whose first input holds a batch's stage-1 candidates in raster order (row by
+        row over the token grid: (B, N, dv), or flat rows that reshape to (B, N, candidate_width)),
+        and whose output is the image embeddings in the same order; None where they are not laid
+        out so. The demo training hooks it for its dense per-token target (``demo/train.py``).
+        Default: None."""
         return None
+
+    def candidate_width(self, model: Any) -> int:
+        """The width of one stage-1 candidate as ``raster_candidates``' input holds it per visual
+        token. Default: the vision tower's hidden size."""
+        return int(model.config.vision_config.hidden_size)
 
     def patch_positions(self, model: Any) -> torch.Tensor | None:
         """The vision tower's learned position embeddings of the patch grid, (N, dv) in raster

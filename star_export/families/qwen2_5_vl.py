@@ -182,6 +182,10 @@ class Qwen25VL(Qwen2VL):
     def prefill_module(self, model: Any, geo: Geometry, cfg: StarConfig) -> StarPrefill:
         return Qwen25VLPrefill(model, geo, cfg)
 
+    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
+        """None: the windowed tower feeds its merger in window order, not raster order."""
+        return None
+
     def reference_image(self, model: Any, geo: Geometry, pixel_values: torch.Tensor) -> ImageSpan:
         """HF's own vision tower on the single image (its grid_thw). Its last_hidden_state is in
         window order: HF's ``get_vision_window_index`` for this grid puts it back in raster order

@@ -276,6 +276,22 @@ class QwenVLFamily(Family):
         n = geo.n_visual
         return ids[:p] + [geo.image_token_id] * n + ids[p + 1 :], [0] * p + [1] * n + [0] * (len(ids) - p - 1)
 
+    def hf_inputs(
+        self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
+    ) -> dict[str, Any]:
+        """The processor's inputs for one row: the placeholder expanded to N copies, its
+        ``mm_token_type_ids``, the image's patch rows (gh*gw, C*Tp*P*P) and ``image_grid_thw``."""
+        expanded, types = self.expanded(geo, ids)
+        input_ids = torch.tensor([expanded])
+        model.model.rope_deltas = None  # no stale state from an earlier generate
+        return {
+            "pixel_values": pixel_values,
+            "image_grid_thw": self.grid_thw(geo),
+            "input_ids": input_ids,
+            "mm_token_type_ids": torch.tensor([types]),
+            "attention_mask": torch.ones_like(input_ids),
+        }
+
     def full_positions(
         self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
     ) -> torch.Tensor:
@@ -294,17 +310,7 @@ class QwenVLFamily(Family):
     ) -> torch.Tensor:
         """The unmodified model with the placeholder expanded to N copies, ``image_grid_thw`` and
         ``mm_token_type_ids`` as the processor gives them; HF computes its own M-RoPE positions."""
-        expanded, types = self.expanded(geo, ids)
-        input_ids = torch.tensor([expanded])
-        model.model.rope_deltas = None  # no stale state from an earlier generate
-        out = model(
-            pixel_values=pixel_values,
-            image_grid_thw=self.grid_thw(geo),
-            input_ids=input_ids,
-            mm_token_type_ids=torch.tensor([types]),
-            attention_mask=torch.ones_like(input_ids),
-            logits_to_keep=1,
-        )
+        out = model(**self.hf_inputs(model, geo, pixel_values, ids), logits_to_keep=1)
         return out.logits[0, -1].float()
 
     def image_spec(self, model_dir: Path, geo: Geometry) -> dict[str, Any]:
@@ -386,6 +392,15 @@ class Qwen2VL(QwenVLFamily):
 
     def prefill_module(self, model: Any, geo: Geometry, cfg: StarConfig) -> StarPrefill:
         return Qwen2VLPrefill(model, geo, cfg)
+
+    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
+        """The merger: its input is every patch row in processor order (merge blocks block-major),
+        m*m consecutive rows per merged token, which reshape to (B, N, m*m*dv) in raster order."""
+        return model.model.visual.merger
+
+    def candidate_width(self, model: Any) -> int:
+        vc = model.config.vision_config
+        return int(vc.embed_dim) * int(vc.spatial_merge_size) ** 2
 
     def reference_image(self, model: Any, geo: Geometry, pixel_values: torch.Tensor) -> ImageSpan:
         """HF's own vision tower on the single image (its grid_thw); F = the merger's input per merged
