@@ -135,7 +135,7 @@ def resolve_settings(
     given = {k: v for k, v in {"grid": grid, "image_size": image_size}.items() if v is not None}
     layout = {**(rec.layout if rec else {}), **given}  # the flags override the recipe's layout
     config = auto_config(model_dir)
-    geo = geometry_of(family, config, layout)
+    geo = geometry_of(family, config, layout, model_dir)
     family.check_layout(model_dir, geo)
     levels = tuple(
         StarConfig.resolve(

@@ -169,9 +169,15 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], Family]:
     return cfg, family
 
 
-def geometry_of(family: Family, config: Any, options: dict[str, Any] | None = None) -> Geometry:
-    """The family's static geometry; a layout option the family does not take is a UsageError."""
+def geometry_of(
+    family: Family, config: Any, options: dict[str, Any] | None = None, model_dir: Path | None = None
+) -> Geometry:
+    """The family's static geometry; a layout option the family does not take is a UsageError.
+    ``model_dir``: what the checkpoint's files imply (``Family.checkpoint_options``) fills the options
+    no flag sets."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
+    if model_dir is not None:
+        options = {**family.checkpoint_options(model_dir), **options}
     for name in options:
         if name not in family.options:
             takers = ", ".join(option_families(name)) or "no family"
@@ -216,7 +222,7 @@ def load(
         model=model,
         model_dir=model_dir,
         source=source or str(model_dir),
-        geometry=geometry_of(family, model.config, options),
+        geometry=geometry_of(family, model.config, options, model_dir),
         family=family,
     )
 

@@ -103,6 +103,32 @@ def test_training_phases_and_the_checkpoint(tmp_path):
         train(tmp_path / "x", TrainConfig(position_init="sincos", steps=1, **base), progress=False)
 
 
+def test_the_checkpoint_brings_its_resolution(tmp_path):
+    """A Qwen-VL checkpoint whose processor admits at most 168 x 168 pixels (the demo's) loads at
+    168 px (N = 144) without --image-size; 336 is refused for it; a processor with a wider range
+    keeps the family's default 336 x 336."""
+    import json
+    import shutil
+
+    from star_export.bench.methods import n_visual
+    from star_export.errors import UsageError
+    from star_export.families import family_named
+
+    src = materialise(load_recipe(RECIPE))
+    assert load(src).geometry.image_hw == (168, 168)
+    assert n_visual(src) == 144  # the path `compare` and the export read the config by
+    family = family_named("qwen2_vl")
+    geo336 = load(src, options={"image_size": 336}).geometry
+    with pytest.raises(UsageError, match="outside the checkpoint's image processor range"):
+        family.check_layout(src, geo336)
+    wide = tmp_path / "wide"
+    shutil.copytree(src, wide)
+    pre = json.loads((wide / "preprocessor_config.json").read_text())
+    pre["size"]["longest_edge"] = 336 * 336
+    (wide / "preprocessor_config.json").write_text(json.dumps(pre))
+    assert load(wide).geometry.image_hw == (336, 336)
+
+
 @pytest.mark.parametrize("recipe", ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])
 def test_transformers_generate_on_hf_inputs_equals_the_unpruned_rewrite(recipe, tmp_path):
     """``eval``'s unmodified-model reference for the Qwen-VL families (an export without a keep = N

@@ -160,7 +160,7 @@ def n_visual(model: str | Path) -> int:
 
     model_dir, _ = resolve_model(model)
     _, family = read_config(model_dir)
-    return geometry_of(family, auto_config(model_dir)).n_visual
+    return geometry_of(family, auto_config(model_dir), model_dir=model_dir).n_visual
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -97,6 +97,11 @@ class Family:
     def geometry(self, config: Any, **options: Any) -> Geometry:
         raise NotImplementedError
 
+    def checkpoint_options(self, model_dir: Path) -> dict[str, Any]:
+        """Layout options the checkpoint's own files imply where no flag sets them (a processor
+        that admits one resolution only); default none."""
+        return {}
+
     def check_layout(self, model_dir: Path, geo: Geometry) -> None:
         """Refuse (UsageError) a static layout the checkpoint's processor files rule out; default none."""
 

@@ -41,6 +41,7 @@ components into one cos/sin (B, L, head_dim) and ``Qwen2VLAttention`` applies th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -253,15 +254,33 @@ class QwenVLFamily(Family):
         height, width = geo.image_hw
         return torch.tensor([[1, height // geo.patch_size, width // geo.patch_size]])
 
-    def check_layout(self, model_dir: Path, geo: Geometry) -> None:
-        """The static resolution within the image processor's min/max pixels (a checkpoint never saw
-        images outside them)."""
+    @staticmethod
+    def pixel_range(model_dir: Path) -> tuple[int | None, int | None]:
+        """The image processor's (min_pixels, max_pixels), None where unset."""
         pre = read_json(Path(model_dir) / "preprocessor_config.json")
         size = pre.get("size") or {}
         low = pre.get("min_pixels") or size.get("shortest_edge")
         high = pre.get("max_pixels") or size.get("longest_edge")
+        return (int(low) if low else None), (int(high) if high else None)
+
+    def checkpoint_options(self, model_dir: Path) -> dict[str, Any]:
+        """Without ``--image-size``: the default 336 x 336, or, where the processor's max_pixels is
+        below that (a checkpoint trained at one small resolution, as the shipped Qwen demo), the
+        largest square of whole merged tokens it admits."""
+        low, high = self.pixel_range(model_dir)
+        if not high or high >= DEFAULT_IMAGE_SIZE * DEFAULT_IMAGE_SIZE:
+            return {}
+        pre = read_json(Path(model_dir) / "preprocessor_config.json")
+        unit = int(pre.get("patch_size", 14)) * int(pre.get("merge_size", 2))
+        side = math.isqrt(high) // unit * unit
+        return {"image_size": side} if side and side * side >= (low or 0) else {}
+
+    def check_layout(self, model_dir: Path, geo: Geometry) -> None:
+        """The static resolution within the image processor's min/max pixels (a checkpoint never saw
+        images outside them)."""
+        low, high = self.pixel_range(model_dir)
         height, width = geo.image_hw
-        if (low and height * width < int(low)) or (high and height * width > int(high)):
+        if (low and height * width < low) or (high and height * width > high):
             raise UsageError(
                 f"--image-size {height}x{width}: {height * width} pixels is outside the checkpoint's "
                 f"image processor range {low}..{high} (min_pixels..max_pixels)"
@@ -348,7 +367,11 @@ class QwenVLFamily(Family):
             "image_processor_type": self.image_processor_type,
             "do_resize": True,
             # the processor's pixel range (real checkpoints: 56*56 .. 28*28*16384)
-            "size": {"shortest_edge": 4 * unit * unit, "longest_edge": 16 * size * size},
+            # ([image] max_pixels: a recipe trained at one resolution admits only up to it)
+            "size": {
+                "shortest_edge": 4 * unit * unit,
+                "longest_edge": int(recipe.image.get("max_pixels", 16 * size * size)),
+            },
             **tiny_normalisation(recipe),
             "patch_size": vc["patch_size"],
             "temporal_patch_size": vc["temporal_patch_size"],
