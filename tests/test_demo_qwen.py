@@ -155,3 +155,31 @@ def test_transformers_generate_on_hf_inputs_equals_the_unpruned_rewrite(recipe, 
         np.testing.assert_allclose(hf[b][1], ours.result.step_logits[0][b], atol=1e-4, rtol=1e-4)
     swapped = hf_generate(pipe, paths[::-1], prompts, max_new_tokens=4)
     assert not np.allclose(swapped[0][1], hf[0][1], atol=1e-4)
+
+
+def test_qwen3_demo_starts_its_position_grid_from_sines(tmp_path):
+    """qwen3-vl-demo (Qwen3-VL, merge 1, a 12 x 12 learned position grid, no DeepStack): a sine-cosine
+    start writes the grid (the symbolic step leaves the tower alone, so the checkpoint holds it
+    exactly); the checkpoint loads at 168 px with N = 144 and no flag, and transformers' generate on it
+    equals the unpruned rewrite."""
+    from safetensors.torch import load_file
+
+    from star_export.demo.train import sincos_table
+    from star_export.evaluate.run import hf_generate
+    from star_export.session import load_model
+
+    base = dict(recipe="qwen3-vl-demo", steps=1, batch=2, eval_every=1, eval_count=6, test_count=6)
+    cfg = TrainConfig(warmup=1, symbolic_steps=1, symbolic_tokens=40, position_init="sincos", **base)
+    train(tmp_path / "q3", cfg, log=lambda _: None, progress=False)
+    table = load_file(tmp_path / "q3" / "model.safetensors")["model.visual.pos_embed.weight"]
+    assert torch.equal(table, torch.from_numpy(sincos_table(12, 96)))
+    assert load(tmp_path / "q3").geometry.n_visual == 144
+    samples = list(scenes.samples(0, "test", 2))
+    paths = []
+    for i, s in enumerate(samples):
+        paths.append(tmp_path / f"{i}.png")
+        scenes.render(s.scene, 168).save(paths[-1])
+    pipe = load_model(tmp_path / "q3", keep=144, keep1=144)
+    prompts = [s.question for s in samples]
+    hf = hf_generate(pipe, paths, prompts, max_new_tokens=3)
+    assert [h[0] for h in hf] == pipe.generate(paths, prompts, max_new_tokens=3).result.tokens

@@ -418,8 +418,9 @@ def train(
         positions = batcher.family.patch_positions(model)
         if positions is None:
             raise ValueError(f"{cfg.recipe}: the vision tower has no learned position table to initialise")
+        side = math.isqrt(positions.shape[0])  # the table's grid (LLaVA: the patch grid)
         with torch.no_grad():
-            positions.copy_(torch.from_numpy(sincos_table(size // batcher.patch, positions.shape[1])))
+            positions.copy_(torch.from_numpy(sincos_table(side, positions.shape[1])))
     dense = DenseTarget(
         batcher.family.raster_candidates(model),
         batcher.family.candidate_width(model),

@@ -200,7 +200,7 @@ class Family:
         return int(model.config.vision_config.hidden_size)
 
     def patch_positions(self, model: Any) -> torch.Tensor | None:
-        """The vision tower's learned position embeddings of the patch grid, (N, dv) in raster
+        """The vision tower's learned position embeddings of a square grid (side * side, dv) in raster
         order, as a view of the parameter (a class token's row left out), or None where positions
         are not a learned table (rotary ones). The demo training starts them from a 2-D sine-cosine
         table (``demo/train.py``, ``TrainConfig.position_init``). Default: None."""

@@ -228,6 +228,20 @@ class Qwen3VL(QwenVLFamily):
     def decode_module(self, model: Any, geo: Geometry, cfg: StarConfig) -> StarDecode:
         return Qwen3VLDecode(model, geo, cfg)
 
+    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
+        """The merger: every patch row in processor order (merge blocks block-major), m*m consecutive
+        rows per merged token, which reshape to (B, N, m*m*d_v) in raster order."""
+        return model.model.visual.merger
+
+    def candidate_width(self, model: Any) -> int:
+        vc = model.config.vision_config
+        return int(vc.hidden_size) * int(vc.spatial_merge_size) ** 2
+
+    def patch_positions(self, model: Any) -> torch.Tensor | None:
+        """The learned position grid (side x side, raster order), interpolated to the patch grid at run
+        time: the patches' own table where the grid is the image's (the demo recipe's 12 x 12)."""
+        return model.model.visual.pos_embed.weight
+
     def reference_image(self, model: Any, geo: Geometry, pixel_values: torch.Tensor) -> ImageSpan:
         """HF's own vision tower on the single image (its grid_thw): F = the merger's input per merged
         token (last block output, before the merger's norm); HF's merger on the kept tokens' patch rows;
