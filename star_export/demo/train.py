@@ -87,9 +87,10 @@ def patch_code(labels: np.ndarray, grid: int, dim: int, place: bool = True) -> n
     Channels: background or one of the shapes (one-hot), the colour (one-hot), the object-centre
     flag, each scaled by CODE_GAIN; then the patch's column and row as sines and cosines
     (FREQUENCIES; zeros with ``place`` False: a tower with only rotary positions cannot write an
-    absolute place, and an M-RoPE decoder reads it from the tokens' position ids); the rest zero. The training's first phase feeds it to the decoder in place of the
-    projector's output (``TrainConfig.symbolic_steps``), and the second asks the projector to produce
-    it (``DenseTarget``): the decoder learns to read objects in clean features while the vision tower
+    absolute place, and an M-RoPE decoder reads it from the tokens' position ids); the rest zero.
+    The training's first phase feeds it to the decoder in place of the projector's output
+    (``TrainConfig.symbolic_steps``), and the second asks the projector to produce it
+    (``DenseTarget``): the decoder learns to read objects in clean features while the vision tower
     learns to find them. Training only: nothing of it is in a checkpoint."""
     n_shapes, n_colours = len(scenes.SHAPES), len(scenes.COLOURS)
     centre = labels > scenes.PATCH_KINDS

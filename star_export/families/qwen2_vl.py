@@ -265,7 +265,7 @@ class QwenVLFamily(Family):
 
     def checkpoint_options(self, model_dir: Path) -> dict[str, Any]:
         """Without ``--image-size``: the default 336 x 336, or, where the processor's max_pixels is
-        below that (a checkpoint trained at one small resolution, as the shipped Qwen demo), the
+        below that (a checkpoint trained at one small resolution, as the Qwen demo recipes), the
         largest square of whole merged tokens it admits."""
         low, high = self.pixel_range(model_dir)
         if not high or high >= DEFAULT_IMAGE_SIZE * DEFAULT_IMAGE_SIZE:
