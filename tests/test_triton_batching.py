@@ -84,17 +84,18 @@ def stats(client, model: str) -> tuple[int, int]:
     return int(s.inference_count), int(s.execution_count)
 
 
-def settled_stats(client, models, before: dict, model: str, rows: int, timeout: float = 15.0) -> dict:
-    """The statistics of ``models`` once the server has counted ``rows`` more inferences of ``model``
+def settled_stats(client, before: dict, model: str, rows: int, timeout: float = 15.0) -> dict:
+    """The statistics of ``before``'s models once the server has counted ``rows`` more inferences of
+    ``model``
     and the counts stopped moving. Triton updates a model's statistics after its ``execute`` returns,
     which can be after the client already holds the response (CI read a pipeline at (1, 0) of the
     (7, 1) it then reached); this waits for the books to close instead of racing them. On timeout it
     returns the last reading, so the caller's assertion shows the figures."""
     deadline = time.monotonic() + timeout
-    last = {m: stats(client, m) for m in models}
+    last = {m: stats(client, m) for m in before}
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        now = {m: stats(client, m) for m in models}
+        now = {m: stats(client, m) for m in before}
         if now == last and now[model][0] - before[model][0] >= rows:
             return now
         last = now
@@ -133,7 +134,7 @@ def test_concurrent_requests_batch_by_keep_and_equal_each_request_alone(grpc, im
     ]
     before = {m: stats(client, m) for m in ("pipeline", "prefill_k8", "prefill_k16", "decode")}
     results = fire(module, client, cases)
-    after = settled_stats(client, before, before, "pipeline", rows=sum(len(c["images"]) for c in cases))
+    after = settled_stats(client, before, "pipeline", rows=sum(len(c["images"]) for c in cases))
     for case, result in zip(cases, results, strict=True):
         assert not isinstance(result, Exception), result
         tokens, texts = answer(result)
@@ -165,7 +166,7 @@ def test_requests_that_do_not_fit_one_batch_are_split_and_stay_exact(grpc, image
         assert not isinstance(result, Exception), result
         expected = reference(case["images"], case["prompts"], case["max_new"], 32)
         assert answer(result)[0] == expected.result.tokens
-    after = settled_stats(client, before, before, "prefill_k32", rows=len(cases))
+    after = settled_stats(client, before, "prefill_k32", rows=len(cases))
     executions = after["prefill_k32"][1] - before["prefill_k32"][1]
     assert executions == -(-len(cases) // max_batch)  # ceil: each prefill batch as full as allowed
 

@@ -255,9 +255,8 @@ class QwenVLFamily(Family):
         return torch.tensor([[1, height // geo.patch_size, width // geo.patch_size]])
 
     @staticmethod
-    def pixel_range(model_dir: Path) -> tuple[int | None, int | None]:
-        """The image processor's (min_pixels, max_pixels), None where unset."""
-        pre = read_json(Path(model_dir) / "preprocessor_config.json")
+    def pixel_range(pre: dict[str, Any]) -> tuple[int | None, int | None]:
+        """The image processor's (min_pixels, max_pixels) from its config, None where unset."""
         size = pre.get("size") or {}
         low = pre.get("min_pixels") or size.get("shortest_edge")
         high = pre.get("max_pixels") or size.get("longest_edge")
@@ -267,10 +266,10 @@ class QwenVLFamily(Family):
         """Without ``--image-size``: the default 336 x 336, or, where the processor's max_pixels is
         below that (a checkpoint trained at one small resolution, as the Qwen demo recipes), the
         largest square of whole merged tokens it admits."""
-        low, high = self.pixel_range(model_dir)
+        pre = read_json(Path(model_dir) / "preprocessor_config.json")
+        low, high = self.pixel_range(pre)
         if not high or high >= DEFAULT_IMAGE_SIZE * DEFAULT_IMAGE_SIZE:
             return {}
-        pre = read_json(Path(model_dir) / "preprocessor_config.json")
         unit = int(pre.get("patch_size", 14)) * int(pre.get("merge_size", 2))
         side = math.isqrt(high) // unit * unit
         return {"image_size": side} if side and side * side >= (low or 0) else {}
@@ -278,7 +277,7 @@ class QwenVLFamily(Family):
     def check_layout(self, model_dir: Path, geo: Geometry) -> None:
         """The static resolution within the image processor's min/max pixels (a checkpoint never saw
         images outside them)."""
-        low, high = self.pixel_range(model_dir)
+        low, high = self.pixel_range(read_json(Path(model_dir) / "preprocessor_config.json"))
         height, width = geo.image_hw
         if (low and height * width < low) or (high and height * width > high):
             raise UsageError(
@@ -294,6 +293,12 @@ class QwenVLFamily(Family):
         p = ids.index(geo.image_token_id)
         n = geo.n_visual
         return ids[:p] + [geo.image_token_id] * n + ids[p + 1 :], [0] * p + [1] * n + [0] * (len(ids) - p - 1)
+
+    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
+        """The merger: its input is every patch row in processor order (merge blocks block-major),
+        m*m consecutive rows per merged token, which reshape to (B, N, m*m*dv) in raster order
+        (Qwen2.5-VL's windowed tower overrides this)."""
+        return model.model.visual.merger
 
     def hf_inputs(
         self, model: Any, geo: Geometry, pixel_values: torch.Tensor, ids: list[int]
@@ -415,11 +420,6 @@ class Qwen2VL(QwenVLFamily):
 
     def prefill_module(self, model: Any, geo: Geometry, cfg: StarConfig) -> StarPrefill:
         return Qwen2VLPrefill(model, geo, cfg)
-
-    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
-        """The merger: its input is every patch row in processor order (merge blocks block-major),
-        m*m consecutive rows per merged token, which reshape to (B, N, m*m*dv) in raster order."""
-        return model.model.visual.merger
 
     def candidate_width(self, model: Any) -> int:
         vc = model.config.vision_config

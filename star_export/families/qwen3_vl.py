@@ -228,11 +228,6 @@ class Qwen3VL(QwenVLFamily):
     def decode_module(self, model: Any, geo: Geometry, cfg: StarConfig) -> StarDecode:
         return Qwen3VLDecode(model, geo, cfg)
 
-    def raster_candidates(self, model: Any) -> torch.nn.Module | None:
-        """The merger: every patch row in processor order (merge blocks block-major), m*m consecutive
-        rows per merged token, which reshape to (B, N, m*m*d_v) in raster order."""
-        return model.model.visual.merger
-
     def candidate_width(self, model: Any) -> int:
         vc = model.config.vision_config
         return int(vc.hidden_size) * int(vc.spatial_merge_size) ** 2
