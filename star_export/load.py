@@ -55,10 +55,17 @@ DEMO_RECIPE = "llava-demo"  # the recipe the shipped demo checkpoint was trained
 DEMO_SOURCE = f"demo:{DEMO_RECIPE}"
 
 
-def demo_checkpoint() -> Path:
-    """The shipped trained demo checkpoint (``tools/train_demo.py``): a directory loaded like any
-    ``--model DIR``, and the model of the command line and the API when none is named."""
-    return Path(__file__).resolve().parent / "data" / "demo" / DEMO_RECIPE
+def demo_checkpoint(name: str = DEMO_RECIPE) -> Path:
+    """A shipped trained demo checkpoint (``tools/train_demo.py``) by its recipe's name: a directory
+    loaded like any ``--model DIR``. The default, ``llava-demo``, is the model of the command line
+    and the API when none is named; ``--model demo:NAME`` names any of them (``shipped_demos``)."""
+    return Path(__file__).resolve().parent / "data" / "demo" / name
+
+
+def shipped_demos() -> list[str]:
+    """The names of the shipped demo checkpoints (``--model demo:NAME``)."""
+    root = demo_checkpoint().parent
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
 
 
 def materialise(recipe: Recipe, overrides: dict[str, Any] | None = None, root: Path | None = None) -> Path:
@@ -112,11 +119,19 @@ def checkpoint_dtype(model_dir: Path) -> str:
 
 
 def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
-    """``--model``: an existing directory, or a hub id ``org/name`` resolved by ``huggingface_hub``
-    (the local cache first; a download only where the hub is reachable and not disabled by
-    ``HF_HUB_OFFLINE=1``). Returns the directory and the source string for the manifest."""
+    """``--model``: an existing directory, a shipped demo ``demo:NAME``, or a hub id ``org/name``
+    resolved by ``huggingface_hub`` (the local cache first; a download only where the hub is
+    reachable and not disabled by ``HF_HUB_OFFLINE=1``). Returns the directory and the source string
+    for the manifest."""
     path = Path(model)
     text = str(model)
+    if text.startswith("demo:") and not path.exists():  # a shipped demo checkpoint by name
+        name = text.removeprefix("demo:")
+        if name not in shipped_demos():
+            raise UsageError(
+                f"--model {text}: no such demo checkpoint; shipped: {', '.join(shipped_demos())}"
+            )
+        return demo_checkpoint(name), text
     if path.exists() or not _HUB_ID.match(text):
         return path, text
     from huggingface_hub import snapshot_download

@@ -490,3 +490,14 @@ def test_disk_guard_finds_a_full_disk_behind_a_wrapping_error(tmp_path):
             raise RuntimeError("not a disk")
     atomic_write(tmp_path / "a.txt", "done")
     assert (tmp_path / "a.txt").read_text() == "done" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_shipped_demo_by_name(capsys, tmp_path):
+    """``--model demo:NAME`` is a shipped demo checkpoint; an unknown name is one line naming them."""
+    from star_export.load import demo_checkpoint, resolve_model, shipped_demos
+
+    assert {"llava-demo", "qwen3-vl-demo"} <= set(shipped_demos())
+    assert resolve_model("demo:qwen3-vl-demo") == (demo_checkpoint("qwen3-vl-demo"), "demo:qwen3-vl-demo")
+    line = one_line(run_main(capsys, "llava", "--model", "demo:nope", "--out", str(tmp_path / "o")))
+    assert "--model demo:nope: no such demo checkpoint; shipped: llava-demo, qwen3-vl-demo" in line
+    assert not (tmp_path / "o").exists()

@@ -33,8 +33,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--model",
         required=True,
-        metavar="DIR|HUB_ID",
-        help="a checkpoint directory (or a hub id in the local Hugging Face cache)",
+        metavar="DIR|HUB_ID|demo:NAME",
+        help="a checkpoint directory, a hub id in the local Hugging Face cache, or a shipped demo "
+        "(demo:llava-demo, demo:qwen3-vl-demo)",
     )
     c.add_argument("--data", type=Path, required=True, metavar="FILE", help="a question file, as for eval")
     c.add_argument("--keep", type=integers, required=True, metavar="K[,K...]", help="keeps to compare")

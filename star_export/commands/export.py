@@ -77,9 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        metavar="DIR|ORG/NAME",
-        help="a checkpoint directory (Hugging Face layout) or a hub id resolved in the local Hugging Face "
-        "cache; default: the shipped trained demo model (star_export/data/demo/llava-demo), or with "
+        metavar="DIR|ORG/NAME|demo:NAME",
+        help="a checkpoint directory (Hugging Face layout), a hub id resolved in the local Hugging Face "
+        "cache, or a shipped trained demo (demo:llava-demo, demo:qwen3-vl-demo); default: "
+        "demo:llava-demo, or with "
         "--recipe that recipe's embedded random model",
     )
     p.add_argument(

@@ -53,8 +53,9 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--model",
         default=None,
-        metavar="DIR|ORG/NAME",
-        help="a checkpoint (directory or hub id) run through the PyTorch rewrite",
+        metavar="DIR|ORG/NAME|demo:NAME",
+        help="a checkpoint (directory, hub id or shipped demo: demo:qwen3-vl-demo) run through the "
+        "PyTorch rewrite",
     )
     g.add_argument(
         "--runtime",
