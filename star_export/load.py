@@ -52,7 +52,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 DEMO_RECIPE = "llava-demo"  # the recipe the shipped demo checkpoint was trained from (its profile)
-DEMO_SOURCE = f"demo:{DEMO_RECIPE}"
+DEMO_PREFIX = "demo:"  # --model demo:NAME: a shipped demo checkpoint by name
+DEMO_SOURCE = f"{DEMO_PREFIX}{DEMO_RECIPE}"
 
 
 def demo_checkpoint(name: str = DEMO_RECIPE) -> Path:
@@ -125,12 +126,10 @@ def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
     for the manifest."""
     path = Path(model)
     text = str(model)
-    if text.startswith("demo:") and not path.exists():  # a shipped demo checkpoint by name
-        name = text.removeprefix("demo:")
-        if name not in shipped_demos():
-            raise UsageError(
-                f"--model {text}: no such demo checkpoint; shipped: {', '.join(shipped_demos())}"
-            )
+    if text.startswith(DEMO_PREFIX) and not path.exists():  # a shipped demo checkpoint by name
+        name, shipped = text.removeprefix(DEMO_PREFIX), shipped_demos()
+        if name not in shipped:
+            raise UsageError(f"--model {text}: no such demo checkpoint; shipped: {', '.join(shipped)}")
         return demo_checkpoint(name), text
     if path.exists() or not _HUB_ID.match(text):
         return path, text
