@@ -131,10 +131,13 @@ def test_llava_with_a_saved_gqa_checkpoint_writes_onnx_manifest_and_report(gqa_d
 
 
 @pytest.mark.skipif(trt_status()[0], reason="TensorRT is present here: the exit-3 path does not apply")
-def test_engine_flag_writes_fp16_onnx_then_exits_3_with_the_finish_command(mha_dir, tmp_path):
+def test_engine_flag_writes_fp16_onnx_then_exits_3_with_the_finish_command(mha_dir, tmp_path, capsys):
+    """The headline command with ``--engine`` where TensorRT is absent (in this process: the exit
+    code and the output are main's; test_check_command_exit_codes runs a real process)."""
     out = tmp_path / "eng"
     plan = tmp_path / "out.plan"
-    r = run_cli(
+    r = run_main(
+        capsys,
         "llava",
         "--model",
         str(mha_dir),
@@ -161,7 +164,7 @@ def test_engine_flag_writes_fp16_onnx_then_exits_3_with_the_finish_command(mha_d
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert "[check] prefill.onnx for TensorRT" in r.stdout
     # `build --from` on the same directory ends the same way
-    r2 = run_cli("build", "--from", str(out), "--engine", str(plan))
+    r2 = run_main(capsys, "build", "--from", str(out), "--engine", str(plan))
     assert r2.returncode == 3 and f"build --from {out} --engine {plan}" in r2.stderr
 
 

@@ -31,10 +31,30 @@ def export(loaded, tmp_path, keep, keep1, layer, **kw):
     return cfg, contract, path
 
 
-@pytest.mark.parametrize(("which", "keep", "keep1", "layer"), [("mha", 64, None, 2), ("gqa", 10, 300, 1)])
-def test_exported_prefill_passes_every_parity_check(request, tmp_path, which, keep, keep1, layer):
-    loaded = request.getfixturevalue(which)
-    cfg, contract, path = export(loaded, tmp_path, keep, keep1, layer)
+# (model fixture, keep, keep1, layer) -> export options; each graph is exported once for this module's
+# tests (an export is some 15 s): the MHA one with its weights as external data
+SETTINGS = {("mha", 64, None, 2): {"external_data": True}, ("gqa", 10, 300, 1): {}}
+
+
+@pytest.fixture(scope="module")
+def exported(mha, gqa, tmp_path_factory):
+    """settings -> (loaded model, cfg, contract, path), exported on first use."""
+    models, cache = {"mha": mha, "gqa": gqa}, {}
+
+    def get(settings):
+        if settings not in cache:
+            loaded = models[settings[0]]
+            out = tmp_path_factory.mktemp("-".join(map(str, settings)))
+            cache[settings] = (loaded, *export(loaded, out, *settings[1:], **SETTINGS[settings]))
+        return cache[settings]
+
+    return get
+
+
+@pytest.mark.parametrize("settings", list(SETTINGS), ids=lambda s: "-".join(map(str, s)))
+def test_exported_prefill_passes_every_parity_check(exported, settings):
+    loaded, cfg, contract, path = exported(settings)
+    keep = settings[1]
     report = validate(loaded.model, loaded.geometry, cfg, contract, str(path), seed=keep)
     assert report.passed, report.format()
     ort_rows = [r for r in report.rows if r.check.startswith("onnxruntime vs torch")]
@@ -62,8 +82,8 @@ def test_exported_prefill_passes_every_parity_check(request, tmp_path, which, ke
     assert outs == contract.output_names
 
 
-def test_one_graph_serves_other_batch_sizes_and_lengths(gqa, tmp_path):
-    cfg, _, path = export(gqa, tmp_path, 16, 40, 2)
+def test_one_graph_serves_other_batch_sizes_and_lengths(exported):
+    gqa, cfg, _, path = exported(("gqa", 10, 300, 1))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rewrite = gqa.family.prefill_module(gqa.model, gqa.geometry, cfg).eval()
     for batch, text_len in [(1, 7), (3, 41)]:
@@ -78,9 +98,9 @@ def test_one_graph_serves_other_batch_sizes_and_lengths(gqa, tmp_path):
             assert got[5 + 2 * i].shape == (batch, gqa.geometry.num_kv_heads, expect, gqa.geometry.head_dim)
 
 
-def test_external_data_is_written_and_loads(mha, tmp_path):
-    _, _, path = export(mha, tmp_path, 8, 16, 1, external_data=True)
-    data = tmp_path / "prefill.onnx.data"
+def test_external_data_is_written_and_loads(exported):
+    mha, cfg, _, path = exported(("mha", 64, None, 2))
+    data = path.parent / "prefill.onnx.data"
     assert (
         data.is_file()
         and data.stat().st_size
@@ -91,4 +111,4 @@ def test_external_data_is_written_and_loads(mha, tmp_path):
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         ["stage2_keep_idx"], dict(feeds)
     )
-    assert out[0].shape == (2, 8)
+    assert out[0].shape == (2, cfg.keep2) and cfg.keep2 == 64

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -142,13 +140,14 @@ def test_stop_tokens_end_a_row_and_pad_is_not_reported(gqa):
 
 # ---------------------------------------------------------------------------- the CLI
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "star_export", *args], capture_output=True, text=True, timeout=timeout, env=ENV
-    )
+def run_main(capfd: pytest.CaptureFixture, *args: str) -> SimpleNamespace:
+    """``main(args)`` in this process: exit code, and what reached file descriptors 1 and 2 (capfd:
+    a library writing to stdout from C would break ``--json`` here as it would in a process)."""
+    capfd.readouterr()
+    code = main(list(args))
+    captured = capfd.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +172,9 @@ def small_profile_export(tmp_path_factory, gqa_dir) -> Path:
     return out
 
 
-def test_generate_from_export_prints_answer_timings_and_counts(small_profile_export, image):
-    r = run_cli(
+def test_generate_from_export_prints_answer_timings_and_counts(small_profile_export, image, capfd):
+    r = run_main(
+        capfd,
         "generate",
         "--from",
         str(small_profile_export),
@@ -197,7 +197,8 @@ def test_generate_from_export_prints_answer_timings_and_counts(small_profile_exp
     assert len(res["stage1_margin"]) == 1 and 0 <= res["stage1_margin"][0] < 1
     assert len(res["stage2_margin"]) == 1 and 0 <= res["stage2_margin"][0] < 1
     # the same prompt through the PyTorch rewrite of the same checkpoint: same tokens
-    r2 = run_cli(
+    r2 = run_main(
+        capfd,
         "generate",
         "--from",
         str(small_profile_export),
@@ -217,9 +218,9 @@ def test_generate_from_export_prints_answer_timings_and_counts(small_profile_exp
     assert np.allclose(res2["stage1_margin"], res["stage1_margin"], atol=1e-6)
 
 
-def test_generate_default_model_human_output(image):
-    r = run_cli(
-        "generate", "--image", str(image), "--prompt", "What is in the image?", "--max-new-tokens", "4"
+def test_generate_default_model_human_output(image, capfd):
+    r = run_main(
+        capfd, "generate", "--image", str(image), "--prompt", "What is in the image?", "--max-new-tokens", "4"
     )
     assert r.returncode == 0, r.stderr
     # the default model is the shipped trained demo (N = 144), through the PyTorch rewrite

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,7 +18,8 @@ from star_export.errors import UsageError
 from star_export.families.qwen2_vl import FAMILY as QWEN
 from star_export.families.qwen2_vl import MRopeDecode as Qwen2VLDecode
 from star_export.families.qwen2_vl import Qwen2VLPrefill
-from star_export.onnx_export import example_decode_inputs, export_onnx
+from star_export.geometry import Geometry
+from star_export.manifest import star_config
 from star_export.reference import reference_batch as _reference_batch
 from star_export.star import StarConfig
 
@@ -203,18 +206,24 @@ def test_left_padded_row_equals_the_row_alone(qwen):
 # ---------------------------------------------------------------------------- (d) ONNX
 
 
-def test_onnx_export_matches_the_rewrite_and_is_static(qwen, tmp_path):
+EXPORT = ("qwen2-vl-tiny-keep8", "--recipe", "qwen2-vl-tiny", "--keep", "8")  # shared with test_ties/triton
+
+
+def test_onnx_export_matches_the_rewrite_and_is_static(qwen, cli_export):
+    """The CLI's export of the recipe (--keep 8: keep1 16, K 2; shared with test_ties, test_keep_range
+    and test_triton) is static and equals the rewrite built from its manifest's STAR settings."""
     model, geo = qwen
-    cfg = resolve(geo, 8, 20, 2)
+    out = cli_export(*EXPORT)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert Geometry.from_dict(manifest["model"]["geometry"]) == geo
+    cfg = star_config(manifest, geo, "test")
+    assert (cfg.keep1, cfg.keep2, cfg.layer) == (16, 8, 2)
     pc = prefill_contract(geo, cfg, (1, 2, 8), (2, 24, 128))
     dc = decode_contract(geo, cfg, (1, 2, 8), (2, 24, 128), 16)
     assert pc.inputs[0].shape == ("batch", *geo.pixel_shape)
     pre = Qwen2VLPrefill(model, geo, cfg).eval()
     dec = Qwen2VLDecode(model, geo, cfg).eval()
-    export_onnx(pre, pc, tmp_path / "prefill.onnx", geo.image_token_id)
-    export_onnx(dec, dc, tmp_path / "decode.onnx", example_args=example_decode_inputs(dc))
-
-    graph = onnx.load(str(tmp_path / "prefill.onnx"), load_external_data=False)
+    graph = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
     ops = {n.op_type for n in graph.graph.node}
     assert not ops & {"NonZero", "NonMaxSuppression", "Unique", "Compress", "Loop", "If", "Scan"}
     assert sorted(k for _, k in topk_nodes(graph)) == sorted(
@@ -230,11 +239,11 @@ def test_onnx_export_matches_the_rewrite_and_is_static(qwen, tmp_path):
     }
     assert [o.name for o in graph.graph.output] == pc.output_names
     for name, contract in (("prefill", pc), ("decode", dc)):
-        scan = check_onnx(tmp_path / f"{name}.onnx", dynamic_inputs=contract.dynamic_axes())
+        scan = check_onnx(out / f"{name}.onnx", dynamic_inputs=contract.dynamic_axes())
         assert scan.ok, scan.format()
 
-    sess = ort.InferenceSession(str(tmp_path / "prefill.onnx"), providers=["CPUExecutionProvider"])
-    dsess = ort.InferenceSession(str(tmp_path / "decode.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    dsess = ort.InferenceSession(str(out / "decode.onnx"), providers=["CPUExecutionProvider"])
     for batch, text_len, seed in [(2, 14, 5), (3, 23, 6)]:
         pv, ids, mask = make_inputs(geo, batch=batch, text_len=text_len, seed=seed)
         got = sess.run(

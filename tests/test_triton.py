@@ -807,29 +807,72 @@ def test_prefill_model_answers_like_onnxruntime(http, local, images):
     )
 
 
-@pytest.mark.parametrize(
-    ("recipe", "pixel_shape"),
-    [
-        ("llava-next-tiny", (5, 3, 112, 112)),
-        ("qwen2-vl-tiny", (196, 384)),
-        ("qwen3-vl-tiny", (196, 384)),
-        ("gemma3-tiny", (3, 64, 64)),
-        ("qwen2.5-vl-tiny", (196, 384)),
-    ],
-)
+OTHER_FAMILIES = {  # recipe -> the pixel_values of a batch of two images, as the export lays them out
+    "llava-next-tiny": (5, 3, 112, 112),
+    "qwen2-vl-tiny": (196, 384),
+    "qwen3-vl-tiny": (196, 384),
+    "gemma3-tiny": (3, 64, 64),
+    "qwen2.5-vl-tiny": (196, 384),
+}
+
+
+def family_prefix(recipe: str) -> str:
+    return recipe.replace(".", "_") + "_"  # qwen2.5-vl-tiny -> qwen2_5-vl-tiny_pipeline, ...
+
+
+SHARED_SERVER = {  # model name prefix -> the shared export it serves
+    **{family_prefix(r): (f"{r}-keep8", "--recipe", r, "--keep", "8") for r in OTHER_FAMILIES},
+    "fp16_": ("llava-keep16-fp16", "--keep", "16", "--dtype", "fp16"),  # shared with test_half
+    "levels_": ("llava-levels", "--keep", ",".join(map(str, LEVEL_KEEPS))),
+    "range_": ("llava-range", "--keep", "8:16:32"),  # shared with tests/test_keep_range.py
+}
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory, cli_export):
+    """ONE tritonserver for the five other families, an fp16 export, keep levels and a keep range:
+    each export's ``--backend python`` repository is written under its own model name prefix
+    (``triton --prefix``) and its models moved into one repository, so one server start and stop
+    serves all eight (each took some 10 s of start, stop and waiting when served apiece).
+    Yields (server, {prefix: export})."""
+    stub = stub_bin(tmp_path_factory)
+    work = tmp_path_factory.mktemp("shared")
+    repo = work / "model_repository"
+    repo.mkdir()
+    exports = {}
+    for prefix, args in SHARED_SERVER.items():
+        exports[prefix] = cli_export(*args)
+        part = work / prefix
+        deploy.write_repository(
+            exports[prefix], part, "python", MAX_NEW, pipeline_instances=1, intra_op_threads=1, stream=False,
+            prefix=prefix,
+        )  # fmt: skip
+        for model in part.iterdir():
+            if model.is_dir():
+                model.rename(repo / model.name)
+    srv = Server(repo, work, stub)
+    try:
+        srv.start()
+        yield srv, exports
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(("recipe", "pixel_shape"), list(OTHER_FAMILIES.items()))
 def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
-    tmp_path_factory, cli_export, images, recipe, pixel_shape
+    shared_server, images, recipe, pixel_shape
 ):
-    """LLaVA-NeXT (anyres 2x2 grid, row newlines) and Qwen2-VL (static square resolution, patches)
-    exports served by tritonserver: the pipeline's own pre-processing lays every image out as the
-    export expects, and its answers equal the local onnxruntime generate token for token (a batch
-    of images with different aspect ratios)."""
+    """LLaVA-NeXT (anyres 2x2 grid, row newlines), Qwen2-VL, Qwen2.5-VL, Qwen3-VL (static resolution,
+    patches) and Gemma 3 exports served by one tritonserver: each pipeline's own pre-processing lays
+    every image out as its export expects, and its answers equal the local onnxruntime generate token
+    for token (a batch of images with different aspect ratios)."""
     from star_export.geometry import Geometry
     from star_export.preprocess import Preprocessor
     from star_export.runtime import GenerationConfig, OnnxruntimeBackend, generate
     from star_export.star import StarConfig
 
-    export = cli_export(f"{recipe}-keep8", "--recipe", recipe, "--keep", "8")
+    srv, exports = shared_server
+    export = exports[family_prefix(recipe)]
     manifest = json.loads((export / "manifest.json").read_text())
     geo = Geometry.from_dict(manifest["model"]["geometry"])
     star = manifest["star"]
@@ -844,42 +887,45 @@ def test_other_architectures_pipeline_on_a_real_server_equals_local_generate(
     backend = OnnxruntimeBackend(export / "prefill.onnx", export / "decode.onnx", threads=1)
     expected = generate(backend, feeds, geo, cfg, gen)
 
-    with serving(export, tmp_path_factory, recipe, pipeline_instances=1) as srv:
-        module, client = http_client(srv)
-        try:
-            result = client.infer("pipeline", pipeline_inputs(module, rows, prompts, max_new=4))
-        finally:
-            client.close()
+    module, client = http_client(srv)
+    try:
+        result = client.infer(
+            f"{family_prefix(recipe)}pipeline", pipeline_inputs(module, rows, prompts, max_new=4)
+        )
+    finally:
+        client.close()
     tokens, texts = answer(result)
     assert tokens == expected.tokens
     assert texts == [pre.decode(t) for t in tokens]
 
 
-def test_an_fp16_export_on_a_real_server_equals_load_export(tmp_path_factory, cli_export, images):
+def test_an_fp16_export_on_a_real_server_equals_load_export(shared_server, images):
     """An fp16 export served by tritonserver: the pipeline casts its float32 pixels to the graphs'
     declared fp16 (``star_encoding.cast_inputs``, as every runtime) and answers as
     ``load_export(dir).generate`` does, token for token (issue #20)."""
     from star_export.session import load_export
 
-    export = cli_export("llava-keep16-fp16", "--keep", "16", "--dtype", "fp16")  # shared with test_half
+    srv, exports = shared_server
+    export = exports["fp16_"]
     rows, prompts = images[:2], PROMPTS[:2]
     expected = load_export(export).generate(rows, prompts, max_new_tokens=4)
-    with serving(export, tmp_path_factory, "triton-fp16", pipeline_instances=1) as srv:
-        module, client = http_client(srv)
-        try:
-            assert client.get_model_config("prefill")["input"][0]["data_type"] == "TYPE_FP16"
-            result = client.infer("pipeline", pipeline_inputs(module, rows, prompts, max_new=4))
-        finally:
-            client.close()
+    module, client = http_client(srv)
+    try:
+        assert client.get_model_config("fp16_prefill")["input"][0]["data_type"] == "TYPE_FP16"
+        result = client.infer("fp16_pipeline", pipeline_inputs(module, rows, prompts, max_new=4))
+    finally:
+        client.close()
     tokens, texts = answer(result)
     assert tokens == expected.result.tokens and texts == expected.answers
 
 
 # ------------------------------------------------------------------- several keep levels, one server
 @pytest.fixture(scope="module")
-def levels_server(levels_export, tmp_path_factory):
-    with serving(levels_export, tmp_path_factory, "triton-levels", pipeline_instances=1) as srv:
-        yield srv
+def levels_server(shared_server, levels_export):
+    """The shared server, whose ``levels_`` models serve ``levels_export``."""
+    srv, exports = shared_server
+    assert exports["levels_"] == levels_export
+    return srv
 
 
 def _executions(client, model: str) -> int:
@@ -899,23 +945,27 @@ def test_one_server_answers_every_keep_level_like_load_export(levels_server, lev
     try:
         rows, prompts = images[:2], PROMPTS[:2]  # two rows, different lengths: one is left-padded
         answers = {}
-        for keep, model in ((16, "prefill_k16"), (8, "prefill_k8"), (None, "prefill_k8")):
-            before = {m: _executions(client, m) for m in ("prefill_k8", "prefill_k16")}
+        for keep, model in (
+            (16, "levels_prefill_k16"),
+            (8, "levels_prefill_k8"),
+            (None, "levels_prefill_k8"),
+        ):
+            before = {m: _executions(client, m) for m in ("levels_prefill_k8", "levels_prefill_k16")}
             result = client.infer(
-                "pipeline", pipeline_inputs(module, rows, prompts, max_new=MAX_NEW, keep=keep)
+                "levels_pipeline", pipeline_inputs(module, rows, prompts, max_new=MAX_NEW, keep=keep)
             )
             tokens, texts = answer(result)
             expected = pipe.generate(rows, prompts, max_new_tokens=MAX_NEW, keep=keep)
             assert expected.cfg.keep2 == (keep or 8)
             assert tokens == expected.result.tokens, keep
             assert texts == expected.answers
-            after = {m: _executions(client, m) for m in ("prefill_k8", "prefill_k16")}
+            after = {m: _executions(client, m) for m in ("levels_prefill_k8", "levels_prefill_k16")}
             assert {m: after[m] - before[m] for m in after} == {
                 m: 2 if m == model else 0 for m in after
             }  # batch 2: two inferences of that level's prefill model, none of the other's
             answers[keep] = tokens
         assert answers[None] == answers[8]
-        assert _executions(client, "decode") > 0
+        assert _executions(client, "levels_decode") > 0
     finally:
         client.close()
 
@@ -930,15 +980,15 @@ def test_keep_errors_name_the_levels_and_the_server_keeps_serving(levels_server,
         with pytest.raises(
             InferenceServerException, match=r"keep 12: this export holds keep levels 8, 16, 32 \(default 8\)"
         ):
-            client.infer("pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], keep=12))
+            client.infer("levels_pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], keep=12))
         with pytest.raises(InferenceServerException, match="the same for every row of a request"):
-            client.infer("pipeline", pipeline_inputs(module, images[:2], PROMPTS[:2], keep=[8, 16]))
+            client.infer("levels_pipeline", pipeline_inputs(module, images[:2], PROMPTS[:2], keep=[8, 16]))
         with pytest.raises(InferenceServerException, match="exceeds the exported decode profile"):
             client.infer(
-                "pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], max_new=100000, keep=16)
+                "levels_pipeline", pipeline_inputs(module, images[:1], PROMPTS[:1], max_new=100000, keep=16)
             )
         result = client.infer(
-            "pipeline", pipeline_inputs(module, images[2:3], PROMPTS[2:3], max_new=3, keep=16)
+            "levels_pipeline", pipeline_inputs(module, images[2:3], PROMPTS[2:3], max_new=3, keep=16)
         )
         expected = load_export(levels_export).generate(images[2:3], PROMPTS[2:3], max_new_tokens=3, keep=16)
         assert answer(result)[0] == expected.result.tokens
@@ -947,7 +997,7 @@ def test_keep_errors_name_the_levels_and_the_server_keeps_serving(levels_server,
 
 
 # ------------------------------------------------------------------------- a keep range, one server
-def test_one_server_answers_any_keep_of_a_range(cli_export, tmp_path_factory, images):
+def test_one_server_answers_any_keep_of_a_range(shared_server, images):
     """``llava --keep 8:16:32`` served by tritonserver (issue #24): ONE prefill model answers keep 8,
     20 and 32, each token for token as ``load_export(dir).generate(..., keep=k)`` (which equals the
     constant-K export of that keep: tests/test_keep_range.py); a keep outside the range names it."""
@@ -955,23 +1005,21 @@ def test_one_server_answers_any_keep_of_a_range(cli_export, tmp_path_factory, im
 
     from star_export.session import load_export
 
-    ranged = cli_export("llava-range", "--keep", "8:16:32")  # shared with tests/test_keep_range.py
+    srv, exports = shared_server
+    ranged = exports["range_"]
     pipe = load_export(ranged)
     rows, prompts = images[:2], PROMPTS[:2]
-    with serving(ranged, tmp_path_factory, "triton-range", pipeline_instances=1) as srv:
-        module, client = http_client(srv)
-        try:
-            for keep in (8, 20, 32, None):
-                before = _executions(client, "prefill")
-                inputs = pipeline_inputs(module, rows, prompts, max_new=MAX_NEW, keep=keep)
-                tokens, texts = answer(client.infer("pipeline", inputs))
-                expected = pipe.generate(rows, prompts, max_new_tokens=MAX_NEW, keep=keep)
-                assert expected.cfg.keep2 == (keep or 16) and expected.cfg.keep1 == 2 * expected.cfg.keep2
-                assert tokens == expected.result.tokens and texts == expected.answers, keep
-                assert _executions(client, "prefill") - before == 2  # the one prefill model, batch 2
-            with pytest.raises(
-                InferenceServerException, match=r"keep 40: this export holds keep levels 8:32"
-            ):
-                client.infer("pipeline", pipeline_inputs(module, rows[:1], prompts[:1], keep=40))
-        finally:
-            client.close()
+    module, client = http_client(srv)
+    try:
+        for keep in (8, 20, 32, None):
+            before = _executions(client, "range_prefill")
+            inputs = pipeline_inputs(module, rows, prompts, max_new=MAX_NEW, keep=keep)
+            tokens, texts = answer(client.infer("range_pipeline", inputs))
+            expected = pipe.generate(rows, prompts, max_new_tokens=MAX_NEW, keep=keep)
+            assert expected.cfg.keep2 == (keep or 16) and expected.cfg.keep1 == 2 * expected.cfg.keep2
+            assert tokens == expected.result.tokens and texts == expected.answers, keep
+            assert _executions(client, "range_prefill") - before == 2  # the one prefill model, batch 2
+        with pytest.raises(InferenceServerException, match=r"keep 40: this export holds keep levels 8:32"):
+            client.infer("range_pipeline", pipeline_inputs(module, rows[:1], prompts[:1], keep=40))
+    finally:
+        client.close()
